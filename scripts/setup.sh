@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what tether needs on a Debian 12 machine (as root) and a venv in .venv.
+# Idempotent and quick when nothing changed. Usage: scripts/setup.sh [--test]
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+pkgs=()
+command -v tmux >/dev/null || pkgs+=(tmux)
+command -v ssh >/dev/null || pkgs+=(openssh-client)
+command -v bwrap >/dev/null || pkgs+=(bubblewrap)
+command -v ip >/dev/null || pkgs+=(iproute2)
+python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
+if [ "$want_test" = 1 ]; then
+  command -v nft >/dev/null || pkgs+=(nftables)
+fi
+if [ ${#pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "tether setup: please install: ${pkgs[*]} (needs root)" >&2
+    exit 1
+  fi
+  echo "tether setup: installing ${pkgs[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq "${pkgs[@]}" >&2
+fi
+
+venv="$here/.venv"
+extra=""
+[ "$want_test" = 1 ] && extra="[test]"
+stamp="$venv/.tether-setup-$(sha256sum "$here/pyproject.toml" | cut -c1-16)$want_test"
+if [ ! -e "$stamp" ]; then
+  echo "tether setup: preparing $venv" >&2
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv" >&2
+  "$venv/bin/pip" install -q --disable-pip-version-check -e "$here$extra" >&2
+  rm -f "$venv"/.tether-setup-*
+  touch "$stamp"
+fi
