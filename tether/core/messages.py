@@ -1,0 +1,408 @@
+"""The wire schema: small frozen records, encoded as msgpack arrays.
+
+Every message is ``[TYPE, field1, field2, ...]``. Decoding checks each field's
+type and bound against the dataclass annotations, so a malformed frame raises
+``RemoteProtocolError`` instead of reaching the application as a bad value.
+The protocol version is exchanged first (``Hello``/``Welcome``); a peer that
+speaks another major version is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+from . import codec
+from .errors import RemoteProtocolError
+from .limits import MAX_DATA, MAX_ITEMS, MAX_STR
+
+PROTOCOL_VERSION = 1
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
+class Message:
+    """Base of all wire records; subclasses set ``TYPE``."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int] = -1
+
+    def encode(self) -> bytes:
+        return codec.pack(_to_wire(self))
+
+
+_REGISTRY: dict[int, type[Message]] = {}
+
+
+def message(type_id: int) -> Any:
+    """Class decorator: a frozen slotted dataclass registered under ``type_id``."""
+
+    def wrap(cls: type) -> type:
+        cls = dataclass(frozen=True, slots=True)(cls)
+        cls.TYPE = type_id
+        if type_id in _REGISTRY:
+            raise RuntimeError(f"duplicate message type {type_id}")
+        _REGISTRY[type_id] = cls
+        return cls
+
+    return wrap
+
+
+def record(cls: type) -> type:
+    """A nested record (not a message on its own)."""
+    return dataclass(frozen=True, slots=True)(cls)
+
+
+# --- nested records ------------------------------------------------------------
+
+
+@record
+class Window:
+    """One host window. ``layout`` is tmux's layout string, whose leaves name the
+    host pane ids in pane order and give every size."""
+
+    id: int
+    index: int
+    name: str
+    layout: str
+    active_pane: int
+
+
+@record
+class PaneImage:
+    """Bytes that, written into a fresh pane of the right size, redraw it."""
+
+    pane: int
+    data: bytes
+
+
+@record
+class Binding:
+    """A host key binding a mate may trigger; the host runs its own command."""
+
+    table: str
+    key: str
+
+
+# --- handshake ------------------------------------------------------------------
+
+
+@message(1)
+class Hello(Message):
+    """First frame from a host. ``session``/``secret`` resume an existing session."""
+
+    version: int
+    client: str
+    session: str | None = None
+    secret: bytes | None = None
+
+
+@message(2)
+class Welcome(Message):
+    """The relay's answer: the session, its tokens and where replication resumes.
+
+    ``next_seq`` is the first sequence number the relay still needs; ``None`` means
+    it has nothing usable and wants a snapshot."""
+
+    version: int
+    session: str
+    secret: bytes
+    rw_token: str
+    ro_token: str
+    ssh_rw: str
+    ssh_ro: str
+    next_seq: int | None
+
+
+@message(3)
+class Error(Message):
+    """Sent before closing a connection, so the peer can tell its user why."""
+
+    message: str
+
+
+# --- replicated host events (carried inside Event) ------------------------------
+
+
+@message(10)
+class Output(Message):
+    pane: int
+    data: bytes
+
+
+@message(11)
+class Structure(Message):
+    """The whole window/pane structure; idempotent, so it can be resent freely."""
+
+    windows: tuple[Window, ...]
+    active_window: int
+
+
+@message(12)
+class PaneReset(Message):
+    """Replace one pane's contents (history, screen, cursor, modes)."""
+
+    image: PaneImage
+
+
+@message(13)
+class Status(Message):
+    """The host's status line as the host renders it: option name/value pairs."""
+
+    options: tuple[tuple[str, str], ...]
+
+
+@message(14)
+class Bindings(Message):
+    prefix: str
+    keys: tuple[Binding, ...]
+
+
+@message(15)
+class Snapshot(Message):
+    """Resets the receiver; supersedes every earlier event. Pane images follow as
+    ``PaneReset`` events, so no single frame has to hold a whole session."""
+
+    structure: Structure
+    status: Status
+    bindings: Bindings
+
+
+@message(20)
+class Event(Message):
+    """One entry of the replication log."""
+
+    seq: int
+    body: Output | Structure | PaneReset | Status | Bindings | Snapshot
+
+
+@message(21)
+class Ack(Message):
+    """The receiver has applied every event up to and including ``seq``."""
+
+    seq: int
+
+
+# --- mate input, relay -> host -----------------------------------------------
+
+
+@message(30)
+class Input(Message):
+    """Mate input for one pane: raw ``keys``, or a host ``binding`` to run there."""
+
+    stream: int
+    seq: int
+    pane: int
+    keys: bytes
+    binding: Binding | None = None
+
+
+@message(31)
+class InputAck(Message):
+    stream: int
+    seq: int
+
+
+@message(32)
+class Resize(Message):
+    """The smallest read-write mate terminal (0, 0: no read-write mate)."""
+
+    cols: int
+    rows: int
+
+
+@message(33)
+class Ping(Message):
+    token: int
+
+
+@message(34)
+class Pong(Message):
+    token: int
+
+
+@message(35)
+class Notice(Message):
+    """A line for people to read (host away/back, warnings)."""
+
+    text: str
+
+
+# --- relay <-> replica worker (never on the network) ----------------------------
+
+
+@message(40)
+class MateAttach(Message):
+    """Ask the worker for a tmux client of the replica; its pty arrives by fd passing."""
+
+    mate: int
+    readonly: bool
+    cols: int
+    rows: int
+    term: str
+
+
+@message(41)
+class HostPresence(Message):
+    """Whether the host is connected, for the notice mates see."""
+
+    present: bool
+    text: str
+
+
+EventBody = Output | Structure | PaneReset | Status | Bindings | Snapshot
+
+
+# --- encoding -------------------------------------------------------------------
+
+
+def _to_wire(obj: Any) -> Any:
+    if isinstance(obj, Message) or dataclasses.is_dataclass(obj):
+        values = [_to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+        type_id = getattr(type(obj), "TYPE", -1)
+        return [type_id, *values] if type_id >= 0 else values
+    if isinstance(obj, tuple | list):
+        return [_to_wire(x) for x in obj]
+    return obj
+
+
+_HINTS: dict[type, list[tuple[str, Any, bool]]] = {}
+
+
+def _fields(cls: type) -> list[tuple[str, Any, bool]]:
+    cached = _HINTS.get(cls)
+    if cached is None:
+        hints = typing.get_type_hints(cls)
+        cached = [
+            (f.name, hints[f.name], f.default is not dataclasses.MISSING)
+            for f in dataclasses.fields(cls)
+        ]
+        _HINTS[cls] = cached
+    return cached
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        records = [a for a in args if a is not type(None)]
+        if len(records) == 1:
+            return _check(value, records[0], where)
+        # a union of messages: the type id picks the member
+        if isinstance(value, list) and value and isinstance(value[0], int):
+            cls = _REGISTRY.get(value[0])
+            if cls in records:
+                return _build(cls, value[1:], where)
+        raise RemoteProtocolError(f"{where}: unexpected value")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list) or len(value) > MAX_ITEMS:
+            raise RemoteProtocolError(f"{where}: expected a list of at most {MAX_ITEMS}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise RemoteProtocolError(f"{where}: expected {len(args)} items")
+        return tuple(_check(v, a, where) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RemoteProtocolError(f"{where}: expected a boolean")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool) or not INT_MIN <= value <= INT_MAX:
+            raise RemoteProtocolError(f"{where}: expected an integer")
+        return value
+    if tp is str:
+        if not isinstance(value, str) or len(value) > MAX_STR:
+            raise RemoteProtocolError(f"{where}: expected text of at most {MAX_STR}")
+        return value
+    if tp is bytes:
+        if not isinstance(value, bytes) or len(value) > MAX_DATA:
+            raise RemoteProtocolError(f"{where}: expected bytes of at most {MAX_DATA}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, list):
+            raise RemoteProtocolError(f"{where}: expected a record")
+        if getattr(tp, "TYPE", -1) >= 0:
+            if not value or value[0] != tp.TYPE:
+                raise RemoteProtocolError(f"{where}: expected a {tp.__name__}")
+            value = value[1:]
+        return _build(tp, value, where)
+    raise TypeError(f"unsupported annotation {tp!r}")  # a bug in this module
+
+
+def _build(cls: type, values: list[Any], where: str) -> Any:
+    spec = _fields(cls)
+    required = sum(1 for _, _, has_default in spec if not has_default)
+    if not required <= len(values) <= len(spec):
+        raise RemoteProtocolError(f"{cls.__name__}: wrong number of fields")
+    kwargs = {
+        name: _check(v, tp, f"{cls.__name__}.{name}")
+        for (name, tp, _), v in zip(spec, values, strict=False)
+    }
+    return cls(**kwargs)
+
+
+def decode(obj: Any) -> Message:
+    """Turn one decoded frame into a message, or raise ``RemoteProtocolError``."""
+    if not isinstance(obj, list) or not obj or not isinstance(obj[0], int):
+        raise RemoteProtocolError("frame is not a message")
+    cls = _REGISTRY.get(obj[0])
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {obj[0]}")
+    return _build(cls, obj[1:], cls.__name__)
+
+
+class MessageDecoder:
+    """Bytes in, messages out."""
+
+    def __init__(self) -> None:
+        self._frames = codec.FrameDecoder()
+
+    def feed(self, data: bytes) -> list[Message]:
+        return [decode(obj) for obj in self._frames.feed(data)]
+
+
+def event_size(body: EventBody) -> int:
+    """Rough byte weight of an event, for backlog bounds (no encoding needed)."""
+    if isinstance(body, Output):
+        return len(body.data) + 16
+    if isinstance(body, PaneReset):
+        return len(body.image.data) + 16
+    return 256
+
+
+__all__ = [
+    "MAX_DATA",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Binding",
+    "Bindings",
+    "Error",
+    "Event",
+    "EventBody",
+    "Hello",
+    "HostPresence",
+    "Input",
+    "InputAck",
+    "MateAttach",
+    "Message",
+    "MessageDecoder",
+    "Notice",
+    "Output",
+    "PaneImage",
+    "PaneReset",
+    "Ping",
+    "Pong",
+    "Resize",
+    "Snapshot",
+    "Status",
+    "Structure",
+    "Welcome",
+    "Window",
+    "decode",
+    "event_size",
+]

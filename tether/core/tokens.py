@@ -1,0 +1,47 @@
+"""Session tokens: random, unambiguous to read aloud, and looked up without timing leaks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import secrets
+
+ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"
+"""Lower-case letters and digits without look-alikes (0/o, 1/l/i)."""
+
+TOKEN_BITS = 160
+TOKEN_LEN = math.ceil(TOKEN_BITS / math.log2(len(ALPHABET)))
+
+
+def new_token(length: int = TOKEN_LEN) -> str:
+    """A fresh token from ``secrets``: at least ``TOKEN_BITS`` bits of entropy."""
+    return "".join(secrets.choice(ALPHABET) for _ in range(length))
+
+
+def token_entropy_bits(length: int = TOKEN_LEN) -> float:
+    return length * math.log2(len(ALPHABET))
+
+
+def is_well_formed(token: str) -> bool:
+    """Shape check only (length and alphabet); says nothing about validity."""
+    return len(token) == TOKEN_LEN and all(c in ALPHABET for c in token)
+
+
+class TokenKey:
+    """Keys a registry by HMAC(token), so dict lookups never compare secrets directly."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key or secrets.token_bytes(32)
+
+    def __call__(self, token: str) -> bytes:
+        return hmac.new(self._key, token.encode(), hashlib.sha256).digest()
+
+
+def redact(token: str) -> str:
+    """What logs may show of a token."""
+    return token[:4] + "..." if len(token) > 4 else "..."
+
+
+def secrets_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
