@@ -1,0 +1,357 @@
+"""SSH on both sides: the host's bootstrap connection and the relay's SSH front.
+
+The host verifies the relay's host key against pinned SHA256 fingerprints (or
+known_hosts when none are pinned) and authenticates with the user's SSH key
+or agent. Replication then runs over a ``tether`` subsystem channel as
+length-prefixed frames (``SSHLink``).
+
+The relay side refuses by default (asyncssh's habit): hosts must present a
+public key as user ``tether-host``; everyone else is a mate whose user name is
+a session token, needs no key, and is handed to the relay's mate callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+
+from tether.core.errors import AuthError
+from tether.core.messages import Message, MessageDecoder
+
+from .link import LinkClosed
+
+HOST_USER = "tether-host"
+SUBSYSTEM = "tether"
+KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
+
+
+# --- keys -----------------------------------------------------------------------
+
+
+def fingerprint(key: asyncssh.SSHKey) -> str:
+    """OpenSSH-style ``SHA256:...`` fingerprint."""
+    return key.get_fingerprint("sha256")
+
+
+def load_or_create_host_keys(keys_dir: Path) -> list[asyncssh.SSHKey]:
+    """The relay's host keys, created on first start (ed25519 and rsa)."""
+    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keys = []
+    for alg, name in (("ssh-ed25519", "ssh_host_ed25519_key"), ("ssh-rsa", "ssh_host_rsa_key")):
+        path = keys_dir / name
+        if path.exists():
+            key = asyncssh.read_private_key(str(path))
+        else:
+            key = (
+                asyncssh.generate_private_key(alg, key_size=3072)
+                if alg == "ssh-rsa"
+                else (asyncssh.generate_private_key(alg))
+            )
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key.export_private_key())
+            os.replace(tmp, path)
+            (keys_dir / (name + ".pub")).write_bytes(key.export_public_key())
+        keys.append(key)
+    return keys
+
+
+def key_option_name(key: asyncssh.SSHKey) -> str:
+    """The ``~/.tether.conf`` option that pins this kind of key."""
+    alg = key.get_algorithm()
+    short = {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa"}.get(alg, alg.replace("ssh-", ""))
+    return f"tether-server-{short}-fingerprint"
+
+
+# --- framed link over an SSH channel ---------------------------------------------
+
+
+class SSHLink:
+    """Messages over an SSH channel's byte stream."""
+
+    def __init__(
+        self,
+        reader: asyncssh.SSHReader[bytes],
+        writer: asyncssh.SSHWriter[bytes],
+        description: str,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._decoder = MessageDecoder()
+        self._inbox: list[Message] = []
+        self._desc = description
+        self._on_close = on_close
+        self.closed = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @property
+    def description(self) -> str:
+        return self._desc
+
+    def send_nowait(self, msg: Message) -> None:
+        if self.closed or self._writer.channel.is_closing():
+            raise LinkClosed("connection closed")
+        data = msg.encode()
+        self.bytes_sent += len(data)
+        self._writer.write(data)
+
+    async def send(self, msg: Message) -> None:
+        self.send_nowait(msg)
+        await self.drain()
+
+    async def drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except (asyncssh.Error, OSError, BrokenPipeError) as exc:
+            raise LinkClosed(str(exc)) from None
+
+    async def recv(self) -> Message:
+        while not self._inbox:
+            if self.closed:
+                raise LinkClosed("connection closed")
+            try:
+                data = await self._reader.read(256 * 1024)
+            except (asyncssh.Error, OSError) as exc:
+                raise LinkClosed(str(exc)) from None
+            if not data:
+                raise LinkClosed("connection closed by peer")
+            self.bytes_received += len(data)
+            self._inbox.extend(self._decoder.feed(data))  # RemoteProtocolError propagates
+        return self._inbox.pop(0)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self._writer.channel.close()
+        if self._on_close is not None:
+            self._on_close()
+
+
+# --- host side: the bootstrap connection ------------------------------------------
+
+
+@dataclass
+class RelayAddress:
+    host: str
+    port: int = 22
+    fingerprints: Sequence[str] = ()
+    """Pinned ``SHA256:...`` fingerprints; empty means use ~/.ssh/known_hosts."""
+    identities: Sequence[str] = ()
+    """Private key files; empty means the user's default keys and ssh-agent."""
+    known_hosts: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class _PinnedClient(asyncssh.SSHClient):
+    def __init__(self, pins: Sequence[str]) -> None:
+        self.pins = set(pins)
+        self.received: str | None = None
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        self.received = fingerprint(key)
+        return self.received in self.pins
+
+
+def _client_keys(identities: Sequence[str]) -> list[asyncssh.SSHKey] | None:
+    if identities:
+        return [asyncssh.read_private_key(os.path.expanduser(p)) for p in identities]
+    found = []
+    for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
+        path = Path.home() / ".ssh" / name
+        if path.exists():
+            with contextlib.suppress(Exception):
+                found.append(asyncssh.read_private_key(str(path)))
+    return found or None
+
+
+def ephemeral_identity() -> asyncssh.SSHKey:
+    """A throwaway key for hosts without one (the relay only needs *a* key)."""
+    return asyncssh.generate_private_key("ssh-ed25519")
+
+
+async def connect_host(addr: RelayAddress, timeout: float = 15.0) -> SSHLink:
+    """Open the bootstrap SSH connection and the replication channel."""
+    client = _PinnedClient(addr.fingerprints)
+    keys = _client_keys(addr.identities)
+    if keys is None:
+        keys = [ephemeral_identity()]
+    kwargs: dict[str, object] = {
+        "username": HOST_USER,
+        "client_keys": keys,
+        "agent_path": None,
+        "known_hosts": b"" if addr.fingerprints else (addr.known_hosts or ()),
+        "connect_timeout": timeout,
+        "keepalive_interval": 10,
+        "keepalive_count_max": 3,
+    }
+    if addr.fingerprints:
+        kwargs["server_host_key_algs"] = list(KEY_TYPES)
+    try:
+        conn = await asyncssh.connect(
+            addr.host,
+            addr.port,
+            client_factory=lambda: client,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except asyncssh.HostKeyNotVerifiable:
+        if addr.fingerprints:
+            raise AuthError(
+                f"relay {addr.host}:{addr.port} host key fingerprint mismatch: expected "
+                f"{' or '.join(sorted(addr.fingerprints))}, received {client.received}"
+            ) from None
+        raise AuthError(
+            f"relay {addr.host}:{addr.port} host key is not in known_hosts; pin it with "
+            "`set -g tether-server-ed25519-fingerprint SHA256:...` in ~/.tether.conf"
+        ) from None
+    except asyncssh.PermissionDenied as exc:
+        raise AuthError(f"relay {addr.host}:{addr.port} refused our key: {exc.reason}") from None
+    try:
+        writer, reader, _ = await conn.open_session(subsystem=SUBSYSTEM, encoding=None)
+    except asyncssh.ChannelOpenError as exc:
+        conn.close()
+        raise LinkClosed(f"relay refused the tether channel: {exc.reason}") from None
+    return SSHLink(reader, writer, f"ssh {addr.host}:{addr.port}", on_close=conn.close)
+
+
+# --- relay side: the SSH front ------------------------------------------------------
+
+
+@dataclass
+class MateTerminal:
+    """What the relay needs of a mate's SSH session, independent of asyncssh."""
+
+    username: str
+    peer: str
+    term: str
+    cols: int
+    rows: int
+    process: asyncssh.SSHServerProcess[bytes]
+
+    async def read(self) -> bytes | tuple[int, int]:
+        """Typed bytes, a new ``(cols, rows)`` on resize, or b'' at the end."""
+        try:
+            return await self.process.stdin.read(65536)
+        except asyncssh.TerminalSizeChanged as exc:
+            self.cols, self.rows = exc.width, exc.height
+            return (exc.width, exc.height)
+        except (asyncssh.Error, OSError):
+            return b""
+
+    def write(self, data: bytes) -> None:
+        with contextlib.suppress(Exception):
+            self.process.stdout.write(data)
+
+    async def drain(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.process.stdout.drain()
+
+    def exit(self, status: int = 0) -> None:
+        with contextlib.suppress(Exception):
+            self.process.exit(status)
+
+
+HostHandler = Callable[[SSHLink, str, str], Awaitable[None]]
+"""(link, host key fingerprint, peer address)"""
+MateHandler = Callable[[MateTerminal], Awaitable[None]]
+KeyCheck = Callable[[asyncssh.SSHKey], bool]
+
+
+class _RelaySSHServer(asyncssh.SSHServer):
+    def __init__(self, key_check: KeyCheck | None) -> None:
+        self._key_check = key_check
+        self.conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+
+    def begin_auth(self, username: str) -> bool:
+        # Mates need no key: their user name (the token) is the credential.
+        return username == HOST_USER
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if username != HOST_USER:
+            return False
+        if self._key_check is not None and not self._key_check(key):
+            return False
+        if self.conn is not None:
+            self.conn.set_extra_info(tether_host_key=fingerprint(key))
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+
+async def start_ssh_server(
+    bind: str,
+    port: int,
+    host_keys: Sequence[asyncssh.SSHKey],
+    on_host: HostHandler,
+    on_mate: MateHandler,
+    key_check: KeyCheck | None = None,
+) -> asyncssh.SSHAcceptor:
+    """Listen for hosts and mates; returns the acceptor (``get_port()``, ``close()``)."""
+
+    async def handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
+        user = process.get_extra_info("username") or ""
+        peer = process.get_extra_info("peername") or ("?", 0)
+        peer_s = f"{peer[0]}:{peer[1]}"
+        try:
+            if user == HOST_USER:
+                if process.subsystem != SUBSYSTEM:
+                    process.stderr.write(b"this account only speaks the tether protocol\r\n")
+                    process.exit(1)
+                    return
+                link = SSHLink(process.stdin, process.stdout, f"ssh {peer_s}")
+                await on_host(link, process.get_extra_info("tether_host_key") or "", peer_s)
+                link.close()
+                process.exit(0)
+                return
+            term = process.get_terminal_type()
+            cols, rows, _, _ = process.get_terminal_size()
+            mate = MateTerminal(user, peer_s, term or "", cols, rows, process)
+            await on_mate(mate)
+        except (asyncssh.Error, OSError, LinkClosed):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                process.exit(0)
+
+    return await asyncssh.create_server(
+        lambda: _RelaySSHServer(key_check),
+        bind or None,
+        port,
+        server_host_keys=list(host_keys),
+        process_factory=handle,
+        encoding=None,
+        line_editor=False,
+        allow_scp=False,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        allow_pty=True,
+        keepalive_interval=15,
+        keepalive_count_max=4,
+        login_timeout=30,
+        reuse_address=True,
+    )
+
+
+async def wait_closed(acceptor: asyncssh.SSHAcceptor) -> None:
+    acceptor.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(acceptor.wait_closed(), 5)

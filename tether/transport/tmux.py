@@ -1,0 +1,153 @@
+"""An asyncio connection to a tmux server in control mode.
+
+Used by both the host agent (its user's tmux) and the relay's replica worker
+(the replica tmux). Replies are matched to commands in order, and an optional
+callback runs *synchronously* when a reply arrives, before any later line is
+parsed: that is how a snapshot is placed at the exact point of the output
+stream that the capture saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from tether.core.control import ControlParser, Notification, PaneOutput, Reply
+
+EventHandler = Callable[[PaneOutput | Notification], None]
+ReplyCallback = Callable[[Reply], None]
+
+
+class TmuxError(Exception):
+    """A tmux command failed; the message is tmux's own."""
+
+
+class TmuxControl:
+    def __init__(self, socket: str, on_event: EventHandler, tmux: str = "tmux") -> None:
+        self.socket = socket
+        self.tmux = tmux
+        self._on_event = on_event
+        self._parser = ControlParser()
+        self._pending: deque[tuple[asyncio.Future[Reply], ReplyCallback | None]] = deque()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self.closed: asyncio.Future[None] | None = None
+
+    async def start(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        """Start ``tmux -S SOCKET -C ARGS`` (e.g. ``attach -t NAME``)."""
+        loop = asyncio.get_running_loop()
+        self.closed = loop.create_future()
+        self._proc = await asyncio.create_subprocess_exec(
+            self.tmux,
+            "-S",
+            self.socket,
+            "-C",
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=env or os.environ.copy(),
+            limit=4 * 1024 * 1024,
+        )
+        # tmux answers the attach itself with the first %begin/%end block; until
+        # then this client is not attached and commands fail with "no current client"
+        attached: asyncio.Future[Reply] = loop.create_future()
+        self._pending.append((attached, None))
+        self._reader_task = asyncio.create_task(self._read())
+        reply = await asyncio.wait_for(attached, 10)
+        if not reply.ok:
+            raise TmuxError(b"; ".join(reply.lines).decode(errors="replace") or "attach failed")
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        stdout = self._proc.stdout
+        try:
+            while True:
+                try:
+                    raw = await stdout.readuntil(b"\n")
+                except asyncio.IncompleteReadError:
+                    break
+                except asyncio.LimitOverrunError:
+                    # a line longer than our buffer: tmux never sends one this long
+                    # in practice; skip it rather than die
+                    await stdout.read(4 * 1024 * 1024)
+                    continue
+                item = self._parser.line(raw[:-1])
+                if item is None:
+                    continue
+                if isinstance(item, Reply):
+                    self._reply(item)
+                else:
+                    self._on_event(item)
+        finally:
+            err = TmuxError("tmux control connection closed")
+            while self._pending:
+                fut, _ = self._pending.popleft()
+                if not fut.done():
+                    fut.set_exception(err)
+            if self.closed is not None and not self.closed.done():
+                self.closed.set_result(None)
+
+    def _reply(self, reply: Reply) -> None:
+        if not self._pending:
+            return  # a stray block
+        fut, callback = self._pending.popleft()
+        if callback is not None:
+            callback(reply)
+        if not fut.done():
+            fut.set_result(reply)
+
+    def send(self, command: str, callback: ReplyCallback | None = None) -> asyncio.Future[Reply]:
+        """Queue one command line; its reply resolves the future (and runs ``callback``)."""
+        assert self._proc is not None and self._proc.stdin is not None
+        if "\n" in command:
+            raise ValueError("a tmux command line cannot contain a newline")
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        if self._proc.stdin.is_closing():
+            fut.set_exception(TmuxError("tmux control connection closed"))
+            return fut
+        self._pending.append((fut, callback))
+        self._proc.stdin.write(command.encode() + b"\n")
+        return fut
+
+    async def run(self, command: str) -> list[str]:
+        """Run a command and return its output lines; raise ``TmuxError`` on failure."""
+        reply = await self.send(command)
+        lines = [line.decode("utf-8", "replace") for line in reply.lines]
+        if not reply.ok:
+            raise TmuxError("; ".join(lines) or f"tmux command failed: {command}")
+        return lines
+
+    async def close(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.stdin is not None and not self._proc.stdin.is_closing():
+            self._proc.stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), 3)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+
+
+async def tmux_cmd(socket: str, *args: str, tmux: str = "tmux", check: bool = True) -> str:
+    """Run one plain tmux command against ``socket`` and return its stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        tmux,
+        "-S",
+        socket,
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if check and proc.returncode != 0:
+        raise TmuxError(err.decode(errors="replace").strip() or f"tmux {args[0]} failed")
+    return out.decode(errors="replace")
