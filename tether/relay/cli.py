@@ -1,0 +1,131 @@
+"""``tether relay``: self-hosting in one command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tether relay",
+        add_help=False,
+        description="Run a tether relay: hosts share sessions through it, mates join "
+        "with `ssh -p PORT TOKEN@HOST`.",
+    )
+    p.add_argument("--help", action="help", help="show this help and exit")
+    p.add_argument(
+        "-k",
+        dest="keys_dir",
+        type=Path,
+        default=None,
+        metavar="KEYS_DIR",
+        help="directory of the relay's SSH host keys, created on first start "
+        "(default: ~/.local/state/tether/relay-keys)",
+    )
+    p.add_argument(
+        "-p",
+        dest="port",
+        type=int,
+        default=2222,
+        metavar="PORT",
+        help="SSH port to listen on (default 2222)",
+    )
+    p.add_argument(
+        "-h",
+        dest="host",
+        default="",
+        metavar="HOST",
+        help="host name mates use, shown in connection strings (default: the bind address)",
+    )
+    p.add_argument(
+        "-b",
+        dest="bind",
+        default="0.0.0.0",
+        metavar="BIND",
+        help="address to listen on (default 0.0.0.0)",
+    )
+    p.add_argument(
+        "-l",
+        dest="logfile",
+        type=Path,
+        default=None,
+        metavar="LOGFILE",
+        help="write the log here instead of standard error",
+    )
+    p.add_argument(
+        "-v", dest="verbose", action="count", default=0, help="more log detail (repeat for debug)"
+    )
+    p.add_argument(
+        "--host-away-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long a session waits for its host to come back (default 3600)",
+    )
+    p.add_argument(
+        "--max-sessions", type=int, default=1000, help="most sessions at once (default 1000)"
+    )
+    return p
+
+
+async def _run(a: argparse.Namespace) -> int:
+    from tether.relay.server import Relay, RelayConfig
+
+    keys = a.keys_dir or _default_keys()
+    relay = Relay(
+        RelayConfig(
+            keys_dir=keys,
+            bind=a.bind,
+            port=a.port,
+            public_host=a.host,
+            host_away_timeout=a.host_away_timeout,
+            max_sessions=a.max_sessions,
+        )
+    )
+    try:
+        await relay.start()
+    except OSError as exc:
+        print(f"tether relay: cannot listen on {a.bind}:{a.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    host = a.host or (a.bind if a.bind not in ("0.0.0.0", "::") else "THIS-HOST")
+    print(f"tether relay listening on {a.bind}:{relay.port} (keys in {keys})")
+    print("Hosts use it with these lines in ~/.tether.conf:")
+    print(f"  set -g tether-server-host {host}")
+    print(f"  set -g tether-server-port {relay.port}")
+    for option, fp in relay.fingerprints:
+        print(f"  set -g {option} {fp}")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await relay.close()
+    return 0
+
+
+def _default_keys() -> Path:
+    import os
+
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tether" / "relay-keys"
+
+
+def main(argv: list[str]) -> int:
+    a = _parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(a.verbose + 1, 2)
+    handler: logging.Handler = (
+        logging.FileHandler(a.logfile) if a.logfile else logging.StreamHandler(sys.stderr)
+    )
+    logging.basicConfig(
+        level=level, handlers=[handler], format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_run(a))
+    return 0

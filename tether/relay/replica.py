@@ -1,0 +1,172 @@
+"""The relay's handle on one session's replica worker process.
+
+The worker is a separate process with a narrow interface: one socket of
+framed messages, one socket that passes back mates' pty masters, and a private
+directory. That is all a jail has to let through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+
+from tether.core.messages import HostPresence, MateAttach, Message, MessageDecoder
+
+log = logging.getLogger("tether.relay")
+
+OnMessage = Callable[[Message], None]
+
+
+class ReplicaError(Exception):
+    pass
+
+
+class ReplicaHandle:
+    def __init__(self, name: str, on_message: OnMessage, jail: list[str] | None = None) -> None:
+        self.name = name
+        self._on_message = on_message
+        self._jail = jail or []
+        self.dir = tempfile.mkdtemp(prefix="tether-replica-")
+        os.chmod(self.dir, 0o700)
+        self.proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._fdsock: socket.socket | None = None
+        self._attach_waiters: dict[int, asyncio.Future[int]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        msg_parent, msg_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # worker sockets are inherited as fds 3 and 4 whatever their numbers here
+        cmd = [
+            *self._jail,
+            sys.executable,
+            "-m",
+            "tether.relay.worker",
+            str(msg_child.fileno()),
+            str(fd_child.fileno()),
+            self.dir,
+        ]
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+            "LANG": "C.UTF-8",
+        }
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            pass_fds=(msg_child.fileno(), fd_child.fileno()),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        msg_child.close()
+        fd_child.close()
+        reader, self._writer = await asyncio.open_unix_connection(sock=msg_parent, limit=1 << 22)
+        fd_parent.setblocking(False)
+        self._fdsock = fd_parent
+        loop.add_reader(fd_parent.fileno(), self._on_fd)
+        self._tasks.append(asyncio.create_task(self._read(reader)))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        decoder = MessageDecoder()
+        try:
+            while True:
+                data = await reader.read(1 << 20)
+                if not data:
+                    break
+                for msg in decoder.feed(data):
+                    self._on_message(msg)
+        except Exception as exc:  # a broken worker must not take the relay down
+            log.warning("replica %s: %s", self.name, exc)
+        finally:
+            if not self.closed.done():
+                self.closed.set_result(None)
+            for fut in self._attach_waiters.values():
+                if not fut.done():
+                    fut.set_exception(ReplicaError("replica worker is gone"))
+
+    def _on_fd(self) -> None:
+        assert self._fdsock is not None
+        try:
+            data, fds, _, _ = socket.recv_fds(self._fdsock, 64, 4)
+        except BlockingIOError:
+            return
+        except OSError:
+            asyncio.get_running_loop().remove_reader(self._fdsock.fileno())
+            return
+        if len(data) != 8 or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return
+        (mate,) = struct.unpack(">Q", data)
+        fut = self._attach_waiters.pop(mate, None)
+        if fut is None or fut.done():
+            os.close(fds[0])
+        else:
+            fut.set_result(fds[0])
+
+    def send(self, msg: Message) -> None:
+        if self._writer is None or self._writer.is_closing():
+            raise ReplicaError("replica worker is gone")
+        self._writer.write(msg.encode())
+
+    async def drain(self) -> None:
+        if self._writer is not None:
+            await self._writer.drain()
+
+    async def attach(
+        self, mate: int, readonly: bool, cols: int, rows: int, term: str, timeout: float = 10
+    ) -> int:
+        """A pty master connected to a new tmux client of the replica."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._attach_waiters[mate] = fut
+        self.send(MateAttach(mate, readonly, cols, rows, term))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._attach_waiters.pop(mate, None)
+
+    def presence(self, present: bool, text: str) -> None:
+        with contextlib.suppress(ReplicaError):
+            self.send(HostPresence(present, text))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._fdsock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._fdsock.fileno())
+            self._fdsock.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), 3)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        # the replica tmux server may outlive its worker briefly
+        sock = os.path.join(self.dir, "tmux.sock")
+        if os.path.exists(sock):
+            with contextlib.suppress(Exception):
+                p = await asyncio.create_subprocess_exec(
+                    "tmux",
+                    "-S",
+                    sock,
+                    "kill-server",
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                await p.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)

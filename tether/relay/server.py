@@ -1,0 +1,434 @@
+"""The relay: sessions, tokens, hosts and mates, one asyncio process.
+
+Hosts replicate into a per-session replica worker; mates get tmux clients of
+that replica. The replica outlives the host's disconnects, so mates stay
+attached and the same tokens keep working when the host comes back with its
+resume secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import itertools
+import logging
+import os
+import secrets
+import struct
+import termios
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tether.core import tokens
+from tether.core.errors import RemoteProtocolError
+from tether.core.inputs import InputSender
+from tether.core.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Error,
+    Event,
+    Hello,
+    Input,
+    InputAck,
+    Message,
+    Ping,
+    Pong,
+    Resize,
+    Status,
+    Welcome,
+)
+from tether.core.replog import LogReceiver
+from tether.transport import ssh
+from tether.transport.fdio import FdWriter
+from tether.transport.link import Link, LinkClosed
+
+from .replica import ReplicaError, ReplicaHandle
+
+log = logging.getLogger("tether.relay")
+
+INVALID_TOKEN = b"Invalid or expired session token.\r\n"
+
+
+@dataclass
+class RelayConfig:
+    keys_dir: Path
+    bind: str = "0.0.0.0"
+    port: int = 2222
+    public_host: str = ""
+    """Host name put in connection strings; defaults to the bind address."""
+    public_port: int | None = None
+    max_sessions: int = 1000
+    max_sessions_per_key: int = 50
+    max_mates: int = 32
+    host_away_timeout: float = 3600.0
+    """How long a session waits for its host to come back."""
+    hello_timeout: float = 15.0
+    jail: list[str] | None = None
+
+
+@dataclass
+class Mate:
+    id: int
+    readonly: bool
+    cols: int
+    rows: int
+    fd: int = -1
+
+
+@dataclass
+class Session:
+    id: str
+    rw_token: str
+    ro_token: str
+    secret: bytes
+    host_key: str
+    replica: ReplicaHandle
+    receiver: LogReceiver = field(default_factory=LogReceiver)
+    inputs: InputSender = field(default_factory=lambda: InputSender(1))
+    host: Link | None = None
+    mates: dict[int, Mate] = field(default_factory=dict)
+    size: tuple[int, int] = (0, 0)
+    status_rows: int = 1
+    away_since: float | None = None
+    ended: bool = False
+
+
+class Relay:
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.sessions: dict[str, Session] = {}
+        self._by_token: dict[bytes, tuple[Session, bool]] = {}
+        self._token_key = tokens.TokenKey()
+        self._mate_ids = itertools.count(1)
+        self._acceptor: object | None = None
+        self.port = config.port
+        self.host_keys = ssh.load_or_create_host_keys(config.keys_dir)
+        self._reaper: asyncio.Task[None] | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+
+    @property
+    def fingerprints(self) -> list[tuple[str, str]]:
+        """(config option name, SHA256 fingerprint) for each host key."""
+        return [(ssh.key_option_name(k), ssh.fingerprint(k)) for k in self.host_keys]
+
+    async def start(self) -> None:
+        acceptor = await ssh.start_ssh_server(
+            self.config.bind, self.config.port, self.host_keys, self.handle_host, self.handle_mate
+        )
+        self._acceptor = acceptor
+        self.port = acceptor.get_port()
+        self._reaper = asyncio.create_task(self._reap())
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self._acceptor is not None:
+            await ssh.wait_closed(self._acceptor)  # type: ignore[arg-type]
+        for s in list(self.sessions.values()):
+            await self._end(s)
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            now = time.monotonic()
+            for s in list(self.sessions.values()):
+                gone = s.replica.closed.done()
+                expired = (
+                    s.away_since is not None and now - s.away_since > self.config.host_away_timeout
+                )
+                if gone or expired:
+                    log.info("session %s ended (%s)", s.id, "worker gone" if gone else "host away")
+                    await self._end(s)
+
+    def ssh_string(self, token: str) -> str:
+        host = self.config.public_host or self.config.bind
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        port = self.config.public_port or self.port
+        return f"ssh -p {port} {token}@{host}" if port != 22 else f"ssh {token}@{host}"
+
+    # --- sessions ------------------------------------------------------------
+
+    async def _new_session(self, host_key: str) -> Session:
+        if len(self.sessions) >= self.config.max_sessions:
+            raise RemoteProtocolError("this relay is full; try again later")
+        if sum(1 for s in self.sessions.values() if s.host_key == host_key) >= (
+            self.config.max_sessions_per_key
+        ):
+            raise RemoteProtocolError("too many sessions for this host key")
+        sid = secrets.token_hex(8)
+        session: Session | None = None
+
+        def on_message(msg: Message) -> None:
+            if session is not None:
+                self._from_replica(session, msg)
+
+        replica = ReplicaHandle(sid, on_message, self.config.jail)
+        session = Session(
+            id=sid,
+            rw_token=tokens.new_token(),
+            ro_token=tokens.new_token(),
+            secret=secrets.token_bytes(32),
+            host_key=host_key,
+            replica=replica,
+        )
+        await replica.start()
+        self.sessions[sid] = session
+        self._by_token[self._token_key(session.rw_token)] = (session, False)
+        self._by_token[self._token_key(session.ro_token)] = (session, True)
+        log.info(
+            "session %s created (tokens %s, %s)",
+            sid,
+            tokens.redact(session.rw_token),
+            tokens.redact(session.ro_token),
+        )
+        return session
+
+    async def _end(self, s: Session) -> None:
+        if s.ended:
+            return
+        s.ended = True
+        self.sessions.pop(s.id, None)
+        self._by_token.pop(self._token_key(s.rw_token), None)
+        self._by_token.pop(self._token_key(s.ro_token), None)
+        if s.host is not None:
+            s.host.close()
+        await s.replica.close()
+
+    def lookup(self, token: str) -> tuple[Session, bool] | None:
+        """(session, read-only) for a token; keyed by HMAC so no secret is compared."""
+        return self._by_token.get(self._token_key(token))
+
+    def _from_replica(self, s: Session, msg: Message) -> None:
+        if isinstance(msg, Ack):
+            self._to_host(s, msg)
+        elif isinstance(msg, Input):
+            self._to_host(s, s.inputs.push(msg.pane, msg.keys, msg.binding))
+        elif isinstance(msg, Error):
+            log.warning("session %s: %s", s.id, msg.message)
+
+    def _to_host(self, s: Session, msg: Message) -> None:
+        if s.host is not None:
+            with contextlib.suppress(LinkClosed):
+                s.host.send_nowait(msg)
+
+    # --- hosts ---------------------------------------------------------------
+
+    async def handle_host(self, link: Link, host_key: str, peer: str) -> None:
+        session: Session | None = None
+        try:
+            hello = await asyncio.wait_for(link.recv(), self.config.hello_timeout)
+            if not isinstance(hello, Hello):
+                raise RemoteProtocolError("expected Hello first")
+            if hello.version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"protocol version {hello.version} is not supported (relay speaks "
+                    f"{PROTOCOL_VERSION}); upgrade tether"
+                )
+            if hello.session is not None:
+                found = self.sessions.get(hello.session)
+                if (
+                    found is None
+                    or hello.secret is None
+                    or not tokens.secrets_equal(found.secret, hello.secret)
+                ):
+                    found = None
+                session = found
+            if session is None:
+                session = await self._new_session(host_key)
+            elif session.host is not None:
+                session.host.close()  # the old connection is dead or superseded
+            session.host = link
+            session.away_since = None
+            log.info("host %s attached to session %s via %s", peer, session.id, link.description)
+            await link.send(
+                Welcome(
+                    PROTOCOL_VERSION,
+                    session.id,
+                    session.secret,
+                    session.rw_token,
+                    session.ro_token,
+                    self.ssh_string(session.rw_token),
+                    self.ssh_string(session.ro_token),
+                    session.receiver.next_seq,
+                )
+            )
+            for msg in session.inputs.unacked():
+                link.send_nowait(msg)
+            link.send_nowait(Resize(*session.size))
+            session.replica.presence(True, "tether: the host is back")
+            await self._host_loop(session, link)
+        except RemoteProtocolError as exc:
+            log.warning("host %s: protocol error: %s", peer, exc)
+            with contextlib.suppress(Exception):
+                await link.send(Error(str(exc)))
+        except (LinkClosed, TimeoutError, ConnectionError):
+            pass
+        except ReplicaError as exc:
+            log.warning("host %s: %s", peer, exc)
+            with contextlib.suppress(Exception):
+                await link.send(Error(f"session replica failed: {exc}"))
+        finally:
+            link.close()
+            if session is not None and session.host is link:
+                session.host = None
+                session.away_since = time.monotonic()
+                session.replica.presence(False, "tether: the host is away; waiting for it")
+                log.info("host left session %s", session.id)
+
+    async def _host_loop(self, s: Session, link: Link) -> None:
+        while True:
+            msg = await link.recv()
+            if isinstance(msg, Event):
+                if s.receiver.receive(msg):
+                    if isinstance(msg.body, Status):
+                        s.status_rows = self._status_rows(msg.body)
+                    s.replica.send(msg)
+                    await s.replica.drain()
+            elif isinstance(msg, InputAck):
+                if msg.stream == s.inputs.stream:
+                    s.inputs.on_ack(msg.seq)
+            elif isinstance(msg, Ping):
+                link.send_nowait(Pong(msg.token))
+            elif isinstance(msg, Pong):
+                pass
+            else:
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a host")
+
+    @staticmethod
+    def _status_rows(status: Status) -> int:
+        opts = dict(status.options)
+        value = opts.get("status", "on")
+        if value == "off":
+            return 0
+        return int(value) if value.isdigit() else 1
+
+    # --- mates ---------------------------------------------------------------
+
+    async def handle_mate(self, term: ssh.MateTerminal) -> None:
+        found = self.lookup(term.username)
+        if found is None:
+            await asyncio.sleep(0.05 + secrets.randbelow(150) / 1000)
+            term.write(INVALID_TOKEN)
+            await term.drain()
+            term.exit(1)
+            return
+        session, readonly = found
+        if not term.term:
+            term.write(b"tether needs a terminal: connect with `ssh -t`.\r\n")
+            term.exit(1)
+            return
+        if len(session.mates) >= self.config.max_mates:
+            term.write(b"This session has too many mates connected.\r\n")
+            term.exit(1)
+            return
+        mate = Mate(next(self._mate_ids), readonly, term.cols, term.rows)
+        try:
+            mate.fd = await session.replica.attach(
+                mate.id, readonly, term.cols, term.rows, term.term
+            )
+        except (ReplicaError, TimeoutError) as exc:
+            term.write(f"tether: cannot attach: {exc}\r\n".encode())
+            term.exit(1)
+            return
+        os.set_blocking(mate.fd, False)
+        session.mates[mate.id] = mate
+        log.info(
+            "mate %d (%s) joined session %s from %s",
+            mate.id,
+            "read-only" if readonly else "read-write",
+            session.id,
+            term.peer,
+        )
+        self._resize(session)
+        try:
+            await self._pump_mate(term, mate)
+        finally:
+            session.mates.pop(mate.id, None)
+            with contextlib.suppress(OSError):
+                os.close(mate.fd)
+            self._resize(session)
+            term.exit(0)
+            log.info("mate %d left session %s", mate.id, session.id)
+
+    async def _pump_mate(self, term: ssh.MateTerminal, mate: Mate) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        writer = FdWriter(mate.fd)
+        paused = False
+        tasks: set[asyncio.Task[None]] = set()
+
+        def on_output() -> None:
+            nonlocal paused
+            try:
+                data = os.read(mate.fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(mate.fd)
+                if not done.done():
+                    done.set_result(None)
+                return
+            term.write(data)
+            if not paused:
+                paused = True
+                loop.remove_reader(mate.fd)
+                resumer = loop.create_task(resume())
+                tasks.add(resumer)
+                resumer.add_done_callback(tasks.discard)
+
+        async def resume() -> None:
+            nonlocal paused
+            await term.drain()  # SSH flow control reaches the tmux client
+            paused = False
+            if not done.done():
+                loop.add_reader(mate.fd, on_output)
+
+        async def typing() -> None:
+            while True:
+                item = await term.read()
+                if isinstance(item, tuple):
+                    mate.cols, mate.rows = item
+                    with contextlib.suppress(OSError):
+                        fcntl.ioctl(
+                            mate.fd,
+                            termios.TIOCSWINSZ,
+                            struct.pack("HHHH", mate.rows, mate.cols, 0, 0),
+                        )
+                    self._resize_for(mate)
+                    continue
+                if not item:
+                    break
+                writer.write(item)
+                await writer.drain()
+
+        loop.add_reader(mate.fd, on_output)
+        typer = asyncio.create_task(typing())
+        try:
+            await asyncio.wait([typer, done], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            typer.cancel()
+            writer.close()
+            with contextlib.suppress(Exception):
+                loop.remove_reader(mate.fd)
+
+    def _resize_for(self, mate: Mate) -> None:
+        for s in self.sessions.values():
+            if mate.id in s.mates:
+                self._resize(s)
+
+    def _resize(self, s: Session) -> None:
+        """Window size follows the smallest read-write mate; read-only mates never count."""
+        rw = [m for m in s.mates.values() if not m.readonly]
+        if rw:
+            size = (min(m.cols for m in rw), max(1, min(m.rows for m in rw) - s.status_rows))
+        else:
+            size = (0, 0)
+        if size != s.size:
+            s.size = size
+            self._to_host(s, Resize(*size))

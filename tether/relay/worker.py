@@ -1,0 +1,567 @@
+"""The replica worker: one process per session, mirroring the host into a real tmux.
+
+It is started by the relay with two inherited sockets (messages, and fd
+passing) and a private directory, and needs nothing else, so a jail can wrap it
+(no network, no view of the relay's files). It applies the replication log to
+a replica tmux server: windows and panes are reconciled to the host's
+structure, pane bytes are written into the replica panes' ttys so tmux renders
+them, and keys mates type into a replica pane are read back from that tty and
+sent to the relay for the host. Mates' tmux clients are started here too, and
+their pty masters are handed to the relay.
+
+Run as ``python -m tether.relay.worker MSG_FD FD_FD DIR``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import signal
+import socket
+import struct
+import sys
+import termios
+import tty
+from dataclasses import dataclass, field
+
+from tether.core.control import Notification, PaneOutput, layout_panes, layout_size, quote
+from tether.core.limits import MAX_DIMENSION, MAX_PANES, MAX_WINDOWS
+from tether.core.messages import (
+    Ack,
+    Binding,
+    Bindings,
+    Error,
+    Event,
+    HostPresence,
+    Input,
+    MateAttach,
+    Message,
+    MessageDecoder,
+    Output,
+    PaneImage,
+    PaneReset,
+    Snapshot,
+    Status,
+    Structure,
+)
+from tether.transport.tmux import TmuxControl, TmuxError
+
+log = logging.getLogger("tether.worker")
+
+SESSION = "tether"
+PANE_CMD = "exec sleep 2147483647"
+MAGIC = b"\x1b_tether:"
+MAGIC_END = b"\x1b\\"
+STATUS_OPTIONS = {
+    "status",
+    "status-position",
+    "status-style",
+    "status-left",
+    "status-right",
+    "status-left-length",
+    "status-right-length",
+    "status-left-style",
+    "status-right-style",
+    "status-justify",
+    "window-status-format",
+    "window-status-current-format",
+    "window-status-separator",
+    "window-status-style",
+    "window-status-current-style",
+    "pane-border-style",
+    "pane-active-border-style",
+    "message-style",
+    "mode-style",
+}
+_KEY = re.compile(
+    r"^(?:[CMS]-)*(?:\\[!-~]|[!%&()*+,\-./0-9:<=>?@A-Z\[\]^_`a-z|]|[A-Za-z][A-Za-z0-9]*)$"
+)
+_TABLE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+AWAY = "#{?@tether_notice,#[reverse] #{@tether_notice} #[default] ,}"
+
+
+def escape_format(text: str) -> str:
+    """Make host-rendered text literal for the replica's format expander."""
+    return text.replace("#", "##")
+
+
+def defuse_format(text: str) -> str:
+    """Keep a host format's expansions but never its shell commands (``#(...)``)."""
+    return text.replace("#(", "##(")
+
+
+@dataclass
+class Pane:
+    host_id: int
+    replica_id: str  # e.g. "%3"
+    fd: int
+    out: bytearray = field(default_factory=bytearray)
+    carry: bytes = b""
+
+
+class Replica:
+    """Applies events to the replica tmux; all tmux work happens in order."""
+
+    def __init__(self, directory: str, send: asyncio.Queue[Message]) -> None:
+        self.dir = directory
+        self.sock = os.path.join(directory, "tmux.sock")
+        self.send = send
+        self.tmux: TmuxControl | None = None
+        self.windows: dict[int, str] = {}  # host window id -> replica "@N"
+        self.window_panes: dict[int, list[int]] = {}  # host window -> host panes in order
+        self.panes: dict[int, Pane] = {}  # host pane id -> replica pane
+        self.names: dict[int, str] = {}
+        self.bindings: list[Binding] = []
+        self.bound: list[tuple[str, str]] = []
+        self.loop = asyncio.get_running_loop()
+        self.status_left = ""
+        self.placeholder: str | None = None
+
+    async def start(self) -> None:
+        env = dict(os.environ, TERM="tmux-256color")
+        proc = await asyncio.create_subprocess_exec(
+            "tmux",
+            "-S",
+            self.sock,
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-s",
+            SESSION,
+            "-x",
+            "80",
+            "-y",
+            "24",
+            PANE_CMD,
+            env=env,
+        )
+        if await proc.wait() != 0:
+            raise RuntimeError("cannot start the replica tmux server")
+        self.tmux = TmuxControl(self.sock, self._on_tmux)
+        await self.tmux.start(["attach", "-t", SESSION], env=env)
+        t = self.tmux
+        await t.run("refresh-client -f no-output")
+        for opt in (
+            # not "window-size manual" globally: tmux 3.3a crashes creating windows
+            # with a control client attached then; resize-window makes each window
+            # manual instead
+            "exit-empty off",
+            "destroy-unattached off",
+            "history-limit 5000",
+            "escape-time 10",
+            "status-interval 0",
+            "remain-on-exit off",
+            "set-titles off",
+            "default-terminal tmux-256color",
+            "focus-events off",
+            "terminal-features[99] '*:RGB'",
+            "status-left-length 40",
+            "automatic-rename off",
+            "allow-rename off",
+            "@tether_notice ''",
+        ):
+            await t.run(f"set -g {opt}")
+        await t.run(f"set -g status-left {quote(AWAY + '[tether] ')}")
+        lines = await t.run(f"list-windows -t {SESSION} -F '#{{window_id}}'")
+        self.placeholder = lines[0].strip() if lines else None
+
+    def _on_tmux(self, item: PaneOutput | Notification) -> None:
+        if isinstance(item, Notification) and item.name == "exit":
+            log.warning("replica tmux exited")
+
+    # --- applying events ---------------------------------------------------
+
+    async def apply(self, body: object) -> None:
+        if isinstance(body, Output):
+            self.write(body.pane, body.data)
+        elif isinstance(body, Structure):
+            await self.reconcile(body)
+        elif isinstance(body, PaneReset):
+            await self.reset_pane(body.image)
+        elif isinstance(body, Status):
+            await self.set_status(body)
+        elif isinstance(body, Bindings):
+            await self.set_bindings(body)
+        elif isinstance(body, Snapshot):
+            await self.reconcile(body.structure)
+            await self.set_status(body.status)
+            await self.set_bindings(body.bindings)
+
+    async def reconcile(self, st: Structure) -> None:
+        assert self.tmux is not None
+        t = self.tmux
+        if len(st.windows) > MAX_WINDOWS:
+            raise ValueError(f"more than {MAX_WINDOWS} windows")
+        total = 0
+        plans: list[tuple[int, list[int], tuple[int, int]]] = []
+        for w in st.windows:
+            panes = layout_panes(w.layout)
+            if not panes or len(set(panes)) != len(panes):
+                raise ValueError(f"bad layout for window {w.id}")
+            cols, rows = layout_size(w.layout)
+            if not (1 <= cols <= MAX_DIMENSION and 1 <= rows <= MAX_DIMENSION):
+                raise ValueError("window size out of range")
+            total += len(panes)
+            plans.append((w.id, panes, (cols, rows)))
+        if total > MAX_PANES:
+            raise ValueError(f"more than {MAX_PANES} panes")
+        wanted = {w.id for w in st.windows}
+        for w in st.windows:
+            if w.id not in self.windows:
+                line = await t.run(
+                    f"new-window -d -t {SESSION}: -P "
+                    f"-F '#{{window_id}} #{{pane_id}} #{{pane_tty}}' {quote(PANE_CMD)}"
+                )
+                wid, pid, ptty = line[0].split()
+                self.windows[w.id] = wid
+                first = layout_panes(w.layout)[0]
+                self._add_pane(first, pid, ptty)
+                self.window_panes[w.id] = [first]
+        if self.placeholder is not None and st.windows:
+            with contextlib.suppress(TmuxError):
+                await t.run(f"kill-window -t {self.placeholder}")
+            self.placeholder = None
+        for hid in [h for h in self.windows if h not in wanted]:
+            if len(self.windows) <= 1:
+                break
+            wid = self.windows.pop(hid)
+            for hp in self.window_panes.pop(hid, []):
+                self._drop_pane(hp)
+            self.names.pop(hid, None)
+            with contextlib.suppress(TmuxError):
+                await t.run(f"kill-window -t {wid}")
+        for (hid, panes, (cols, rows)), w in zip(plans, st.windows, strict=True):
+            await self._reconcile_window(hid, panes, cols, rows, w.layout)
+            if self.names.get(hid) != w.name:
+                await t.run(f"rename-window -t {self.windows[hid]} {quote(w.name)}")
+                self.names[hid] = w.name
+            with contextlib.suppress(TmuxError):
+                await t.run(f"move-window -d -s {self.windows[hid]} -t {SESSION}:{w.index}")
+            active = self.panes.get(w.active_pane)
+            if active is not None:
+                await t.run(f"select-pane -t {active.replica_id}")
+        target = self.windows.get(st.active_window)
+        if target is not None:
+            await t.run(f"select-window -t {target}")
+
+    async def _reconcile_window(
+        self, hid: int, desired: list[int], cols: int, rows: int, layout: str
+    ) -> None:
+        assert self.tmux is not None
+        t = self.tmux
+        wid = self.windows[hid]
+        current = self.window_panes.get(hid, [])
+        if current != desired:
+            # room to split however many panes arrive, then the real size below
+            await t.run(f"resize-window -t {wid} -x 1000 -y 1000")
+            for i, hp in enumerate(desired):
+                if hp in current:
+                    continue
+                if hp in self.panes:  # moved from another window (join-pane/break-pane)
+                    self._drop_pane(hp, kill=True)
+                    for other in self.window_panes.values():
+                        if hp in other:
+                            other.remove(hp)
+                if i:
+                    where = f"-t {self.panes[desired[i - 1]].replica_id}"
+                else:
+                    where = f"-b -t {self.panes[current[0]].replica_id}"
+                line = await t.run(
+                    f"split-window -d {where} -P -F '#{{pane_id}} #{{pane_tty}}' {quote(PANE_CMD)}"
+                )
+                pid, ptty = line[0].split()
+                self._add_pane(hp, pid, ptty)
+                current.insert(current.index(desired[i - 1]) + 1 if i else 0, hp)
+            for hp in [p for p in current if p not in desired]:
+                self._drop_pane(hp, kill=True)
+                current.remove(hp)
+            # same set, maybe another order (swap-pane on the host): swap into place
+            for i, hp in enumerate(desired):
+                if current[i] != hp:
+                    j = current.index(hp)
+                    await t.run(
+                        f"swap-pane -d -s {self.panes[hp].replica_id} "
+                        f"-t {self.panes[current[i]].replica_id}"
+                    )
+                    current[i], current[j] = current[j], current[i]
+            self.window_panes[hid] = current
+        await t.run(f"resize-window -t {wid} -x {cols} -y {rows}")
+        await t.run(f"select-layout -t {wid} {quote(layout)}")
+
+    def _add_pane(self, host_id: int, replica_id: str, tty_path: str) -> None:
+        fd = os.open(tty_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        tty.setraw(fd)
+        attrs = termios.tcgetattr(fd)
+        attrs[3] &= ~termios.ECHO
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+        pane = Pane(host_id, replica_id, fd)
+        self.panes[host_id] = pane
+        self.loop.add_reader(fd, self._on_keys, pane)
+
+    def _drop_pane(self, host_id: int, kill: bool = False) -> None:
+        pane = self.panes.pop(host_id, None)
+        if pane is None:
+            return
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(pane.fd)
+            self.loop.remove_writer(pane.fd)
+        with contextlib.suppress(OSError):
+            os.close(pane.fd)
+        if kill and self.tmux is not None:
+            self.tmux.send(f"kill-pane -t {pane.replica_id}")
+
+    # --- pane bytes ----------------------------------------------------------
+
+    def write(self, host_pane: int, data: bytes) -> None:
+        pane = self.panes.get(host_pane)
+        if pane is None:
+            return  # output of a pane the structure has not shown yet; a reset follows
+        if not pane.out:
+            try:
+                n = os.write(pane.fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+            self.loop.add_writer(pane.fd, self._flush, pane)
+        pane.out += data
+
+    def _flush(self, pane: Pane) -> None:
+        try:
+            n = os.write(pane.fd, pane.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            pane.out.clear()
+            n = 0
+        del pane.out[:n]
+        if not pane.out:
+            self.loop.remove_writer(pane.fd)
+
+    def backlog(self) -> int:
+        return sum(len(p.out) for p in self.panes.values())
+
+    async def drained(self, limit: int = 0) -> None:
+        """Wait until at most ``limit`` bytes are queued for the panes."""
+        for _ in range(100000):
+            if self.backlog() <= limit:
+                return
+            await asyncio.sleep(0.002)
+
+    async def reset_pane(self, image: PaneImage) -> None:
+        pane = self.panes.get(image.pane)
+        if pane is None or self.tmux is None:
+            return
+        pane.out.clear()
+        with contextlib.suppress(Exception):
+            self.loop.remove_writer(pane.fd)
+        with contextlib.suppress(OSError):
+            termios.tcflush(pane.fd, termios.TCOFLUSH)
+        await self.tmux.run(f"clear-history -t {pane.replica_id}")
+        self.write(image.pane, image.data)
+
+    def _on_keys(self, pane: Pane) -> None:
+        try:
+            data = os.read(pane.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.loop.remove_reader(pane.fd)
+            return
+        data = pane.carry + data
+        pane.carry = b""
+        while data:
+            i = data.find(MAGIC)
+            if i < 0:
+                # keep a possible partial marker for the next read
+                for k in range(min(len(MAGIC) - 1, len(data)), 0, -1):
+                    if MAGIC.startswith(data[-k:]):
+                        pane.carry = data[-k:]
+                        data = data[:-k]
+                        break
+                if data:
+                    self.send.put_nowait(Input(0, 0, pane.host_id, data))
+                return
+            if i:
+                self.send.put_nowait(Input(0, 0, pane.host_id, data[:i]))
+            j = data.find(MAGIC_END, i)
+            if j < 0:
+                if len(data) - i > 64:
+                    data = data[i + 1 :]  # not ours after all; drop the ESC
+                    continue
+                pane.carry = data[i:]
+                return
+            body = data[i + len(MAGIC) : j]
+            data = data[j + len(MAGIC_END) :]
+            if body.isdigit() and int(body) < len(self.bindings):
+                self.send.put_nowait(Input(0, 0, pane.host_id, b"", self.bindings[int(body)]))
+
+    # --- status line and key bindings -----------------------------------------
+
+    async def set_status(self, status: Status) -> None:
+        assert self.tmux is not None
+        for name, value in status.options:
+            if name not in STATUS_OPTIONS:
+                continue
+            if name in ("status-left", "status-right"):
+                value = escape_format(value)
+                if name == "status-left":
+                    value = AWAY + value
+            else:
+                value = defuse_format(value)
+            with contextlib.suppress(TmuxError):
+                await self.tmux.run(f"set -g {name} {quote(value)}")
+
+    async def set_bindings(self, b: Bindings) -> None:
+        assert self.tmux is not None
+        t = self.tmux
+        for table, key in self.bound:
+            with contextlib.suppress(TmuxError):
+                await t.run(f"unbind-key -T {table} {key}")
+        self.bound = []
+        self.bindings = []
+        if _KEY.match(b.prefix):
+            with contextlib.suppress(TmuxError):
+                await t.run(f"set -g prefix {b.prefix}")
+        for binding in b.keys:
+            if not (_TABLE.match(binding.table) and _KEY.match(binding.key)):
+                continue
+            index = len(self.bindings)
+            magic = MAGIC + str(index).encode() + MAGIC_END
+            hexes = " ".join(f"{c:02x}" for c in magic)
+            try:
+                await t.run(f"bind-key -T {binding.table} {binding.key} send-keys -H {hexes}")
+            except TmuxError:
+                continue
+            self.bindings.append(binding)
+            self.bound.append((binding.table, binding.key))
+
+    async def presence(self, msg: HostPresence) -> None:
+        assert self.tmux is not None
+        note = "" if msg.present else msg.text
+        await self.tmux.run(f"set -g @tether_notice {quote(escape_format(note))}")
+        with contextlib.suppress(TmuxError):
+            clients = await self.tmux.run("list-clients -F '#{client_name}'")
+            for c in clients:
+                if c.strip():
+                    self.tmux.send(
+                        f"display-message -c {quote(c.strip())} {quote(escape_format(msg.text))}"
+                    )
+        with contextlib.suppress(TmuxError):
+            await self.tmux.run("refresh-client -S")
+
+    # --- mates -----------------------------------------------------------------
+
+    async def attach(self, msg: MateAttach, fdsock: socket.socket) -> None:
+        master, slave = os.openpty()
+        cols = max(1, min(msg.cols, MAX_DIMENSION))
+        rows = max(1, min(msg.rows, MAX_DIMENSION))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        term = (
+            msg.term if re.fullmatch(r"[A-Za-z0-9._+-]{1,64}", msg.term or "") else "xterm-256color"
+        )
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "TERM": term,
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "HOME": self.dir,
+        }
+        args = ["tmux", "-u", "-S", self.sock, "attach", "-t", SESSION]
+        if msg.readonly:
+            args.append("-r")
+
+        def child_setup() -> None:
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        await asyncio.create_subprocess_exec(
+            *args,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            preexec_fn=child_setup,
+            close_fds=True,
+        )
+        os.close(slave)
+        try:
+            socket.send_fds(fdsock, [struct.pack(">Q", msg.mate)], [master])
+        finally:
+            os.close(master)
+
+
+async def serve(msg_fd: int, fd_fd: int, directory: str) -> None:
+    outbox: asyncio.Queue[Message] = asyncio.Queue()
+    msock = socket.socket(fileno=msg_fd)
+    fdsock = socket.socket(fileno=fd_fd)
+    fdsock.setblocking(True)
+    reader, writer = await asyncio.open_unix_connection(sock=msock, limit=1 << 22)
+    replica = Replica(directory, outbox)
+    await replica.start()
+
+    async def pump_out() -> None:
+        while True:
+            msg = await outbox.get()
+            writer.write(msg.encode())
+            await writer.drain()
+
+    out_task = asyncio.create_task(pump_out())
+    decoder = MessageDecoder()
+    applied = 0
+    acked = 0
+    try:
+        while True:
+            data = await reader.read(1 << 20)
+            if not data:
+                break
+            for msg in decoder.feed(data):
+                if isinstance(msg, Event):
+                    try:
+                        await replica.apply(msg.body)
+                    except (ValueError, TmuxError) as exc:
+                        outbox.put_nowait(Error(f"replica refused event {msg.seq}: {exc}"))
+                        log.warning("event %d refused: %s", msg.seq, exc)
+                    applied = msg.seq
+                elif isinstance(msg, MateAttach):
+                    await replica.attach(msg, fdsock)
+                elif isinstance(msg, HostPresence):
+                    await replica.presence(msg)
+            # ack once the bytes are on their way into tmux, with bounded lag
+            await replica.drained(256 * 1024)
+            if applied != acked:
+                outbox.put_nowait(Ack(applied))
+                acked = applied
+    finally:
+        out_task.cancel()
+        if replica.tmux is not None:
+            with contextlib.suppress(Exception):
+                await replica.tmux.run("kill-server")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3:
+        print("usage: python -m tether.relay.worker MSG_FD FD_FD DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="worker: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        asyncio.run(serve(int(args[0]), int(args[1]), args[2]))
+    except (ConnectionError, OSError) as exc:
+        if exc.errno not in (None, errno.EPIPE, errno.ECONNRESET):
+            raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
