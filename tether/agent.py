@@ -1,0 +1,128 @@
+"""The host agent as a background process: one per shared tmux server (cli layer).
+
+Started by ``tether new-session``; connects to the configured relay (or runs
+an embedded relay on 127.0.0.1 when none is configured) and replicates until
+the tmux session ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tether.client import config as config_mod
+from tether.client.config import messages_path, state_dir
+from tether.client.host import HostAgent
+from tether.core.control import quote
+from tether.relay.server import Relay, RelayConfig
+from tether.transport.link import Link
+from tether.transport.ssh import RelayAddress, connect_host
+
+log = logging.getLogger("tether.agent")
+
+MAX_LOG_LINES = 100
+
+
+class Messages:
+    """tether's own message log: a file ``tether show-messages`` prints, and a
+    message on the host's attached clients."""
+
+    def __init__(self, path: Path) -> None:
+        self.lines: list[str] = []
+        self.agent: HostAgent | None = None
+        self.path = path
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, text: str) -> None:
+        stamp = time.strftime("%a %b %d %H:%M:%S %Y")
+        self.lines.append(f"{stamp} {text}")
+        del self.lines[:-MAX_LOG_LINES]
+        log.info("%s", text)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("\n".join(self.lines) + "\n")
+        tmp.replace(self.path)
+        agent = self.agent
+        if agent is None or agent.tmux.closed is None or agent.tmux.closed.done():
+            return
+        task = asyncio.get_running_loop().create_task(_display_all(agent, text))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _display_all(agent: HostAgent, text: str) -> None:
+    with contextlib.suppress(Exception):
+        clients = await agent.tmux.run("list-clients -F '#{client_name} #{client_control}'")
+        for line in clients:
+            name, _, control = line.rpartition(" ")
+            if name and control != "1":
+                shown = quote("tether: " + text.replace("#", "##"))
+                agent.tmux.send(f"display-message -d 15000 -c {quote(name)} {shown}")
+
+
+async def amain(socket: str, session: str, conf: Path | None) -> int:
+    cfg = config_mod.load(conf)
+    messages = Messages(messages_path(socket))
+    relay = None
+    if cfg.server_host:
+        addr = RelayAddress(
+            cfg.server_host, cfg.server_port, cfg.fingerprints, cfg.identities, cfg.known_hosts
+        )
+    else:
+        relay = Relay(
+            RelayConfig(keys_dir=state_dir() / "embedded-relay-keys", bind="127.0.0.1", port=0)
+        )
+        await relay.start()
+        addr = RelayAddress(
+            "127.0.0.1", relay.port, [fp for _, fp in relay.fingerprints], cfg.identities
+        )
+
+    async def connect() -> Link:
+        return await connect_host(addr)
+
+    agent = HostAgent(socket, session, connect, messages)
+    messages.agent = agent
+    if relay is not None:
+        messages(
+            f"no relay configured: using an embedded relay on 127.0.0.1:{relay.port} "
+            "(only this machine can join; set tether-server-host in ~/.tether.conf)"
+        )
+    else:
+        messages(f"connecting to relay {addr.host}:{addr.port}")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    runner = asyncio.create_task(agent.run())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([runner, stopper], return_when=asyncio.FIRST_COMPLETED)
+    runner.cancel()
+    stopper.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await runner
+    if relay is not None:
+        await relay.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tether-agent")
+    p.add_argument("--socket", required=True)
+    p.add_argument("--session", required=True)
+    p.add_argument("--config", type=Path)
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    return asyncio.run(amain(a.socket, a.session, a.config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

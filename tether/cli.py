@@ -1,0 +1,206 @@
+"""The ``tether`` command line: tmate's interface, a relay, and the netsim harness.
+
+Imports are deferred to the branch that needs them: ``tether -S SOCK display``
+and friends must start as fast as tmux itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+USAGE = """\
+usage: tether [-S SOCKET] [-f CONFIG] [-v] [COMMAND [ARGS...]]
+
+Share a tmux session instantly. With no command, start a shared session and
+attach to it; the connection strings appear in the status area and in
+`tether show-messages`.
+
+commands:
+  new-session [-d] [TMUX ARGS]   start a shared session (-d: stay detached)
+  wait tether-ready              block until the session is shared
+  display -p '#{tether_ssh}'     print the read-write ssh connection string
+  display -p '#{tether_ssh_ro}'  print the read-only ssh connection string
+  show-messages                  tether's log, including connection strings
+  relay [OPTIONS]                run a relay (see `tether relay --help`)
+  netsim ...                     the network-fault harness (`tether netsim --help`)
+  join TOKEN@HOST[:PORT]         the roaming mate client (not available yet: use ssh)
+  ANY TMUX COMMAND               passed through to the session's tmux
+
+options:
+  -S SOCKET   the tmux server socket (default: a new one for plain `tether`,
+              or the session you are in)
+  -f CONFIG   tether config file (default ~/.tether.conf, tmux syntax)
+  -v          verbose agent log
+  -V          print the version
+  -h, --help  this help
+
+Config (~/.tether.conf):
+  set -g tether-server-host relay.example.org
+  set -g tether-server-port 2222
+  set -g tether-server-ed25519-fingerprint SHA256:...
+  set -g tether-identity ~/.ssh/id_ed25519
+With no tether-server-host, tether runs an embedded relay on 127.0.0.1.
+"""
+
+
+def _die(msg: str, code: int = 2) -> int:
+    print(f"tether: {msg}", file=sys.stderr)
+    return code
+
+
+def _current_socket() -> str | None:
+    env = os.environ.get("TMUX")
+    return env.split(",")[0] if env else None
+
+
+def _new_socket() -> str:
+    base = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tether-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    return str(base / f"s{os.getpid()}-{os.urandom(3).hex()}")
+
+
+def _translate(arg: str) -> str:
+    """tmate's format names to the user options the agent publishes."""
+    return arg.replace("#{tether_", "#{@tether_")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    socket: str | None = None
+    conf: str | None = None
+    verbose = False
+    while args and args[0].startswith("-") and args[0] != "-":
+        opt = args.pop(0)
+        if opt in ("-h", "--help"):
+            print(USAGE, end="")
+            return 0
+        if opt in ("-V", "--version"):
+            from tether import __version__
+
+            print(f"tether {__version__}")
+            return 0
+        if opt == "-v":
+            verbose = True
+        elif opt.startswith("-S"):
+            socket = opt[2:] or (args.pop(0) if args else None)
+            if not socket:
+                return _die("-S needs a socket path")
+        elif opt.startswith("-f"):
+            conf = opt[2:] or (args.pop(0) if args else None)
+            if not conf:
+                return _die("-f needs a config file")
+        elif opt == "--":
+            break
+        else:
+            return _die(f"unknown option {opt}; see `tether --help`")
+    command = args[0] if args else None
+
+    if command == "relay":
+        from tether.relay.cli import main as relay_main
+
+        return relay_main(args[1:])
+    if command == "netsim":
+        try:
+            from tether.netsim.cli import main as netsim_main
+        except ImportError as exc:
+            return _die(f"netsim is not available: {exc}")
+        return netsim_main(args[1:])
+    if command == "join":
+        return _die(
+            "the roaming client is not available yet; join with the ssh command "
+            "from `tether show-messages`"
+        )
+    if command == "_agent":
+        from tether.agent import main as agent_main
+
+        return agent_main(args[1:])
+
+    if command is None or command in ("new-session", "new"):
+        detached = "-d" in args[1:]
+        rest = [a for a in args[1:] if a != "-d"]
+        sock = socket or _new_socket()
+        return new_session(sock, rest, detached, conf, verbose)
+
+    sock = socket or _current_socket()
+    if sock is None:
+        return _die("no session given: use -S SOCKET (or run this inside a tether session)")
+    if command in ("show-messages", "showmsgs"):
+        return show_messages(sock)
+    os.execvp("tmux", ["tmux", "-S", sock, *[_translate(a) for a in args]])
+    return 0  # not reached
+
+
+def new_session(
+    sock: str, tmux_args: list[str], detached: bool, conf: str | None, verbose: bool
+) -> int:
+    from tether.client import config as config_mod
+
+    try:
+        cfg = config_mod.load(Path(conf) if conf else None)
+    except config_mod.ConfigError as exc:
+        return _die(str(exc))
+    state = config_mod.state_dir()
+    conf_file = state / f"tmux-{os.getpid()}.conf"
+    conf_file.write_text(config_mod.tmux_config(cfg))
+    env = dict(os.environ)
+    env.pop("TMUX", None)
+    proc = subprocess.run(
+        [
+            "tmux",
+            "-S",
+            sock,
+            "-f",
+            str(conf_file),
+            "new-session",
+            "-d",
+            "-P",
+            "-F",
+            "#{session_id}",
+            *tmux_args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    conf_file.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        return _die(proc.stderr.strip() or "tmux could not start a session")
+    session = proc.stdout.strip().splitlines()[-1]
+    log_path = state / f"agent-{Path(sock).name}.log"
+    cmd = [sys.executable, "-m", "tether", "_agent", "--socket", sock, "--session", session]
+    if conf:
+        cmd += ["--config", conf]
+    if verbose:
+        cmd.append("-v")
+    with open(log_path, "ab") as logf:
+        subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            env=env,
+            close_fds=True,
+        )
+    if detached:
+        return 0
+    os.execvpe("tmux", ["tmux", "-S", sock, "attach", "-t", session], env)
+    return 0  # not reached
+
+
+def show_messages(sock: str) -> int:
+    """tether's own log for this session (connection strings, relay state)."""
+    from tether.client.config import messages_path
+
+    path = messages_path(sock)
+    if not path.exists():
+        return _die(f"no tether messages for {sock} (is it a tether session?)")
+    sys.stdout.write(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

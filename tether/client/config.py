@@ -1,0 +1,112 @@
+"""``~/.tether.conf``: tmux syntax, tether's own options plus ordinary tmux lines.
+
+Lines of the form ``set[-option] [-g] tether-NAME VALUE`` configure tether;
+every other line is tmux configuration and goes to the session's tmux, after
+the user's ``~/.tmux.conf``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KNOWN = {
+    "tether-server-host",
+    "tether-server-port",
+    "tether-server-ed25519-fingerprint",
+    "tether-server-rsa-fingerprint",
+    "tether-server-ecdsa-fingerprint",
+    "tether-identity",
+    "tether-known-hosts",
+}
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass
+class TetherConfig:
+    server_host: str = ""
+    server_port: int = 22
+    fingerprints: list[str] = field(default_factory=list)
+    identities: list[str] = field(default_factory=list)
+    known_hosts: str | None = None
+    tmux_lines: list[str] = field(default_factory=list)
+    path: Path | None = None
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("TETHER_CONF", Path.home() / ".tether.conf"))
+
+
+def parse(text: str, path: Path | None = None) -> TetherConfig:
+    cfg = TetherConfig(path=path)
+    for n, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            cfg.tmux_lines.append(line)
+            continue
+        try:
+            words = shlex.split(stripped, comments=True)
+        except ValueError as exc:
+            raise ConfigError(f"{path or 'config'}:{n}: {exc}") from None
+        if not words or words[0] not in ("set", "set-option"):
+            cfg.tmux_lines.append(line)
+            continue
+        rest = [w for w in words[1:] if not w.startswith("-")]
+        if not rest or not rest[0].startswith("tether-"):
+            cfg.tmux_lines.append(line)
+            continue
+        name = rest[0]
+        value = rest[1] if len(rest) > 1 else ""
+        if name not in KNOWN:
+            raise ConfigError(f"{path or 'config'}:{n}: unknown option {name}")
+        if name == "tether-server-host":
+            cfg.server_host = value
+        elif name == "tether-server-port":
+            if not value.isdigit() or not 0 < int(value) < 65536:
+                raise ConfigError(f"{path or 'config'}:{n}: bad port {value!r}")
+            cfg.server_port = int(value)
+        elif name.endswith("-fingerprint"):
+            if not value.startswith("SHA256:"):
+                raise ConfigError(
+                    f"{path or 'config'}:{n}: {name} must look like SHA256:... (got {value!r})"
+                )
+            cfg.fingerprints.append(value)
+        elif name == "tether-identity":
+            cfg.identities.append(os.path.expanduser(value))
+        elif name == "tether-known-hosts":
+            cfg.known_hosts = os.path.expanduser(value)
+    return cfg
+
+
+def load(path: Path | None = None) -> TetherConfig:
+    path = path or default_path()
+    if not path.exists():
+        return TetherConfig(path=path)
+    return parse(path.read_text(), path)
+
+
+def tmux_config(cfg: TetherConfig) -> str:
+    """The session's tmux config: the user's ~/.tmux.conf, then tmux lines of ours."""
+    lines = ["source-file -q ~/.tmux.conf"]
+    lines += cfg.tmux_lines
+    return "\n".join(lines) + "\n"
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    d = Path(base) / "tether"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d
+
+
+def messages_path(socket: str) -> Path:
+    """Where the agent sharing ``socket`` keeps its message log."""
+    import hashlib
+
+    digest = hashlib.sha256(os.path.abspath(socket).encode()).hexdigest()[:16]
+    return state_dir() / f"messages-{digest}.log"

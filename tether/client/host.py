@@ -1,0 +1,692 @@
+"""The host agent: replicates the user's tmux session to a relay.
+
+It attaches to the session's tmux server in control mode, turns what tmux
+reports into replication events (pane bytes, structure, status line, key
+bindings, pane images), and applies what mates do (keys into panes, the
+host's own key bindings run at the mate's pane). The connection to the relay
+comes and goes; the log (``LogSender``) replays what the relay missed, or a
+snapshot replaces it when the relay is too far behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import re
+import shlex
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from tether.core.control import Notification, PaneOutput, Reply, layout_panes, quote
+from tether.core.errors import AuthError, RemoteProtocolError
+from tether.core.inputs import InputReceiver
+from tether.core.limits import MAX_DATA
+from tether.core.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Binding,
+    Bindings,
+    Error,
+    Event,
+    Hello,
+    Input,
+    InputAck,
+    Message,
+    Notice,
+    Output,
+    PaneImage,
+    PaneReset,
+    Ping,
+    Pong,
+    Resize,
+    Snapshot,
+    Status,
+    Structure,
+    Welcome,
+    Window,
+)
+from tether.core.replog import LogSender
+from tether.core.screen import PANE_FORMAT, parse_pane_state, render_pane
+from tether.transport.link import Link, LinkClosed
+from tether.transport.tmux import TmuxControl, TmuxError, tmux_cmd
+
+log = logging.getLogger("tether.host")
+
+HISTORY_LINES = 2000
+"""Scrollback lines a pane image carries."""
+
+LOCAL_COMMANDS = {
+    "detach-client",
+    "copy-mode",
+    "choose-tree",
+    "choose-client",
+    "choose-buffer",
+    "command-prompt",
+    "display-panes",
+    "clock-mode",
+    "customize-mode",
+    "show-messages",
+    "list-keys",
+    "refresh-client",
+    "suspend-client",
+    "switch-client",
+    "list-buffers",
+    "display-message",
+    "display-menu",
+    "display-popup",
+    "send-prefix",
+    "paste-buffer",
+    "choose-window",
+    "choose-session",
+    "show-buffer",
+}
+"""Bindings that act on the mate's own client, so the replica keeps its own."""
+
+STATUS_FORMAT = "\x1f".join(
+    [
+        "#{prefix}",
+        "#{status}",
+        "#{status-position}",
+        "#{status-style}",
+        "#{T:status-left}",
+        "#{T:status-right}",
+        "#{status-left-length}",
+        "#{status-right-length}",
+        "#{status-left-style}",
+        "#{status-right-style}",
+        "#{status-justify}",
+        "#{window-status-format}",
+        "#{window-status-current-format}",
+        "#{window-status-separator}",
+        "#{window-status-style}",
+        "#{window-status-current-style}",
+        "#{pane-border-style}",
+        "#{pane-active-border-style}",
+        "#{message-style}",
+        "#{mode-style}",
+    ]
+)
+STATUS_NAMES = [
+    "status",
+    "status-position",
+    "status-style",
+    "status-left",
+    "status-right",
+    "status-left-length",
+    "status-right-length",
+    "status-left-style",
+    "status-right-style",
+    "status-justify",
+    "window-status-format",
+    "window-status-current-format",
+    "window-status-separator",
+    "window-status-style",
+    "window-status-current-style",
+    "pane-border-style",
+    "pane-active-border-style",
+    "message-style",
+    "mode-style",
+]
+WINDOW_FORMAT = "\x1f".join(
+    [
+        "#{window_id}",
+        "#{window_index}",
+        "#{window_active}",
+        "#{window_layout}",
+        "#{pane_id}",
+        "#{window_name}",
+    ]
+)
+_BIND = re.compile(r"^bind-key\s+(?:-r\s+)?-T\s+(\S+)\s+(\S+)\s+(.*)$")
+
+
+@dataclass
+class Shared:
+    """What the relay told us: published to tmux options for `display -p`."""
+
+    session: str
+    secret: bytes
+    rw_token: str
+    ro_token: str
+    ssh_rw: str
+    ssh_ro: str
+
+
+Connector = Callable[[], Awaitable[Link]]
+Publish = Callable[[str], None]
+
+
+def _split_output(pane: int, data: bytes) -> list[Output]:
+    step = MAX_DATA // 2
+    return [Output(pane, data[i : i + step]) for i in range(0, len(data), step)]
+
+
+def parse_bindings(lines: list[str]) -> dict[tuple[str, str], str]:
+    """``list-keys`` output to {(table, key): command}, keeping forwardable ones."""
+    out: dict[tuple[str, str], str] = {}
+    for line in lines:
+        m = _BIND.match(line.strip())
+        if not m:
+            continue
+        table, key, command = m.groups()
+        if table not in ("prefix", "root"):
+            continue
+        if table == "root" and (key.startswith(("Mouse", "Wheel", "Double", "Triple"))):
+            continue
+        first = command.split(None, 1)[0] if command else ""
+        if first in LOCAL_COMMANDS or not first:
+            continue
+        out[(table, key)] = command
+    return out
+
+
+def strip_confirm(command: str) -> str:
+    """``confirm-before -p "..." kill-pane`` -> ``kill-pane``: a mate already chose."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    if not words or words[0] != "confirm-before":
+        return command
+    i = 1
+    while i < len(words) and words[i].startswith("-"):
+        i += 2 if words[i] in ("-p", "-t", "-c") else 1
+    return " ".join(words[i:])
+
+
+class HostAgent:
+    def __init__(
+        self,
+        socket: str,
+        session: str,
+        connect: Connector,
+        publish: Publish | None = None,
+    ) -> None:
+        self.socket = socket
+        self.session_name = session
+        self.connect = connect
+        self.publish = publish or (lambda text: None)
+        self.log = LogSender()
+        self.inputs = InputReceiver()
+        self.tmux = TmuxControl(socket, self._on_tmux)
+        self.shared: Shared | None = None
+        self.link: Link | None = None
+        self.wake = asyncio.Event()
+        self.structure: Structure | None = None
+        self.pane_window: dict[int, int] = {}
+        self.bindings: dict[tuple[str, str], str] = {}
+        self.prefix = "C-b"
+        self.status: Status | None = None
+        self._capturing = False
+        self._captured: set[int] | None = None
+        self._stash: list[Output] = []
+        self._structure_query = False
+        self.exited = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.transport = "connecting"
+        self.last_contact = 0.0
+        self.last_error = ""
+
+    # --- tmux side -----------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.tmux.start(["attach", "-t", self.session_name])
+        await self.tmux.run("refresh-client -f pause-after=4,ignore-size")
+        with contextlib.suppress(TmuxError):
+            await self.tmux.run(f"set -t {quote(self.session_name)} window-size smallest")
+        await self._refresh_bindings()
+
+    def _on_tmux(self, item: PaneOutput | Notification) -> None:
+        if isinstance(item, PaneOutput):
+            self._output(item.pane, item.data)
+            return
+        name, args = item.name, item.args.decode("utf-8", "replace")
+        if name == "layout-change":
+            parts = args.split(" ")
+            if len(parts) >= 2 and self.structure is not None:
+                wid = int(parts[0][1:])
+                self._update_window(wid, layout=parts[1])
+        elif name == "window-renamed":
+            wid_s, _, new = args.partition(" ")
+            if self.structure is not None:
+                self._update_window(int(wid_s[1:]), name=new)
+        elif name == "window-pane-changed":
+            w, p = args.split(" ")[:2]
+            if self.structure is not None:
+                self._update_window(int(w[1:]), active_pane=int(p[1:]))
+        elif name in (
+            "window-add",
+            "window-close",
+            "unlinked-window-close",
+            "session-window-changed",
+            "linked-window-add",
+            "unlinked-window-add",
+        ):
+            self.query_structure()
+        elif name == "pause":
+            pane = int(args.strip()[1:])
+            self._capture_pane(pane, resume=True)
+        elif name == "exit":
+            self.exited.set()
+
+    def _output(self, pane: int, data: bytes) -> None:
+        if self._captured is not None:  # a snapshot capture is under way
+            if pane in self._captured:
+                self._stash.extend(_split_output(pane, data))
+            return  # panes not captured yet: the capture will include this
+        for out in _split_output(pane, data):
+            self._append(out)
+
+    def _append(self, body: Output | Structure | PaneReset | Status | Bindings) -> None:
+        self.log.append(body)
+        if self.log.need_snapshot and self.link is not None:
+            self.request_snapshot()
+        self.wake.set()
+
+    def _update_window(self, wid: int, **changes: object) -> None:
+        assert self.structure is not None
+        windows = list(self.structure.windows)
+        for i, w in enumerate(windows):
+            if w.id == wid:
+                new = Window(
+                    w.id,
+                    w.index,
+                    str(changes.get("name", w.name)),
+                    str(changes.get("layout", w.layout)),
+                    int(changes.get("active_pane", w.active_pane)),  # type: ignore[call-overload]
+                )
+                if new == w:
+                    return
+                windows[i] = new
+                self._set_structure(Structure(tuple(windows), self.structure.active_window))
+                return
+        self.query_structure()  # a window we do not know yet
+
+    def _set_structure(self, st: Structure) -> None:
+        if st == self.structure:
+            return
+        self.structure = st
+        fresh: list[int] = []
+        for w in st.windows:
+            for p in layout_panes(w.layout):
+                if self.pane_window.get(p) != w.id:
+                    fresh.append(p)
+                self.pane_window[p] = w.id
+        alive = {p for w in st.windows for p in layout_panes(w.layout)}
+        for p in [p for p in self.pane_window if p not in alive]:
+            del self.pane_window[p]
+        if self._captured is None:
+            self._append(st)
+            for p in fresh:
+                self._capture_pane(p)
+
+    def query_structure(self) -> None:
+        if self._structure_query:
+            return
+        self._structure_query = True
+
+        def done(reply: Reply) -> None:
+            self._structure_query = False
+            if reply.ok:
+                self._set_structure(self._parse_windows(reply.lines))
+
+        self.tmux.send(
+            f"list-windows -t {quote(self.session_name)} -F {quote(WINDOW_FORMAT)}", done
+        )
+
+    @staticmethod
+    def _parse_windows(lines: list[bytes]) -> Structure:
+        windows = []
+        active = -1
+        for raw in lines:
+            f = raw.decode("utf-8", "replace").split("\x1f", 5)
+            if len(f) < 6:
+                continue
+            wid = int(f[0][1:])
+            windows.append(Window(wid, int(f[1]), f[5], f[3], int(f[4][1:])))
+            if f[2] == "1":
+                active = wid
+        return Structure(tuple(windows), active)
+
+    def _capture_cmds(self, pane: int) -> list[str]:
+        t = f"%{pane}"
+        return [
+            f"display -p -t {t} {quote(PANE_FORMAT)}",
+            f"capture-pane -p -e -t {t} -S -{HISTORY_LINES}",
+            f"capture-pane -p -e -a -q -t {t}",
+        ]
+
+    def _capture_pane(self, pane: int, resume: bool = False) -> None:
+        """Queue a capture; the image enters the log exactly where tmux took it."""
+        parts: list[Reply] = []
+
+        def got(reply: Reply) -> None:
+            parts.append(reply)
+            if len(parts) < 3:
+                return
+            image = self._image(pane, parts)
+            if image is not None and self._captured is None and not self.log.need_snapshot:
+                self._append(PaneReset(image))
+
+        for cmd in self._capture_cmds(pane):
+            self.tmux.send(cmd, got)
+        if resume:
+            self.tmux.send(f"refresh-client -A {quote(f'%{pane}:continue')}")
+
+    @staticmethod
+    def _image(pane: int, parts: list[Reply]) -> PaneImage | None:
+        info, content, normal = parts
+        if not info.ok or not content.ok or not info.lines:
+            return None
+        state = parse_pane_state(info.lines[0].decode("ascii", "replace"))
+        lines = content.lines
+        height = state.height
+        history, screen = lines[:-height] if height else lines, lines[-height:] if height else []
+        normal_lines = normal.lines if normal.ok and state.alternate else None
+        data = render_pane(state, history, screen, normal_lines)
+        while len(data) > MAX_DATA and history:
+            history = history[len(history) // 4 + 1 :]
+            data = render_pane(state, history, screen, normal_lines)
+        return PaneImage(pane, data[-MAX_DATA:])
+
+    def request_snapshot(self) -> None:
+        """Capture everything and put a snapshot in the log at the capture point."""
+        if self._capturing:
+            return
+        self._capturing = True
+        asyncio.get_running_loop().create_task(self._snapshot())
+
+    async def _snapshot(self) -> None:
+        try:
+            lines = await self.tmux.run(
+                f"list-panes -s -t {quote(self.session_name)} -F '#{{pane_id}}'"
+            )
+            panes = [int(x.strip()[1:]) for x in lines if x.strip().startswith("%")]
+            await self._refresh_bindings()
+            status = await self._read_status()
+            images: dict[int, PaneImage] = {}
+            self._captured = set()
+            self._stash = []
+            finished = asyncio.get_running_loop().create_future()
+            pending = len(panes)
+
+            def per_pane(pane: int) -> Callable[[Reply], None]:
+                parts: list[Reply] = []
+
+                def got(reply: Reply) -> None:
+                    nonlocal pending
+                    parts.append(reply)
+                    if len(parts) < 3:
+                        return
+                    assert self._captured is not None
+                    self._captured.add(pane)
+                    image = self._image(pane, parts)
+                    if image is not None:
+                        images[pane] = image
+                    pending -= 1
+
+                return got
+
+            for p in panes:
+                cb = per_pane(p)
+                for cmd in self._capture_cmds(p):
+                    self.tmux.send(cmd, cb)
+
+            def structure_done(reply: Reply) -> None:
+                # Runs synchronously at this point of tmux's stream: every output
+                # before it is in the images, every output after it follows them.
+                st = self._parse_windows(reply.lines) if reply.ok else Structure((), -1)
+                self.structure = st
+                self.pane_window = {p: w.id for w in st.windows for p in layout_panes(w.layout)}
+                self.log.push_snapshot(
+                    Snapshot(st, status, Bindings(self.prefix, self._binding_list()))
+                )
+                for p in panes:
+                    if p in images:
+                        self.log.append(PaneReset(images[p]))
+                stash, self._stash, self._captured = self._stash, [], None
+                for out in stash:
+                    self.log.append(out)
+                self.wake.set()
+                if not finished.done():
+                    finished.set_result(None)
+
+            self.tmux.send(
+                f"list-windows -t {quote(self.session_name)} -F {quote(WINDOW_FORMAT)}",
+                structure_done,
+            )
+            await finished
+        except TmuxError as exc:
+            log.warning("snapshot failed: %s", exc)
+            self._captured = None
+        finally:
+            self._capturing = False
+
+    def _binding_list(self) -> tuple[Binding, ...]:
+        return tuple(Binding(t, k) for (t, k) in self.bindings)
+
+    async def _refresh_bindings(self) -> bool:
+        lines = await self.tmux.run("list-keys")
+        bindings = parse_bindings(lines)
+        prefix = (await self.tmux.run("show -gv prefix"))[0].strip() or "C-b"
+        changed = bindings != self.bindings or prefix != self.prefix
+        self.bindings, self.prefix = bindings, prefix
+        return changed
+
+    async def _read_status(self) -> Status:
+        line = await self.tmux.run(
+            f"display -p -t {quote(self.session_name)} {quote(STATUS_FORMAT)}"
+        )
+        values = (line[0] if line else "").split("\x1f")[1:]
+        values += [""] * (len(STATUS_NAMES) - len(values))
+        return Status(tuple(zip(STATUS_NAMES, values, strict=False)))
+
+    async def poll(self) -> None:
+        """Status line every second, key bindings every few seconds, when changed."""
+        tick = 0
+        while not self.exited.is_set():
+            await asyncio.sleep(1)
+            tick += 1
+            if self.log.need_snapshot or self._captured is not None:
+                continue
+            try:
+                status = await self._read_status()
+                if status != self.status:
+                    self.status = status
+                    self._append(status)
+                if tick % 5 == 0 and await self._refresh_bindings():
+                    self._append(Bindings(self.prefix, self._binding_list()))
+            except TmuxError:
+                return
+
+    # --- mate input -------------------------------------------------------------
+
+    async def apply_input(self, msg: Input) -> None:
+        if not self.inputs.accept(msg):
+            return  # a resend of input already typed
+        target = f"%{msg.pane}"
+        if msg.pane not in self.pane_window:
+            return
+        if msg.binding is not None:
+            command = self.bindings.get((msg.binding.table, msg.binding.key))
+            if command is not None:
+                await self._run_binding(target, command)
+            return
+        data = msg.keys
+        for i in range(0, len(data), 2048):
+            hexes = " ".join(f"{b:02x}" for b in data[i : i + 2048])
+            self.tmux.send(f"send-keys -t {target} -H {hexes}")
+
+    async def _run_binding(self, target: str, command: str) -> None:
+        wid = self.pane_window.get(int(target[1:]))
+        self.tmux.send(f"select-window -t @{wid}")
+        self.tmux.send(f"select-pane -t {target}")
+        await self.tmux.send("display -p ''")  # flush: the selection is in place
+        # source-file parses the command exactly as tmux's config parser would
+        # (command lists, braces, quoting), in a client of its own
+        with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as f:
+            f.write(strip_confirm(command) + "\n")
+        try:
+            with contextlib.suppress(TmuxError):
+                await tmux_cmd(self.socket, "source-file", f.name, check=False)
+        finally:
+            os.unlink(f.name)
+
+    async def apply_resize(self, msg: Resize) -> None:
+        if msg.cols <= 0 or msg.rows <= 0:
+            self.tmux.send("refresh-client -f ignore-size")
+        else:
+            self.tmux.send("refresh-client -f !ignore-size")
+            self.tmux.send(f"refresh-client -C {min(msg.cols, 10000)}x{min(msg.rows, 10000)}")
+
+    # --- relay side ---------------------------------------------------------------
+
+    async def _handshake(self, link: Link) -> Welcome:
+        s = self.shared
+        await link.send(
+            Hello(
+                PROTOCOL_VERSION, "tether-host", s.session if s else None, s.secret if s else None
+            )
+        )
+        msg = await asyncio.wait_for(link.recv(), 20)
+        if isinstance(msg, Error):
+            raise RemoteProtocolError(f"relay: {msg.message}")
+        if not isinstance(msg, Welcome):
+            raise RemoteProtocolError(f"expected Welcome, got {type(msg).__name__}")
+        if msg.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"relay speaks protocol {msg.version}, we speak {PROTOCOL_VERSION}"
+            )
+        return msg
+
+    async def _session(self, link: Link) -> None:
+        welcome = await self._handshake(link)
+        first = self.shared is None
+        new_session = self.shared is not None and self.shared.session != welcome.session
+        self.shared = Shared(
+            welcome.session,
+            welcome.secret,
+            welcome.rw_token,
+            welcome.ro_token,
+            welcome.ssh_rw,
+            welcome.ssh_ro,
+        )
+        if new_session:
+            self.log.on_connect(None)
+        elif not self.log.on_connect(welcome.next_seq):
+            pass
+        if self.log.need_snapshot:
+            self.request_snapshot()
+        self.link = link
+        self.transport = link.description
+        self.last_contact = time.monotonic()
+        await self._publish(first or new_session)
+        self.wake.set()
+        sender = asyncio.create_task(self._send_loop(link))
+        try:
+            while True:
+                msg = await link.recv()
+                self.last_contact = time.monotonic()
+                await self._handle(link, msg)
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            self.link = None
+            self.log.on_disconnect()
+
+    async def _handle(self, link: Link, msg: Message) -> None:
+        if isinstance(msg, Ack):
+            self.log.on_ack(msg.seq)
+        elif isinstance(msg, Input):
+            await self.apply_input(msg)
+            link.send_nowait(InputAck(msg.stream, msg.seq))
+        elif isinstance(msg, Resize):
+            await self.apply_resize(msg)
+        elif isinstance(msg, Ping):
+            link.send_nowait(Pong(msg.token))
+        elif isinstance(msg, Pong | Notice):
+            pass
+        elif isinstance(msg, Error):
+            raise LinkClosed(f"relay: {msg.message}")
+        else:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the relay")
+
+    async def _send_loop(self, link: Link) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while True:
+                events: list[Event] = self.log.to_send(limit_bytes=256 * 1024)
+                if not events:
+                    break
+                for ev in events:
+                    link.send_nowait(ev)
+                await link.drain()
+
+    async def _publish(self, announce: bool) -> None:
+        s = self.shared
+        assert s is not None
+        t = self.tmux
+        for name, value in (
+            ("@tether_ssh", s.ssh_rw),
+            ("@tether_ssh_ro", s.ssh_ro),
+            ("@tether_session", s.session),
+        ):
+            t.send(f"set -g {name} {quote(value)}")
+        if announce:
+            self.publish(f"ssh session read only: {s.ssh_ro}")
+            self.publish(f"ssh session: {s.ssh_rw}")
+            t.send("wait-for -S tether-ready")
+            self.ready.set()
+
+    async def run(self) -> None:
+        """Replicate until the tmux session ends; reconnect with backoff forever."""
+        await self.start()
+        poller = asyncio.create_task(self.poll())
+        connector = asyncio.create_task(self._connect_loop())
+        try:
+            await self.exited.wait()
+        finally:
+            poller.cancel()
+            connector.cancel()
+            if self.link is not None:
+                self.link.close()
+            await self.tmux.close()
+
+    async def _connect_loop(self) -> None:
+        delay = 0.2
+        while not self.exited.is_set():
+            try:
+                link = await self.connect()
+            except AuthError as exc:
+                self._report(str(exc))
+                delay = 30.0
+            except (OSError, LinkClosed, TimeoutError, Exception) as exc:
+                self._report(f"cannot reach the relay: {exc}")
+            else:
+                start = time.monotonic()
+                try:
+                    await self._session(link)
+                except (LinkClosed, TimeoutError, ConnectionError, OSError) as exc:
+                    self._report(f"connection to the relay lost: {exc}")
+                except RemoteProtocolError as exc:
+                    self._report(str(exc))
+                finally:
+                    link.close()
+                if time.monotonic() - start > 10:
+                    delay = 0.2
+            self.transport = "reconnecting"
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 30.0)
+
+    def _report(self, text: str) -> None:
+        if text != self.last_error:
+            self.last_error = text
+            log.warning("%s", text)
+            self.publish(text)
