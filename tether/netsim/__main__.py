@@ -1,0 +1,7 @@
+"""``python3 -m tether.netsim ...`` (same as ``tether netsim ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
