@@ -1,0 +1,175 @@
+"""Sharing a session: a host behind `tether`, mates joining with plain OpenSSH."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .helpers import Host, Mate, RelayProcess, strip_lines, tmux, wait_for
+
+
+def join(mates: list[Mate], tmp_path: Path, ssh: str, size: tuple[int, int] = (100, 30),
+         name: str = "mate") -> Mate:
+    m = Mate(tmp_path, ssh, size, name)
+    mates.append(m)
+    wait_for(lambda: "0:" in m.status_line(), 15, f"{name} to attach")
+    return m
+
+
+def test_mate_sees_screen_colours_utf8_and_next_typing(host: Host, mates: list[Mate],
+                                                      tmp_path: Path) -> None:
+    host.type(r"printf '\033[31mred\033[0m \033[38;5;208mamber\033[0m "
+              r"\033[38;2;10;200;30mtrue\033[0m héllo wörld ✓\n'")
+    wait_for(lambda: "héllo wörld ✓" in host.screen().split("printf")[-1], 10, "host output")
+    mate = join(mates, tmp_path, host.ssh_rw)
+    screen = mate.wait_text("héllo wörld ✓")
+    assert "red amber true héllo wörld ✓" in screen
+    coloured = mate.screen(escapes=True)
+    assert "\x1b[31mred" in coloured
+    assert "38;5;208mamber" in coloured
+    assert "38;2;10;200;30mtrue" in coloured
+    host.type("echo next-$((40+2))")
+    mate.wait_text("next-42")
+
+
+def test_mate_types_a_command_that_runs_on_the_host(host: Host, mates: list[Mate],
+                                                    tmp_path: Path) -> None:
+    mate = join(mates, tmp_path, host.ssh_rw)
+    out = tmp_path / "from-mate.txt"
+    mate.type(f"echo typed-by-mate-$((6*7)) > {out}")
+    wait_for(lambda: out.exists() and out.read_text() == "typed-by-mate-42\n", 10,
+             "the mate's command to run on the host")
+    mate.type("echo ctrl-c-test; sleep 100")
+    wait_for(lambda: "ctrl-c-test" in host.screen(), 10, "sleep started")
+    mate.keys("C-c")
+    mate.type("echo after-interrupt")
+    wait_for(lambda: "after-interrupt" in host.screen().split("ctrl-c-test")[-1], 10,
+             "Ctrl-C from the mate to interrupt the host's sleep")
+
+
+def test_readonly_mate_cannot_type_or_resize(host: Host, mates: list[Mate],
+                                             tmp_path: Path) -> None:
+    rw = join(mates, tmp_path, host.ssh_rw, (100, 30), "rw")
+    wait_for(lambda: host.display("#{window_width}x#{window_height}") == "100x29", 10,
+             "window to follow the read-write mate")
+    ro = join(mates, tmp_path, host.ssh_ro, (60, 15), "ro")
+    planted = tmp_path / "ro-was-here"
+    ro.type(f"touch {planted}")
+    ro.keys("C-c", "C-d")
+    ro.resize(40, 10)
+    # a read-write marker typed afterwards proves the input path was flushed
+    rw.type("echo rw-marker-$((2+3))")
+    wait_for(lambda: "rw-marker-5" in host.screen(), 10, "the read-write mate's marker")
+    assert not planted.exists()
+    assert "touch" not in host.screen()
+    assert host.display("#{window_width}x#{window_height}") == "100x29"
+    assert ro.alive()
+    ro.wait_text("rw-marker-5")
+
+
+def test_layout_replicates_and_mate_prefix_keys_act_on_the_host(host: Host, mates: list[Mate],
+                                                              tmp_path: Path) -> None:
+    mate = join(mates, tmp_path, host.ssh_rw, (100, 30))
+    host.tmux("split-window", "-h")
+    host.tmux("new-window", "-n", "second")
+    host.tmux("select-window", "-t", ":0")
+    width = int(host.tmux("display", "-p", "-t", ":0.0", "#{pane_width}").strip())
+    mate.wait_text("1:second")
+    def border() -> bool:
+        return all(len(ln) > width and ln[width] == "│" for ln in mate.lines()[:5])
+
+    wait_for(border, 10, "the split pane border on the mate's screen")
+    panes_before = len(host.tmux("list-panes").splitlines())
+    mate.keys("C-b", "%")
+    wait_for(lambda: len(host.tmux("list-panes").splitlines()) == panes_before + 1, 10,
+             "the mate's C-b % to split the host's window")
+    mate.keys("C-b", "c")
+    wait_for(lambda: len(host.tmux("list-windows").splitlines()) == 3, 10,
+             "the mate's C-b c to create a host window")
+    mate.wait_text("2:")
+
+
+def test_window_follows_smallest_read_write_mate(host: Host, mates: list[Mate],
+                                                 tmp_path: Path) -> None:
+    a = join(mates, tmp_path, host.ssh_rw, (120, 40), "a")
+    join(mates, tmp_path, host.ssh_rw, (90, 25), "b")
+    join(mates, tmp_path, host.ssh_ro, (50, 12), "ro")
+    wait_for(lambda: host.display("#{window_width}x#{window_height}") == "90x24", 10,
+             "window sized to the smallest read-write mate")
+    a.resize(80, 20)
+    wait_for(lambda: host.display("#{window_width}x#{window_height}") == "80x19", 10,
+             "window to follow the mate that shrank")
+
+
+def test_burst_of_20mb_converges(host: Host, mates: list[Mate], tmp_path: Path) -> None:
+    mate = join(mates, tmp_path, host.ssh_rw, (100, 30))
+    wait_for(lambda: host.display("#{window_width}x#{window_height}") == "100x29", 10,
+             "window size")
+    host.type("seq 1 2800000 | awk '{print $1, \"abcdefgh\"}'; echo burst-done")
+    wait_for(lambda: "burst-done" in host.screen().split("echo burst-done")[-1], 120,
+             "the burst to finish on the host")
+
+    def same() -> bool:
+        ours = strip_lines(host.screen())[:29]
+        theirs = strip_lines(mate.screen())[:29]
+        return ours == theirs
+
+    wait_for(same, 60, "the mate's pane to equal the host's")
+
+
+def test_host_connection_drops_and_comes_back(relay: RelayProcess, tmp_path: Path,
+                                              mates: list[Mate]) -> None:
+    from .helpers import TcpProxy
+
+    proxy = TcpProxy(relay.port)
+    try:
+        h = Host(tmp_path / "host", relay.conf(port=proxy.port))
+        try:
+            rw_before, ro_before = h.ssh_rw, h.ssh_ro
+            mate = join(mates, tmp_path, rw_before.replace(f"-p {proxy.port}", f"-p {relay.port}"))
+            h.type("echo before-drop")
+            mate.wait_text("before-drop")
+            proxy.accepting = False
+            assert proxy.cut() >= 2
+            mate.wait_text("host is away", 20)
+            h.type("echo while-away")
+            proxy.accepting = True
+            mate.wait_text("while-away", 30)
+            assert mate.alive()
+            assert (h.ssh_rw, h.ssh_ro) == (rw_before, ro_before)
+            mate.type("echo mate-after-$((1+1))")
+            wait_for(lambda: "mate-after-2" in h.screen(), 15, "mate input after reconnect")
+            wait_for(lambda: strip_lines(h.screen())[:20] == strip_lines(mate.screen())[:20],
+                     15, "screens to converge")
+        finally:
+            h.close()
+    finally:
+        proxy.close()
+
+
+def test_unknown_token_is_refused_after_a_delay(relay: RelayProcess, tmp_path: Path,
+                                                mates: list[Mate]) -> None:
+    m = Mate(tmp_path, f"ssh -p {relay.port} {'x' * 33}@127.0.0.1", name="bad")
+    mates.append(m)
+    m.wait_text("Invalid or expired session token.")
+    wait_for(lambda: not m.alive(), 10, "the connection to close")
+
+
+def test_fingerprint_mismatch_is_refused_with_both_fingerprints(relay: RelayProcess,
+                                                                tmp_path: Path) -> None:
+    wrong = "SHA256:" + "A" * 43
+    conf = "\n".join(
+        ln if "fingerprint" not in ln else f"set -g tether-server-ed25519-fingerprint {wrong}"
+        for ln in relay.conf().splitlines() if "rsa" not in ln
+    )
+    h = Host(tmp_path / "host", conf, ready=False)
+    try:
+        text = wait_for(lambda: m if "mismatch" in (m := h.messages()) else "", 20,
+                        "a fingerprint mismatch message")
+        assert wrong in text and relay.fingerprint in text
+    finally:
+        h.close()
+
+
+def test_mates_tmux_is_isolated_from_host_socket(host: Host) -> None:
+    # the host's session is a private tmux server of its own socket
+    assert tmux(host.sock, "display", "-p", "#{socket_path}").strip() == host.sock
