@@ -31,6 +31,7 @@ from tether.core.messages import (
     Ack,
     Binding,
     Bindings,
+    End,
     Error,
     Event,
     Hello,
@@ -652,6 +653,10 @@ class HostAgent:
         connector = asyncio.create_task(self._connect_loop())
         try:
             await self.exited.wait()
+            if self.link is not None:
+                # let the relay end the session now rather than wait for us
+                with contextlib.suppress(LinkClosed, TimeoutError):
+                    await asyncio.wait_for(self.link.send(End("the host's tmux session ended")), 2)
         finally:
             poller.cancel()
             connector.cancel()

@@ -230,6 +230,13 @@ class Notice(Message):
     text: str
 
 
+@message(36)
+class End(Message):
+    """The host's session is over: the relay ends it and lets the mates go."""
+
+    reason: str
+
+
 # --- relay <-> replica worker (never on the network) ----------------------------
 
 
@@ -293,7 +300,7 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         if len(records) == 1:
             return _check(value, records[0], where)
         # a union of messages: the type id picks the member
-        if isinstance(value, list) and value and isinstance(value[0], int):
+        if isinstance(value, list) and value and type(value[0]) is int:
             cls = _REGISTRY.get(value[0])
             if cls in records:
                 return _build(cls, value[1:], where)
@@ -327,7 +334,7 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise RemoteProtocolError(f"{where}: expected a record")
         if getattr(tp, "TYPE", -1) >= 0:
-            if not value or value[0] != tp.TYPE:
+            if not value or type(value[0]) is not int or value[0] != tp.TYPE:
                 raise RemoteProtocolError(f"{where}: expected a {tp.__name__}")
             value = value[1:]
         return _build(tp, value, where)
@@ -348,7 +355,7 @@ def _build(cls: type, values: list[Any], where: str) -> Any:
 
 def decode(obj: Any) -> Message:
     """Turn one decoded frame into a message, or raise ``RemoteProtocolError``."""
-    if not isinstance(obj, list) or not obj or not isinstance(obj[0], int):
+    if not isinstance(obj, list) or not obj or type(obj[0]) is not int:
         raise RemoteProtocolError("frame is not a message")
     cls = _REGISTRY.get(obj[0])
     if cls is None:
@@ -381,6 +388,7 @@ __all__ = [
     "Ack",
     "Binding",
     "Bindings",
+    "End",
     "Error",
     "Event",
     "EventBody",

@@ -27,6 +27,7 @@ from tether.core.inputs import InputSender
 from tether.core.messages import (
     PROTOCOL_VERSION,
     Ack,
+    End,
     Error,
     Event,
     Hello,
@@ -295,6 +296,11 @@ class Relay:
                 link.send_nowait(Pong(msg.token))
             elif isinstance(msg, Pong):
                 pass
+            elif isinstance(msg, End):
+                log.info("host ended session %s: %s", s.id, msg.reason)
+                s.replica.presence(False, f"tether: the host ended the session ({msg.reason})")
+                await self._end(s)
+                return
             else:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a host")
 
@@ -351,6 +357,9 @@ class Relay:
             with contextlib.suppress(OSError):
                 os.close(mate.fd)
             self._resize(session)
+            if session.ended:
+                term.write(b"\r\ntether: the host ended the session.\r\n")
+                await term.drain()
             term.exit(0)
             log.info("mate %d left session %s", mate.id, session.id)
 
