@@ -21,8 +21,8 @@ from tether.client.config import messages_path, state_dir
 from tether.client.host import HostAgent
 from tether.core.control import quote
 from tether.relay.server import Relay, RelayConfig
-from tether.transport.link import Link
-from tether.transport.ssh import RelayAddress, connect_host
+from tether.transport.reconnect import Connector
+from tether.transport.ssh import RelayAddress
 
 log = logging.getLogger("tether.agent")
 
@@ -39,7 +39,7 @@ class Messages:
         self.path = path
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def __call__(self, text: str) -> None:
+    def __call__(self, text: str, show: bool = True) -> None:
         stamp = time.strftime("%a %b %d %H:%M:%S %Y")
         self.lines.append(f"{stamp} {text}")
         del self.lines[:-MAX_LOG_LINES]
@@ -48,7 +48,7 @@ class Messages:
         tmp.write_text("\n".join(self.lines) + "\n")
         tmp.replace(self.path)
         agent = self.agent
-        if agent is None or agent.tmux.closed is None or agent.tmux.closed.done():
+        if not show or agent is None or agent.tmux.closed is None or agent.tmux.closed.done():
             return
         task = asyncio.get_running_loop().create_task(_display_all(agent, text))
         self._tasks.add(task)
@@ -82,10 +82,7 @@ async def amain(socket: str, session: str, conf: Path | None) -> int:
             "127.0.0.1", relay.port, [fp for _, fp in relay.fingerprints], cfg.identities
         )
 
-    async def connect() -> Link:
-        return await connect_host(addr)
-
-    agent = HostAgent(socket, session, connect, messages)
+    agent = HostAgent(socket, session, Connector(addr), messages)
     messages.agent = agent
     if relay is not None:
         messages(

@@ -81,14 +81,15 @@ def free_port() -> int:
 class RelayProcess:
     """`tether relay` as a user runs it, on loopback."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *extra: str) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.log = workdir / "relay.log"
         env = tether_env(workdir)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tether", "relay", "-k", str(workdir / "keys"), "-b",
-             "127.0.0.1", "-p", str(self.port), "-l", str(self.log), "-v"],
+             "127.0.0.1", "-p", str(self.port), "-l", str(self.log), "-v", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         assert self.proc.stdout is not None
@@ -191,9 +192,12 @@ class Mate:
         self.sock = str(workdir / f"{name}.sock")
         words = ssh_command.split()
         assert words[0] == "ssh", ssh_command
-        # run from a shell as people do: tmux can lose the last output of a pane
-        # whose own process exits at once (a refused ssh)
-        cmd = " ".join(["ssh", *SSH_OPTS, *words[1:]]) + "; echo \"[ssh exited: $?]\""
+        # run from a shell as people do, and keep the pane open after ssh exits:
+        # tmux 3.3 can lose what a pane showed when its process exits
+        debug = ["-vvv", "-E", str(workdir / f"{name}.ssh.log")] if os.environ.get(
+            "TETHER_TEST_SSHLOG") else []
+        cmd = " ".join(["ssh", *debug, *SSH_OPTS, *words[1:]])
+        cmd += '; echo "[ssh exited: $?]"; sleep 3600'
         env = dict(os.environ, TERM="tmux-256color", LANG="C.UTF-8")
         env.pop("TMUX", None)
         conf = workdir / f"{name}.tmux.conf"
@@ -231,11 +235,15 @@ class Mate:
         self.tmux("resize-window", "-x", str(cols), "-y", str(rows))
 
     def alive(self) -> bool:
-        return self.tmux("display", "-p", "#{pane_dead}", check=False).strip() == "0"
+        """Whether the mate's ssh is still running."""
+        return "[ssh exited:" not in self.screen()
 
     def wait_text(self, text: str, timeout: float = 15, escapes: bool = False) -> str:
-        return wait_for(lambda: s if text in (s := self.screen(escapes)) else "", timeout,
-                        f"{text!r} on the mate's screen")
+        try:
+            return wait_for(lambda: s if text in (s := self.screen(escapes)) else "", timeout,
+                            f"{text!r} on the mate's screen")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nthe mate's screen:\n{self.screen()}") from None
 
     def close(self) -> None:
         self.tmux("kill-server", check=False)

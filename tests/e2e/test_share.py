@@ -116,10 +116,11 @@ def test_burst_of_20mb_converges(host: Host, mates: list[Mate], tmp_path: Path) 
     wait_for(same, 60, "the mate's pane to equal the host's")
 
 
-def test_host_connection_drops_and_comes_back(relay: RelayProcess, tmp_path: Path,
-                                              mates: list[Mate]) -> None:
+def test_host_connection_drops_and_comes_back(tmp_path: Path, mates: list[Mate]) -> None:
+    """Over the SSH channel (QUIC off): a proxy between host and relay cuts the link."""
     from .helpers import TcpProxy
 
+    relay = RelayProcess(tmp_path / "relay", None, "--no-quic")
     proxy = TcpProxy(relay.port)
     try:
         h = Host(tmp_path / "host", relay.conf(port=proxy.port))
@@ -144,6 +145,7 @@ def test_host_connection_drops_and_comes_back(relay: RelayProcess, tmp_path: Pat
             h.close()
     finally:
         proxy.close()
+        relay.close()
 
 
 def test_unknown_token_is_refused_after_a_delay(relay: RelayProcess, tmp_path: Path,

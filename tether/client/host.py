@@ -19,7 +19,7 @@ import re
 import shlex
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tether.core.control import Notification, PaneOutput, Reply, layout_panes, quote
@@ -54,6 +54,8 @@ from tether.core.messages import (
 from tether.core.replog import LogSender
 from tether.core.screen import PANE_FORMAT, parse_pane_state, render_pane
 from tether.transport.link import Link, LinkClosed
+from tether.transport.quic import QuicLink
+from tether.transport.reconnect import Connector
 from tether.transport.tmux import TmuxControl, TmuxError, tmux_cmd
 
 log = logging.getLogger("tether.host")
@@ -158,8 +160,11 @@ class Shared:
     ssh_ro: str
 
 
-Connector = Callable[[], Awaitable[Link]]
-Publish = Callable[[str], None]
+Publish = Callable[[str, bool], None]
+"""(text, show): log a message; ``show`` also displays it on the host's clients."""
+PING_EVERY = 0.5
+DEAD_AFTER = 8.0
+"""Seconds without a word from the relay before the link is given up and replaced."""
 
 
 def _split_output(pane: int, data: bytes) -> list[Output]:
@@ -205,13 +210,14 @@ class HostAgent:
         self,
         socket: str,
         session: str,
-        connect: Connector,
+        connector: Connector,
         publish: Publish | None = None,
     ) -> None:
         self.socket = socket
         self.session_name = session
-        self.connect = connect
-        self.publish = publish or (lambda text: None)
+        self.connector = connector
+        self._next_link: Link | None = None
+        self.publish = publish or (lambda text, show: None)
         self.log = LogSender()
         self.inputs = InputReceiver()
         self.tmux = TmuxControl(socket, self._on_tmux)
@@ -583,23 +589,61 @@ class HostAgent:
             pass
         if self.log.need_snapshot:
             self.request_snapshot()
+        self.connector.learn(welcome)
         self.link = link
         self.transport = link.description
         self.last_contact = time.monotonic()
         await self._publish(first or new_session)
+        self.publish(f"connected to the relay over {link.description}", False)
         self.wake.set()
-        sender = asyncio.create_task(self._send_loop(link))
+        tasks = [asyncio.create_task(self._send_loop(link)),
+                 asyncio.create_task(self._liveness(link))]
+        if not isinstance(link, QuicLink) and self.connector.quic is not None:
+            tasks.append(asyncio.create_task(self._upgrade(link)))
         try:
             while True:
                 msg = await link.recv()
                 self.last_contact = time.monotonic()
                 await self._handle(link, msg)
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, LinkClosed):
+                    await t
             self.link = None
             self.log.on_disconnect()
+
+    async def _liveness(self, link: Link) -> None:
+        """Ping often; a link silent for DEAD_AFTER seconds is replaced (mosh-style)."""
+        token = 0
+        while True:
+            await asyncio.sleep(PING_EVERY)
+            token += 1
+            if isinstance(link, QuicLink):
+                link.send_datagram(Ping(token))
+            else:
+                link.send_nowait(Ping(token))
+            if time.monotonic() - self.last_contact > DEAD_AFTER:
+                link.close()
+                return
+
+    async def _upgrade(self, link: Link) -> None:
+        """On the SSH channel: move to QUIC as soon as it gets through."""
+        first = True
+        while True:
+            if not first:
+                await asyncio.sleep(PING_EVERY * 20)
+            first = False
+            if not self.connector.quic_preferred():
+                continue
+            quic = await self.connector.try_quic()
+            if self.connector.cert_error:
+                self._report(self.connector.cert_error)
+            if quic is not None:
+                self._next_link = quic
+                link.close()  # the session loop ends; the connect loop takes the QUIC link
+                return
 
     async def _handle(self, link: Link, msg: Message) -> None:
         if isinstance(msg, Ack):
@@ -641,8 +685,8 @@ class HostAgent:
         ):
             t.send(f"set -g {name} {quote(value)}")
         if announce:
-            self.publish(f"ssh session read only: {s.ssh_ro}")
-            self.publish(f"ssh session: {s.ssh_rw}")
+            self.publish(f"ssh session read only: {s.ssh_ro}", True)
+            self.publish(f"ssh session: {s.ssh_rw}", True)
             t.send("wait-for -S tether-ready")
             self.ready.set()
 
@@ -651,6 +695,7 @@ class HostAgent:
         await self.start()
         poller = asyncio.create_task(self.poll())
         connector = asyncio.create_task(self._connect_loop())
+        shower = asyncio.create_task(self._show_state())
         try:
             await self.exited.wait()
             if self.link is not None:
@@ -660,6 +705,7 @@ class HostAgent:
         finally:
             poller.cancel()
             connector.cancel()
+            shower.cancel()
             if self.link is not None:
                 self.link.close()
             await self.tmux.close()
@@ -668,7 +714,10 @@ class HostAgent:
         delay = 0.2
         while not self.exited.is_set():
             try:
-                link = await self.connect()
+                link = self._next_link or await self.connector.connect()
+                self._next_link = None
+                if self.connector.cert_error:
+                    self._report(self.connector.cert_error)
             except AuthError as exc:
                 self._report(str(exc))
                 delay = 30.0
@@ -679,19 +728,49 @@ class HostAgent:
                 try:
                     await self._session(link)
                 except (LinkClosed, TimeoutError, ConnectionError, OSError) as exc:
-                    self._report(f"connection to the relay lost: {exc}")
+                    if self._next_link is None:  # not our own move to QUIC
+                        self._report(f"connection to the relay lost: {exc}")
                 except RemoteProtocolError as exc:
                     self._report(str(exc))
                 finally:
                     link.close()
-                if time.monotonic() - start > 10:
+                if time.monotonic() - start > 10 or self._next_link is not None:
                     delay = 0.2
+            if self._next_link is not None:
+                continue
             self.transport = "reconnecting"
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 30.0)
+
+    def state_text(self) -> str:
+        """What the status line says about the link, mosh-style."""
+        if self.link is not None:
+            kind = "quic" if isinstance(self.link, QuicLink) else "ssh"
+            quiet = time.monotonic() - self.last_contact
+            if quiet > 2.5:
+                return f"[tether {kind}: last contact {quiet:.0f}s ago]"
+            return f"[tether {kind}]"
+        if not self.last_contact:
+            return "[tether: connecting]"
+        ago = time.monotonic() - self.last_contact
+        return f"[tether: reconnecting, last contact {ago:.0f}s ago]"
+
+    async def _show_state(self) -> None:
+        """Keep ``@tether_status`` (shown at the left of status-right) current."""
+        with contextlib.suppress(TmuxError):
+            right = (await self.tmux.run("show -gv status-right"))
+            value = "#{?@tether_status,#{@tether_status} ,}" + (right[0] if right else "")
+            await self.tmux.run(f"set -t {quote(self.session_name)} status-right {quote(value)}")
+        shown = ""
+        while True:
+            text = self.state_text()
+            if text != shown:
+                shown = text
+                self.tmux.send(f"set -g @tether_status {quote(text)}")
+            await asyncio.sleep(1)
 
     def _report(self, text: str) -> None:
         if text != self.last_error:
             self.last_error = text
             log.warning("%s", text)
-            self.publish(text)
+            self.publish(text, True)

@@ -97,6 +97,9 @@ class Hello(Message):
     client: str
     session: str | None = None
     secret: bytes | None = None
+    rw_token: str | None = None
+    """With ``ro_token``: lets a restarted relay re-create the session, same tokens."""
+    ro_token: str | None = None
 
 
 @message(2)
@@ -114,6 +117,10 @@ class Welcome(Message):
     ssh_rw: str
     ssh_ro: str
     next_seq: int | None
+    quic: tuple[str, ...] = ()
+    """QUIC endpoints, ``host:port``; an empty host means the host used for SSH."""
+    quic_fingerprint: str = ""
+    """SHA256 fingerprint of the relay's QUIC certificate, the only one to accept."""
 
 
 @message(3)

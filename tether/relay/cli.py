@@ -71,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-sessions", type=int, default=1000, help="most sessions at once (default 1000)"
     )
+    p.add_argument(
+        "--quic-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="UDP port for QUIC replication (default: the SSH port's number)",
+    )
+    p.add_argument(
+        "--no-quic",
+        action="store_true",
+        help="replicate over the SSH channel only (for networks that block UDP)",
+    )
     return p
 
 
@@ -86,6 +98,7 @@ async def _run(a: argparse.Namespace) -> int:
             public_host=a.host,
             host_away_timeout=a.host_away_timeout,
             max_sessions=a.max_sessions,
+            quic_port=-1 if a.no_quic else a.quic_port,
         )
     )
     try:
@@ -94,7 +107,8 @@ async def _run(a: argparse.Namespace) -> int:
         print(f"tether relay: cannot listen on {a.bind}:{a.port}: {exc.strerror}", file=sys.stderr)
         return 1
     host = a.host or (a.bind if a.bind not in ("0.0.0.0", "::") else "THIS-HOST")
-    print(f"tether relay listening on {a.bind}:{relay.port} (keys in {keys})")
+    quic_note = f", QUIC on UDP {relay.quic_port}" if relay.quic_port else ", no QUIC"
+    print(f"tether relay listening on {a.bind}:{relay.port}{quic_note} (keys in {keys})")
     print("Hosts use it with these lines in ~/.tether.conf:")
     print(f"  set -g tether-server-host {host}")
     print(f"  set -g tether-server-port {relay.port}")

@@ -41,7 +41,7 @@ from tether.core.messages import (
     Welcome,
 )
 from tether.core.replog import LogReceiver
-from tether.transport import ssh
+from tether.transport import quic, ssh
 from tether.transport.fdio import FdWriter
 from tether.transport.link import Link, LinkClosed
 
@@ -67,6 +67,8 @@ class RelayConfig:
     """How long a session waits for its host to come back."""
     hello_timeout: float = 15.0
     jail: list[str] | None = None
+    quic_port: int | None = None
+    """UDP port for QUIC; None: the SSH port's number; -1: no QUIC."""
 
 
 @dataclass
@@ -107,6 +109,9 @@ class Relay:
         self.port = config.port
         self.host_keys = ssh.load_or_create_host_keys(config.keys_dir)
         self._reaper: asyncio.Task[None] | None = None
+        self._quic_server: object | None = None
+        self.quic_port: int | None = None
+        self.quic_fingerprint = ""
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -121,6 +126,16 @@ class Relay:
         )
         self._acceptor = acceptor
         self.port = acceptor.get_port()
+        if self.config.quic_port != -1:
+            cert, key, self.quic_fingerprint = quic.load_or_create_certificate(
+                self.config.keys_dir
+            )
+            port = self.config.quic_port if self.config.quic_port is not None else self.port
+            server = await quic.start_quic_server(
+                self.config.bind, port, cert, key, self.handle_quic_host
+            )
+            self._quic_server = server
+            self.quic_port = server._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
         self._reaper = asyncio.create_task(self._reap())
 
     async def close(self) -> None:
@@ -128,6 +143,8 @@ class Relay:
             self._reaper.cancel()
         if self._acceptor is not None:
             await ssh.wait_closed(self._acceptor)  # type: ignore[arg-type]
+        if self._quic_server is not None:
+            self._quic_server.close()  # type: ignore[attr-defined]
         for s in list(self.sessions.values()):
             await self._end(s)
 
@@ -153,7 +170,7 @@ class Relay:
 
     # --- sessions ------------------------------------------------------------
 
-    async def _new_session(self, host_key: str) -> Session:
+    async def _new_session(self, host_key: str, again: Hello | None = None) -> Session:
         if len(self.sessions) >= self.config.max_sessions:
             raise RemoteProtocolError("this relay is full; try again later")
         if sum(1 for s in self.sessions.values() if s.host_key == host_key) >= (
@@ -161,6 +178,11 @@ class Relay:
         ):
             raise RemoteProtocolError("too many sessions for this host key")
         sid = secrets.token_hex(8)
+        rw, ro, secret = tokens.new_token(), tokens.new_token(), secrets.token_bytes(32)
+        if again is not None and self._can_recreate(again):
+            # a host whose session this relay forgot (it restarted): same tokens
+            assert again.session and again.secret and again.rw_token and again.ro_token
+            sid, rw, ro, secret = again.session, again.rw_token, again.ro_token, again.secret
         session: Session | None = None
 
         def on_message(msg: Message) -> None:
@@ -170,9 +192,9 @@ class Relay:
         replica = ReplicaHandle(sid, on_message, self.config.jail)
         session = Session(
             id=sid,
-            rw_token=tokens.new_token(),
-            ro_token=tokens.new_token(),
-            secret=secrets.token_bytes(32),
+            rw_token=rw,
+            ro_token=ro,
+            secret=secret,
             host_key=host_key,
             replica=replica,
         )
@@ -187,6 +209,19 @@ class Relay:
             tokens.redact(session.ro_token),
         )
         return session
+
+    def _can_recreate(self, h: Hello) -> bool:
+        if not (h.session and h.secret and h.rw_token and h.ro_token):
+            return False
+        if len(h.session) != 16 or any(c not in "0123456789abcdef" for c in h.session):
+            return False
+        if len(h.secret) != 32 or h.rw_token == h.ro_token:
+            return False
+        if not (tokens.is_well_formed(h.rw_token) and tokens.is_well_formed(h.ro_token)):
+            return False
+        return h.session not in self.sessions and self.lookup(h.rw_token) is None and (
+            self.lookup(h.ro_token) is None
+        )
 
     async def _end(self, s: Session) -> None:
         if s.ended:
@@ -218,7 +253,13 @@ class Relay:
 
     # --- hosts ---------------------------------------------------------------
 
-    async def handle_host(self, link: Link, host_key: str, peer: str) -> None:
+    async def handle_quic_host(self, link: quic.QuicLink) -> None:
+        """A host resuming over QUIC: it must name its session and prove the secret."""
+        await self.handle_host(link, "", link.peer, resume_only=True)
+
+    async def handle_host(
+        self, link: Link, host_key: str, peer: str, resume_only: bool = False
+    ) -> None:
         session: Session | None = None
         try:
             hello = await asyncio.wait_for(link.recv(), self.config.hello_timeout)
@@ -238,8 +279,12 @@ class Relay:
                 ):
                     found = None
                 session = found
+            if session is None and resume_only:
+                raise RemoteProtocolError(
+                    "unknown session or wrong secret: start over the SSH bootstrap"
+                )
             if session is None:
-                session = await self._new_session(host_key)
+                session = await self._new_session(host_key, hello)
             elif session.host is not None:
                 session.host.close()  # the old connection is dead or superseded
             session.host = link
@@ -255,6 +300,8 @@ class Relay:
                     self.ssh_string(session.rw_token),
                     self.ssh_string(session.ro_token),
                     session.receiver.next_seq,
+                    (f"{self.config.public_host}:{self.quic_port}",) if self.quic_port else (),
+                    self.quic_fingerprint,
                 )
             )
             for msg in session.inputs.unacked():

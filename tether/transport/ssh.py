@@ -251,7 +251,7 @@ class MateTerminal:
             return b""
 
     def write(self, data: bytes) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError, asyncssh.Error):  # the mate is gone
             self.process.stdout.write(data)
 
     async def drain(self) -> None:

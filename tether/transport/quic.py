@@ -1,0 +1,293 @@
+"""Replication over QUIC (aioquic): ordered stream for the log, datagrams for liveness.
+
+The relay's QUIC certificate is self-signed; hosts learn its SHA-256
+fingerprint over the authenticated SSH bootstrap and accept only that
+certificate. Connection migration is aioquic's: the client socket is bound to
+the wildcard address, so when the host's address changes (Wi-Fi to LTE, a new
+lease, NAT rebinding) the next packet simply leaves from the new address and
+the relay validates the new path; the connection, and the replication on it,
+carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    DatagramFrameReceived,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+)
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tether.core.codec import unpack_body
+from tether.core.errors import AuthError
+from tether.core.messages import Message, MessageDecoder, Ping, Pong, decode
+
+from .link import LinkClosed
+
+ALPN = "tether/1"
+SERVER_NAME = "tether-relay"
+IDLE_TIMEOUT = 20.0
+MAX_DATAGRAM = 1200
+SEND_BUFFER = 512 * 1024
+"""Unacked stream bytes past which ``drain`` waits: the log stays in the log, where
+it can still be replaced by a snapshot, instead of piling up in QUIC's buffer."""
+
+
+def cert_fingerprint(der: bytes) -> str:
+    return "SHA256:" + hashlib.sha256(der).hexdigest()
+
+
+def load_or_create_certificate(keys_dir: Path) -> tuple[Path, Path, str]:
+    """The relay's QUIC certificate and key (created on first start) and its fingerprint."""
+    cert_path, key_path = keys_dir / "quic_cert.pem", keys_dir / "quic_key.pem"
+    if not (cert_path.exists() and key_path.exists()):
+        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(SERVER_NAME)]), False)
+            .sign(key, hashes.SHA256())
+        )
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    der = x509.load_pem_x509_certificate(cert_path.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    return cert_path, key_path, cert_fingerprint(der)
+
+
+class QuicLink(QuicConnectionProtocol):
+    """A ``Link`` over one QUIC connection: frames on stream 0, liveness as datagrams."""
+
+    def __init__(self, quic: QuicConnection, **kwargs: object) -> None:
+        super().__init__(quic, **kwargs)  # type: ignore[arg-type]
+        self._decoder = MessageDecoder()
+        self._inbox: asyncio.Queue[Message | _Poison | None] = asyncio.Queue()
+        self._stream: int | None = None
+        self.closed = False
+        self.reason = ""
+        self.peer = ""
+        self.on_first: Callable[[QuicLink], None] | None = None
+        self._got_any = False
+        self.bytes_sent = 0
+
+    # --- Link ------------------------------------------------------------------
+
+    @property
+    def description(self) -> str:
+        return f"quic {self.peer}"
+
+    def send_nowait(self, msg: Message) -> None:
+        if self.closed:
+            raise LinkClosed(self.reason or "connection closed")
+        if self._stream is None:
+            self._stream = self._quic.get_next_available_stream_id()
+        data = msg.encode()
+        self.bytes_sent += len(data)
+        self._quic.send_stream_data(self._stream, data)
+        self.transmit()
+
+    async def send(self, msg: Message) -> None:
+        self.send_nowait(msg)
+        await self.drain()
+
+    def _unacked(self) -> int:
+        stream = self._quic._streams.get(self._stream) if self._stream is not None else None
+        return len(stream.sender._buffer) if stream is not None else 0
+
+    async def drain(self) -> None:
+        # aioquic has no write-buffer callback; poll its stream buffer (bounded wait)
+        for _ in range(30000):
+            if self.closed:
+                raise LinkClosed(self.reason or "connection closed")
+            if self._unacked() < SEND_BUFFER:
+                return
+            await asyncio.sleep(0.005)
+        raise LinkClosed("send buffer did not drain in 150 s")
+
+    def send_datagram(self, msg: Message) -> None:
+        """Best-effort latest-state message (liveness); lost ones are not resent."""
+        if self.closed:
+            return
+        data = msg.encode()
+        if len(data) <= MAX_DATAGRAM:
+            with contextlib.suppress(Exception):
+                self._quic.send_datagram_frame(data[4:])
+                self.transmit()
+
+    async def recv(self) -> Message:
+        msg = await self._inbox.get()
+        if msg is None:
+            self._inbox.put_nowait(None)
+            raise LinkClosed(self.reason or "connection closed")
+        if isinstance(msg, _Poison):
+            self.close()
+            raise msg.exc
+        return msg
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(Exception):
+                self._quic.close(error_code=0, reason_phrase="bye")
+                self.transmit()
+            self._inbox.put_nowait(None)
+        if self._quic.configuration.is_client and self._transport is not None:
+            # the client owns its socket; give CONNECTION_CLOSE a moment to leave
+            asyncio.get_running_loop().call_later(0.2, self._transport.close)
+
+    # --- aioquic ----------------------------------------------------------------
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            if self._stream is None:
+                self._stream = event.stream_id
+            if event.stream_id != self._stream:
+                return
+            try:
+                for msg in self._decoder.feed(event.data):
+                    self._deliver(msg)
+            except Exception as exc:  # a RemoteProtocolError: surfaces through recv
+                self._inbox.put_nowait(_Poison(exc))
+        elif isinstance(event, DatagramFrameReceived):
+            with contextlib.suppress(Exception):
+                msg = decode(unpack_body(event.data))
+                if isinstance(msg, Ping):
+                    self.send_datagram(Pong(msg.token))  # answered here, at once
+                else:
+                    self._deliver(msg)
+        elif isinstance(event, ConnectionTerminated):
+            self.reason = event.reason_phrase or "connection closed"
+            if not self.closed:
+                self.closed = True
+                self._inbox.put_nowait(None)
+        elif isinstance(event, HandshakeCompleted):
+            pass
+
+    def _deliver(self, msg: Message) -> None:
+        self._inbox.put_nowait(msg)
+        if not self._got_any:
+            self._got_any = True
+            if self.on_first is not None:
+                self.on_first(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.closed:
+            self.closed = True
+            self.reason = "socket closed"
+            self._inbox.put_nowait(None)
+
+
+class _Poison:
+    """Carries a decode error through the inbox to the reader."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+def _config(is_client: bool) -> QuicConfiguration:
+    return QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[ALPN],
+        idle_timeout=IDLE_TIMEOUT,
+        max_datagram_frame_size=65536,
+        server_name=SERVER_NAME if is_client else None,
+    )
+
+
+async def start_quic_server(
+    bind: str,
+    port: int,
+    cert: Path,
+    key: Path,
+    on_host: Callable[[QuicLink], Awaitable[None]],
+) -> QuicServer:
+    """Listen for hosts resuming over QUIC; each connection's link goes to ``on_host``."""
+    config = _config(is_client=False)
+    config.load_cert_chain(str(cert), str(key))
+    tasks: set[asyncio.Task[None]] = set()
+
+    def create(quic: QuicConnection, **kwargs: object) -> QuicLink:
+        link = QuicLink(quic, **kwargs)
+
+        def first(lk: QuicLink) -> None:
+            addr = lk._quic._network_paths[0].addr if lk._quic._network_paths else ("?", 0)
+            lk.peer = f"{addr[0]}:{addr[1]}"
+            task = asyncio.get_running_loop().create_task(on_host(lk))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        link.on_first = first
+        return link
+
+    return await serve(bind or "::", port, configuration=config, create_protocol=create)
+
+
+async def connect_quic(host: str, port: int, fingerprint: str, timeout: float = 5.0) -> QuicLink:
+    """Connect to the relay and accept only the certificate with ``fingerprint``."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    addr = infos[0][4]
+    if len(addr) == 2:
+        addr = ("::ffff:" + addr[0], addr[1], 0, 0)
+    config = _config(is_client=True)
+    config.verify_mode = ssl.CERT_NONE  # pinned by fingerprint below, before any secret
+    quic = QuicConnection(configuration=config)
+    # wildcard bind: after an address change the kernel picks the new source address
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", 0, 0, 0))
+    _, protocol = await loop.create_datagram_endpoint(lambda: QuicLink(quic), sock=sock)
+    link: QuicLink = protocol  # type: ignore[assignment]
+    link.peer = f"{host}:{port}"
+    try:
+        link.connect(addr)
+        await asyncio.wait_for(link.wait_connected(), timeout)
+    except (TimeoutError, ConnectionError) as exc:
+        link.close()
+        raise LinkClosed(f"QUIC to {host}:{port} failed: {exc or 'timed out'}") from None
+    peer = quic.tls._peer_certificate  # aioquic keeps it private; it is the leaf we got
+    received = (
+        cert_fingerprint(peer.public_bytes(serialization.Encoding.DER)) if peer else "none"
+    )
+    if received != fingerprint:
+        link.close()
+        raise AuthError(
+            f"relay QUIC certificate fingerprint mismatch: expected {fingerprint}, "
+            f"received {received}"
+        )
+    return link
