@@ -20,6 +20,7 @@ from tether.client import config as config_mod
 from tether.client.config import messages_path, state_dir
 from tether.client.host import HostAgent
 from tether.core.control import quote
+from tether.relay.jail import jail_unavailable
 from tether.relay.server import Relay, RelayConfig
 from tether.transport.reconnect import Connector
 from tether.transport.ssh import RelayAddress
@@ -74,8 +75,14 @@ async def amain(socket: str, session: str, conf: Path | None) -> int:
             cfg.server_host, cfg.server_port, cfg.fingerprints, cfg.identities, cfg.known_hosts
         )
     else:
+        jail_problem = jail_unavailable()
         relay = Relay(
-            RelayConfig(keys_dir=state_dir() / "embedded-relay-keys", bind="127.0.0.1", port=0)
+            RelayConfig(
+                keys_dir=state_dir() / "embedded-relay-keys",
+                bind="127.0.0.1",
+                port=0,
+                jail=jail_problem is None,
+            )
         )
         await relay.start()
         addr = RelayAddress(
@@ -89,6 +96,8 @@ async def amain(socket: str, session: str, conf: Path | None) -> int:
             f"no relay configured: using an embedded relay on 127.0.0.1:{relay.port} "
             "(only this machine can join; set tether-server-host in ~/.tether.conf)"
         )
+        if jail_problem:
+            messages(f"embedded relay: the replica is not jailed: {jail_problem}")
     else:
         messages(f"connecting to relay {addr.host}:{addr.port}")
     loop = asyncio.get_running_loop()

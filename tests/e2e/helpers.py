@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,9 +64,10 @@ def tether_env(home: Path) -> dict[str, str]:
     return env
 
 
-def tether(env: dict[str, str], *args: str, timeout: float = 30, check: bool = True) -> str:
-    p = subprocess.run([sys.executable, "-m", "tether", *args], capture_output=True, text=True,
-                       env=env, timeout=timeout)
+def tether(env: dict[str, str], *args: str, timeout: float = 30, check: bool = True,
+           prefix: Sequence[str] = ()) -> str:
+    p = subprocess.run([*prefix, sys.executable, "-m", "tether", *args], capture_output=True,
+                       text=True, env=env, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"tether {' '.join(args)} failed ({p.returncode}): {p.stderr}")
     return p.stdout
@@ -81,15 +82,18 @@ def free_port() -> int:
 class RelayProcess:
     """`tether relay` as a user runs it, on loopback."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *extra: str) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *extra: str,
+                 prefix: Sequence[str] = (), bind: str = "127.0.0.1",
+                 public: str = "127.0.0.1") -> None:
         self.workdir = workdir
+        self.public = public
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.log = workdir / "relay.log"
         env = tether_env(workdir)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tether", "relay", "-k", str(workdir / "keys"), "-b",
-             "127.0.0.1", "-p", str(self.port), "-l", str(self.log), "-v", *extra],
+            [*prefix, sys.executable, "-m", "tether", "relay", "-k", str(workdir / "keys"),
+             "-b", bind, "-h", public, "-p", str(self.port), "-l", str(self.log), "-v", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         assert self.proc.stdout is not None
@@ -109,7 +113,7 @@ class RelayProcess:
         lines = []
         for ln in self.config_lines:
             if "tether-server-host" in ln:
-                ln = "set -g tether-server-host 127.0.0.1"
+                ln = f"set -g tether-server-host {self.public}"
             if "tether-server-port" in ln and port is not None:
                 ln = f"set -g tether-server-port {port}"
             lines.append(ln)
@@ -129,8 +133,9 @@ class Host:
     """A shared session: `tether -S SOCK new-session -d`, then `wait tether-ready`."""
 
     def __init__(self, home: Path, conf: str, size: tuple[int, int] = (100, 30),
-                 ready: bool = True) -> None:
+                 ready: bool = True, prefix: Sequence[str] = ()) -> None:
         self.home = home
+        self.prefix = list(prefix)
         home.mkdir(parents=True, exist_ok=True)
         (home / ".tether.conf").write_text(conf)
         (home / ".tmux.conf").write_text(
@@ -139,7 +144,7 @@ class Host:
         self.env = tether_env(home)
         self.sock = str(home / "tmux.sock")
         tether(self.env, "-S", self.sock, "new-session", "-d", "-x", str(size[0]), "-y",
-               str(size[1]))
+               str(size[1]), prefix=self.prefix)
         if ready:
             self.wait_ready()
 
@@ -174,6 +179,12 @@ class Host:
     def messages(self) -> str:
         return tether(self.env, "-S", self.sock, "show-messages", check=False)
 
+    def agent_pid(self) -> int:
+        out = subprocess.run(["pgrep", "-f", f"_agent --socket {self.sock}"],
+                             capture_output=True, text=True).stdout.split()
+        assert out, "no agent process"
+        return int(out[0])
+
     def agent_log(self) -> str:
         logs = list((self.home / "state" / "tether").glob("agent-*.log"))
         return "\n".join(p.read_text(errors="replace") for p in logs)
@@ -188,7 +199,7 @@ class Mate:
     """A person at another terminal: `ssh` inside a local tmux, read with capture-pane."""
 
     def __init__(self, workdir: Path, ssh_command: str, size: tuple[int, int] = (100, 30),
-                 name: str = "mate") -> None:
+                 name: str = "mate", prefix: Sequence[str] = ()) -> None:
         self.sock = str(workdir / f"{name}.sock")
         words = ssh_command.split()
         assert words[0] == "ssh", ssh_command
@@ -196,7 +207,7 @@ class Mate:
         # tmux 3.3 can lose what a pane showed when its process exits
         debug = ["-vvv", "-E", str(workdir / f"{name}.ssh.log")] if os.environ.get(
             "TETHER_TEST_SSHLOG") else []
-        cmd = " ".join(["ssh", *debug, *SSH_OPTS, *words[1:]])
+        cmd = " ".join([*prefix, "ssh", *debug, *SSH_OPTS, *words[1:]])
         cmd += '; echo "[ssh exited: $?]"; sleep 3600'
         env = dict(os.environ, TERM="tmux-256color", LANG="C.UTF-8")
         env.pop("TMUX", None)

@@ -234,6 +234,8 @@ class HostAgent:
         self._stash: list[Output] = []
         self._structure_query = False
         self.exited = asyncio.Event()
+        self.exit_reason = ""
+        self.state_changed = asyncio.Event()
         self.ready = asyncio.Event()
         self.transport = "connecting"
         self.last_contact = 0.0
@@ -279,7 +281,7 @@ class HostAgent:
             pane = int(args.strip()[1:])
             self._capture_pane(pane, resume=True)
         elif name == "exit":
-            self.exited.set()
+            self.exit_reason = args.strip()
 
     def _output(self, pane: int, data: bytes) -> None:
         if self._captured is not None:  # a snapshot capture is under way
@@ -591,6 +593,7 @@ class HostAgent:
             self.request_snapshot()
         self.connector.learn(welcome)
         self.link = link
+        self.state_changed.set()
         self.transport = link.description
         self.last_contact = time.monotonic()
         await self._publish(first or new_session)
@@ -612,6 +615,7 @@ class HostAgent:
                 with contextlib.suppress(asyncio.CancelledError, LinkClosed):
                     await t
             self.link = None
+            self.state_changed.set()
             self.log.on_disconnect()
 
     async def _liveness(self, link: Link) -> None:
@@ -697,7 +701,8 @@ class HostAgent:
         connector = asyncio.create_task(self._connect_loop())
         shower = asyncio.create_task(self._show_state())
         try:
-            await self.exited.wait()
+            await self._watch_control()
+            self.exited.set()
             if self.link is not None:
                 # let the relay end the session now rather than wait for us
                 with contextlib.suppress(LinkClosed, TimeoutError):
@@ -709,6 +714,33 @@ class HostAgent:
             if self.link is not None:
                 self.link.close()
             await self.tmux.close()
+
+    async def _watch_control(self) -> None:
+        """Return when the session is gone; reattach if only our control client was."""
+        for _ in range(1000):
+            assert self.tmux.closed is not None
+            await self.tmux.closed
+            alive = await self._session_alive()
+            if not alive:
+                return
+            log.warning("tmux dropped our control client (%s); reattaching",
+                        self.exit_reason or "no reason given")
+            self.exit_reason = ""
+            self.tmux = TmuxControl(self.socket, self._on_tmux)
+            try:
+                await self.start()
+            except (TmuxError, TimeoutError):
+                return
+            self.log.resync()
+            if self.link is not None:
+                self.request_snapshot()
+
+    async def _session_alive(self) -> bool:
+        proc = await asyncio.create_subprocess_exec(
+            "tmux", "-S", self.socket, "has-session", "-t", self.session_name,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        return await proc.wait() == 0
 
     async def _connect_loop(self) -> None:
         delay = 0.2
@@ -740,7 +772,7 @@ class HostAgent:
                 continue
             self.transport = "reconnecting"
             await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, 5.0)
 
     def state_text(self) -> str:
         """What the status line says about the link, mosh-style."""
@@ -767,7 +799,9 @@ class HostAgent:
             if text != shown:
                 shown = text
                 self.tmux.send(f"set -g @tether_status {quote(text)}")
-            await asyncio.sleep(1)
+            self.state_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.state_changed.wait(), 1)
 
     def _report(self, text: str) -> None:
         if text != self.last_error:

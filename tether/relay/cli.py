@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
         help="UDP port for QUIC replication (default: the SSH port's number)",
     )
     p.add_argument(
+        "--no-jail",
+        action="store_true",
+        help="run replica workers without the bubblewrap jail (unsafe with untrusted hosts)",
+    )
+    p.add_argument(
         "--no-quic",
         action="store_true",
         help="replicate over the SSH channel only (for networks that block UDP)",
@@ -99,12 +104,19 @@ async def _run(a: argparse.Namespace) -> int:
             host_away_timeout=a.host_away_timeout,
             max_sessions=a.max_sessions,
             quic_port=-1 if a.no_quic else a.quic_port,
+            jail=not a.no_jail,
         )
     )
+    if a.no_jail:
+        print("tether relay: WARNING: --no-jail: replica workers run unjailed; sessions are "
+              "NOT isolated from each other or from this machine", file=sys.stderr)
     try:
         await relay.start()
     except OSError as exc:
         print(f"tether relay: cannot listen on {a.bind}:{a.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        print(f"tether relay: {exc}", file=sys.stderr)
         return 1
     host = a.host or (a.bind if a.bind not in ("0.0.0.0", "::") else "THIS-HOST")
     quic_note = f", QUIC on UDP {relay.quic_port}" if relay.quic_port else ", no QUIC"

@@ -2,7 +2,7 @@
 
 The worker is a separate process with a narrow interface: one socket of
 framed messages, one socket that passes back mates' pty masters, and a private
-directory. That is all a jail has to let through.
+directory. That is all a jail has to let through (``tether.relay.jail``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 from tether.core.messages import HostPresence, MateAttach, Message, MessageDecoder
 
+from .jail import jail_command, jail_directory
+
 log = logging.getLogger("tether.relay")
 
 OnMessage = Callable[[Message], None]
@@ -31,12 +33,26 @@ class ReplicaError(Exception):
 
 
 class ReplicaHandle:
-    def __init__(self, name: str, on_message: OnMessage, jail: list[str] | None = None) -> None:
+    """One session's worker process.
+
+    ``jail``: True runs the worker in ``tether.relay.jail`` (raising ``JailError``
+    when that cannot work here); a list is a command prefix used as given; None
+    or False runs it unjailed.
+    """
+
+    def __init__(
+        self, name: str, on_message: OnMessage, jail: bool | list[str] | None = None
+    ) -> None:
         self.name = name
         self._on_message = on_message
-        self._jail = jail or []
-        self.dir = tempfile.mkdtemp(prefix="tether-replica-")
-        os.chmod(self.dir, 0o700)
+        if jail is True:
+            # made for the jail: owned by the uid the jail really runs as
+            self.dir = jail_directory()
+            self._jail = jail_command(self.dir)
+        else:
+            self.dir = tempfile.mkdtemp(prefix="tether-replica-")
+            os.chmod(self.dir, 0o700)
+            self._jail = list(jail or [])
         self.proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._fdsock: socket.socket | None = None

@@ -45,6 +45,7 @@ from tether.transport import quic, ssh
 from tether.transport.fdio import FdWriter
 from tether.transport.link import Link, LinkClosed
 
+from .jail import jail_unavailable, jail_warning
 from .replica import ReplicaError, ReplicaHandle
 
 log = logging.getLogger("tether.relay")
@@ -66,7 +67,8 @@ class RelayConfig:
     host_away_timeout: float = 3600.0
     """How long a session waits for its host to come back."""
     hello_timeout: float = 15.0
-    jail: list[str] | None = None
+    jail: bool = True
+    """Run each replica worker in a bubblewrap jail (see SECURITY.md)."""
     quic_port: int | None = None
     """UDP port for QUIC; None: the SSH port's number; -1: no QUIC."""
 
@@ -121,6 +123,18 @@ class Relay:
         return [(ssh.key_option_name(k), ssh.fingerprint(k)) for k in self.host_keys]
 
     async def start(self) -> None:
+        if self.config.jail:
+            why = jail_unavailable()
+            if why:
+                raise RuntimeError(
+                    f"cannot jail replica workers: {why} "
+                    "(`tether relay --no-jail` runs them unjailed)"
+                )
+            if warning := jail_warning():
+                log.warning("%s", warning)
+        else:
+            log.warning("replica workers are NOT jailed: sessions are not isolated from each "
+                        "other or from this machine")
         acceptor = await ssh.start_ssh_server(
             self.config.bind, self.config.port, self.host_keys, self.handle_host, self.handle_mate
         )

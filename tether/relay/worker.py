@@ -278,6 +278,8 @@ class Replica:
                 pid, ptty = line[0].split()
                 self._add_pane(hp, pid, ptty)
                 current.insert(current.index(desired[i - 1]) + 1 if i else 0, hp)
+                # share the room out again, or repeated splits halve one pane to nothing
+                await t.run(f"select-layout -t {wid} tiled")
             for hp in [p for p in current if p not in desired]:
                 self._drop_pane(hp, kill=True)
                 current.remove(hp)

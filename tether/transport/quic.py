@@ -279,7 +279,7 @@ async def connect_quic(host: str, port: int, fingerprint: str, timeout: float = 
         await asyncio.wait_for(link.wait_connected(), timeout)
     except (TimeoutError, ConnectionError) as exc:
         link.close()
-        raise LinkClosed(f"QUIC to {host}:{port} failed: {exc or 'timed out'}") from None
+        raise LinkClosed(f"QUIC to {host}:{port} failed: {str(exc) or 'timed out'}") from None
     peer = quic.tls._peer_certificate  # aioquic keeps it private; it is the leaf we got
     received = (
         cert_fingerprint(peer.public_bytes(serialization.Encoding.DER)) if peer else "none"

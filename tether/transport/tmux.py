@@ -106,6 +106,8 @@ class TmuxControl:
         if "\n" in command:
             raise ValueError("a tmux command line cannot contain a newline")
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        # fire-and-forget commands are fine: a failure nobody awaits is not an error
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         if self._proc.stdin.is_closing():
             fut.set_exception(TmuxError("tmux control connection closed"))
             return fut

@@ -1,0 +1,136 @@
+"""The replica worker against real tmux servers: structure, bytes, images, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tether.core.control import layout_pane_sizes
+from tether.core.messages import (
+    Bindings,
+    Error,
+    Event,
+    Message,
+    Output,
+    PaneImage,
+    PaneReset,
+    Snapshot,
+    Status,
+    Structure,
+    Window,
+)
+from tether.relay.replica import ReplicaHandle
+
+
+def tmux(sock: str, *args: str) -> str:
+    return subprocess.run(["tmux", "-S", sock, *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+async def until(fn: object, timeout: float = 10.0) -> object:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        value = fn()  # type: ignore[operator]
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out: last {fn()!r}")  # type: ignore[operator]
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.got: list[Message] = []
+        self.handle = ReplicaHandle("test", self.got.append)
+        self.seq = 0
+
+    @property
+    def sock(self) -> str:
+        return os.path.join(self.handle.dir, "tmux.sock")
+
+    def send(self, body: object) -> int:
+        self.seq += 1
+        self.handle.send(Event(self.seq, body))  # type: ignore[arg-type]
+        return self.seq
+
+    async def applied(self, seq: int) -> None:
+        await until(lambda: any(getattr(m, "seq", -1) >= seq for m in self.got))
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[Worker]:
+    w = Worker()
+    await w.handle.start()
+    yield w
+    await w.handle.close()
+
+
+def layout(body: str) -> str:
+    """A tmux layout string with its checksum, which tmux verifies."""
+    csum = 0
+    for ch in body.encode():
+        csum = (csum >> 1) + ((csum & 1) << 15)
+        csum = (csum + ch) & 0xFFFF
+    return f"{csum:04x},{body}"
+
+
+def snapshot(windows: tuple[Window, ...], active: int) -> Snapshot:
+    return Snapshot(Structure(windows, active), Status(()), Bindings("C-b", ()))
+
+
+@pytest.fixture
+def host_layout(tmp_path: Path) -> str:
+    """A real tmux layout of 40 panes in one 200x100 window."""
+    sock = str(tmp_path / "h.sock")
+    subprocess.run(["tmux", "-S", sock, "-f", "/dev/null", "new-session", "-d", "-x", "200",
+                    "-y", "100"], check=True)
+    try:
+        for _ in range(39):
+            tmux(sock, "split-window", "-d", "sleep 100")
+            tmux(sock, "select-layout", "tiled")
+        return tmux(sock, "display", "-p", "#{window_layout}").strip()
+    finally:
+        subprocess.run(["tmux", "-S", sock, "kill-server"], check=False)
+
+
+async def test_forty_panes_replicate_with_the_host_sizes(worker: Worker, host_layout: str) -> None:
+    want = layout_pane_sizes(host_layout)
+    assert len(want) == 40
+    seq = worker.send(snapshot((Window(1, 0, "many", host_layout, min(want)),), 1))
+    await worker.applied(seq)
+    got = tmux(worker.sock, "list-panes", "-F", "#{pane_width}x#{pane_height}").split()
+    assert sorted(got) == sorted(f"{w}x{h}" for w, h in want.values())
+    assert not [m for m in worker.got if isinstance(m, Error)]
+
+
+async def test_bytes_render_and_images_replace_the_pane(worker: Worker) -> None:
+    worker.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1))
+    seq = worker.send(Output(5, "\x1b[31mred\x1b[0m héllo\r\nsecond line\r\n".encode()))
+    await worker.applied(seq)
+    screen = await until(lambda: s if "second line" in (
+        s := tmux(worker.sock, "capture-pane", "-p", "-e")) else "")
+    assert "\x1b[31mred\x1b[39m héllo" in str(screen)
+    seq = worker.send(PaneReset(PaneImage(5, b"\x1bc\x1b[H\x1b[2Jonly this\x1b[3;5H")))
+    await worker.applied(seq)
+    await until(lambda: tmux(worker.sock, "capture-pane", "-p").strip() == "only this")
+    assert tmux(worker.sock, "display", "-p", "#{cursor_x},#{cursor_y}").strip() == "4,2"
+
+
+async def test_absurd_structures_are_refused_and_the_worker_carries_on(worker: Worker) -> None:
+    worker.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1))
+    bad = [
+        Structure((Window(1, 0, "w", "not a layout", 5),), 1),
+        Structure((Window(1, 0, "w", layout("99999x24,0,0,5"), 5),), 1),
+        Structure(tuple(Window(i, i, "w", layout(f"80x24,0,0,{i}"), i) for i in range(300)), 0),
+    ]
+    for st in bad:
+        worker.send(st)
+    seq = worker.send(Output(5, b"still alive\r\n"))
+    await worker.applied(seq)
+    errors = [m for m in worker.got if isinstance(m, Error)]
+    assert len(errors) == 3, errors
+    await until(lambda: "still alive" in tmux(worker.sock, "capture-pane", "-p"))
