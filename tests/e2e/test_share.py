@@ -175,3 +175,28 @@ def test_fingerprint_mismatch_is_refused_with_both_fingerprints(relay: RelayProc
 def test_mates_tmux_is_isolated_from_host_socket(host: Host) -> None:
     # the host's session is a private tmux server of its own socket
     assert tmux(host.sock, "display", "-p", "#{socket_path}").strip() == host.sock
+
+
+def test_relay_restart_recreates_the_session_with_the_same_tokens(tmp_path: Path,
+                                                                  mates: list[Mate]) -> None:
+    relay = RelayProcess(tmp_path / "relay")
+    port = relay.port
+    h = Host(tmp_path / "host", relay.conf())
+    try:
+        rw, ro = h.ssh_rw, h.ssh_ro
+        h.type("echo before-restart")
+        relay.close()
+        seen = len(relay.log.read_text())
+        relay = RelayProcess(tmp_path / "relay", port)  # same keys, same port
+        wait_for(lambda: "attached to session" in relay.log.read_text()[seen:], 30,
+                 "the host to come back to the restarted relay")
+        h.type("echo after-restart")
+        mate = join(mates, tmp_path, rw)  # the old token works on the new relay
+        mate.wait_text("after-restart", 30)
+        assert (h.ssh_rw, h.ssh_ro) == (rw, ro)
+        mate.type("echo typed-after-restart")
+        wait_for(lambda: "typed-after-restart" in h.screen().split("echo typed-after-restart")[-1],
+                 15, "mate input on the re-created session")
+    finally:
+        h.close()
+        relay.close()

@@ -236,6 +236,8 @@ class HostAgent:
         self.exited = asyncio.Event()
         self.exit_reason = ""
         self.state_changed = asyncio.Event()
+        self.rtt: float | None = None
+        self._pings: dict[int, float] = {}
         self.ready = asyncio.Event()
         self.transport = "connecting"
         self.last_contact = 0.0
@@ -559,7 +561,12 @@ class HostAgent:
         s = self.shared
         await link.send(
             Hello(
-                PROTOCOL_VERSION, "tether-host", s.session if s else None, s.secret if s else None
+                PROTOCOL_VERSION,
+                "tether-host",
+                s.session if s else None,
+                s.secret if s else None,
+                s.rw_token if s else None,
+                s.ro_token if s else None,
             )
         )
         msg = await asyncio.wait_for(link.recv(), 20)
@@ -621,9 +628,12 @@ class HostAgent:
     async def _liveness(self, link: Link) -> None:
         """Ping often; a link silent for DEAD_AFTER seconds is replaced (mosh-style)."""
         token = 0
+        self.rtt = None
         while True:
             await asyncio.sleep(PING_EVERY)
             token += 1
+            self._pings[token] = time.monotonic()
+            self._pings.pop(token - 20, None)
             if isinstance(link, QuicLink):
                 link.send_datagram(Ping(token))
             else:
@@ -659,7 +669,12 @@ class HostAgent:
             await self.apply_resize(msg)
         elif isinstance(msg, Ping):
             link.send_nowait(Pong(msg.token))
-        elif isinstance(msg, Pong | Notice):
+        elif isinstance(msg, Pong):
+            sent = self._pings.pop(msg.token, None)
+            if sent is not None:
+                sample = time.monotonic() - sent
+                self.rtt = sample if self.rtt is None else 0.8 * self.rtt + 0.2 * sample
+        elif isinstance(msg, Notice):
             pass
         elif isinstance(msg, Error):
             raise LinkClosed(f"relay: {msg.message}")
@@ -764,6 +779,10 @@ class HostAgent:
                         self._report(f"connection to the relay lost: {exc}")
                 except RemoteProtocolError as exc:
                     self._report(str(exc))
+                    if isinstance(link, QuicLink):
+                        # e.g. a restarted relay that no longer knows us: bootstrap over
+                        # SSH, where it can re-create the session with the same tokens
+                        self.connector.quic_failed_at = time.monotonic()
                 finally:
                     link.close()
                 if time.monotonic() - start > 10 or self._next_link is not None:
@@ -781,7 +800,11 @@ class HostAgent:
             quiet = time.monotonic() - self.last_contact
             if quiet > 2.5:
                 return f"[tether {kind}: last contact {quiet:.0f}s ago]"
-            return f"[tether {kind}]"
+            if self.rtt is None:
+                return f"[tether {kind}]"
+            ms = self.rtt * 1000
+            shown = f"{ms:.0f}" if ms < 10 else f"{round(ms, -len(str(int(ms))) + 2):.0f}"
+            return f"[tether {kind} {shown}ms]"
         if not self.last_contact:
             return "[tether: connecting]"
         ago = time.monotonic() - self.last_contact
