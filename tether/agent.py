@@ -21,9 +21,9 @@ from tether.client.config import messages_path, state_dir
 from tether.client.host import HostAgent
 from tether.core.control import quote
 from tether.relay.jail import jail_unavailable
-from tether.relay.server import Relay, RelayConfig
+from tether.relay.server import RedactTokens, Relay, RelayConfig
 from tether.transport.reconnect import Connector
-from tether.transport.ssh import RelayAddress
+from tether.transport.ssh import RelayAddress, load_public_keys
 
 log = logging.getLogger("tether.agent")
 
@@ -66,7 +66,9 @@ async def _display_all(agent: HostAgent, text: str) -> None:
                 agent.tmux.send(f"display-message -d 15000 -c {quote(name)} {shown}")
 
 
-async def amain(socket: str, session: str, conf: Path | None) -> int:
+async def amain(
+    socket: str, session: str, conf: Path | None, authorized: str | None = None
+) -> int:
     cfg = config_mod.load(conf)
     messages = Messages(messages_path(socket))
     relay = None
@@ -89,7 +91,8 @@ async def amain(socket: str, session: str, conf: Path | None) -> int:
             "127.0.0.1", relay.port, [fp for _, fp in relay.fingerprints], cfg.identities
         )
 
-    agent = HostAgent(socket, session, Connector(addr), messages)
+    mate_keys = tuple(load_public_keys(authorized)) if authorized else ()
+    agent = HostAgent(socket, session, Connector(addr), messages, mate_keys)
     messages.agent = agent
     if relay is not None:
         messages(
@@ -121,13 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", required=True)
     p.add_argument("--session", required=True)
     p.add_argument("--config", type=Path)
+    p.add_argument("--authorized-keys")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.addFilter(RedactTokens())
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        handlers=[handler],
     )
-    return asyncio.run(amain(a.socket, a.session, a.config))
+    return asyncio.run(amain(a.socket, a.session, a.config, a.authorized_keys))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 USAGE = """\
-usage: tether [-S SOCKET] [-f CONFIG] [-v] [COMMAND [ARGS...]]
+usage: tether [-S SOCKET] [-f CONFIG] [-a AUTHORIZED_KEYS] [-v] [COMMAND [ARGS...]]
 
 Share a tmux session instantly. With no command, start a shared session and
 attach to it; the connection strings appear in the status area and in
@@ -33,6 +33,9 @@ options:
   -S SOCKET   the tmux server socket (default: a new one for plain `tether`,
               or the session you are in)
   -f CONFIG   tether config file (default ~/.tether.conf, tmux syntax)
+  -a AUTHORIZED_KEYS
+              only mates with a key in this file may join (default: anyone
+              with the connection string)
   -v          verbose agent log
   -V          print the version
   -h, --help  this help
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     socket: str | None = None
     conf: str | None = None
+    authorized: str | None = None
     verbose = False
     while args and args[0].startswith("-") and args[0] != "-":
         opt = args.pop(0)
@@ -88,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             socket = opt[2:] or (args.pop(0) if args else None)
             if not socket:
                 return _die("-S needs a socket path")
+        elif opt.startswith("-a"):
+            authorized = opt[2:] or (args.pop(0) if args else None)
+            if not authorized:
+                return _die("-a needs an authorized_keys file")
         elif opt.startswith("-f"):
             conf = opt[2:] or (args.pop(0) if args else None)
             if not conf:
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         detached = "-d" in args[1:]
         rest = [a for a in args[1:] if a != "-d"]
         sock = socket or _new_socket()
-        return new_session(sock, rest, detached, conf, verbose)
+        return new_session(sock, rest, detached, conf, verbose, authorized)
 
     sock = socket or _current_socket()
     if sock is None:
@@ -134,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def new_session(
-    sock: str, tmux_args: list[str], detached: bool, conf: str | None, verbose: bool
+    sock: str,
+    tmux_args: list[str],
+    detached: bool,
+    conf: str | None,
+    verbose: bool,
+    authorized: str | None = None,
 ) -> int:
     from tether.client import config as config_mod
 
@@ -142,6 +155,14 @@ def new_session(
         cfg = config_mod.load(Path(conf) if conf else None)
     except config_mod.ConfigError as exc:
         return _die(str(exc))
+    authorized = authorized or cfg.authorized_keys
+    if authorized:
+        from tether.transport.ssh import load_public_keys
+
+        try:
+            load_public_keys(authorized)
+        except (OSError, ValueError) as exc:
+            return _die(f"cannot use {authorized}: {exc}")
     state = config_mod.state_dir()
     conf_file = state / f"tmux-{os.getpid()}.conf"
     conf_file.write_text(config_mod.tmux_config(cfg))
@@ -175,6 +196,8 @@ def new_session(
         cmd += ["--config", conf]
     if verbose:
         cmd.append("-v")
+    if authorized:
+        cmd += ["--authorized-keys", os.path.abspath(os.path.expanduser(authorized))]
     with open(log_path, "ab") as logf:
         subprocess.Popen(
             cmd,

@@ -148,12 +148,20 @@ def test_host_connection_drops_and_comes_back(tmp_path: Path, mates: list[Mate])
         relay.close()
 
 
-def test_unknown_token_is_refused_after_a_delay(relay: RelayProcess, tmp_path: Path,
-                                                mates: list[Mate]) -> None:
-    m = Mate(tmp_path, f"ssh -p {relay.port} {'x' * 33}@127.0.0.1", name="bad")
+def test_unknown_token_is_refused_after_a_delay(relay: RelayProcess, host: Host,
+                                                tmp_path: Path, mates: list[Mate]) -> None:
+    from tether.core.tokens import new_token
+
+    bad = new_token()
+    m = Mate(tmp_path, f"ssh -p {relay.port} {bad}@127.0.0.1", name="bad")
     mates.append(m)
     m.wait_text("Invalid or expired session token.")
     wait_for(lambda: not m.alive(), 10, "the connection to close")
+    good = host.ssh_rw.split()[-1].split("@")[0]
+    join(mates, tmp_path, host.ssh_rw, name="good")
+    log = relay.log.read_text()
+    assert bad not in log and good not in log, "a whole token reached the relay's log"
+    assert bad[:4] + "..." in log
 
 
 def test_fingerprint_mismatch_is_refused_with_both_fingerprints(relay: RelayProcess,

@@ -20,6 +20,7 @@ KNOWN = {
     "tether-server-ecdsa-fingerprint",
     "tether-identity",
     "tether-known-hosts",
+    "tether-authorized-keys",
 }
 
 
@@ -34,6 +35,7 @@ class TetherConfig:
     fingerprints: list[str] = field(default_factory=list)
     identities: list[str] = field(default_factory=list)
     known_hosts: str | None = None
+    authorized_keys: str | None = None
     tmux_lines: list[str] = field(default_factory=list)
     path: Path | None = None
 
@@ -80,6 +82,8 @@ def parse(text: str, path: Path | None = None) -> TetherConfig:
             cfg.identities.append(os.path.expanduser(value))
         elif name == "tether-known-hosts":
             cfg.known_hosts = os.path.expanduser(value)
+        elif name == "tether-authorized-keys":
+            cfg.authorized_keys = os.path.expanduser(value)
     return cfg
 
 

@@ -212,7 +212,9 @@ class HostAgent:
         session: str,
         connector: Connector,
         publish: Publish | None = None,
+        mate_keys: tuple[str, ...] = (),
     ) -> None:
+        self.mate_keys = mate_keys
         self.socket = socket
         self.session_name = session
         self.connector = connector
@@ -567,6 +569,7 @@ class HostAgent:
                 s.secret if s else None,
                 s.rw_token if s else None,
                 s.ro_token if s else None,
+                self.mate_keys,
             )
         )
         msg = await asyncio.wait_for(link.recv(), 20)

@@ -52,7 +52,11 @@ class ControlParser:
         if self._reply is not None:
             if raw.startswith((b"%end ", b"%error ")):
                 parts = raw.split(b" ")
-                if len(parts) >= 3 and int(parts[2]) == self._reply.number:
+                if (
+                    len(parts) >= 3
+                    and parts[2].isdigit()
+                    and int(parts[2]) == self._reply.number
+                ):
                     reply = self._reply
                     reply.ok = raw.startswith(b"%end")
                     self._reply = None
@@ -99,5 +103,9 @@ def layout_pane_sizes(layout: str) -> dict[int, tuple[int, int]]:
 
 
 def quote(arg: str) -> str:
-    """Quote one argument for a tmux command line."""
-    return "'" + arg.replace("\\", "\\\\").replace("'", "'\\''") + "'" if arg else "''"
+    """Quote one argument for a tmux command line.
+
+    Inside single quotes tmux takes every character literally (backslashes
+    included), so only the quote itself needs the ``'\\''`` dance.
+    """
+    return "'" + arg.replace("'", "'\\''") + "'"

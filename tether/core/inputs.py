@@ -57,11 +57,11 @@ class InputReceiver:
 
     def accept(self, msg: Input) -> bool:
         """True if ``msg`` is new and must be applied; False if already applied."""
+        if msg.seq < 1:
+            raise RemoteProtocolError("input seq must be positive")
         last = self._last.get(msg.stream, 0)
         if msg.seq <= last:
             return False
-        if msg.seq < 1:
-            raise RemoteProtocolError("input seq must be positive")
         self._last[msg.stream] = msg.seq
         self._last.move_to_end(msg.stream)
         while len(self._last) > self.max_streams:

@@ -100,6 +100,8 @@ class Hello(Message):
     rw_token: str | None = None
     """With ``ro_token``: lets a restarted relay re-create the session, same tokens."""
     ro_token: str | None = None
+    mate_keys: tuple[str, ...] = ()
+    """OpenSSH public keys mates must authenticate with (empty: anyone with a token)."""
 
 
 @message(2)

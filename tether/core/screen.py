@@ -43,10 +43,13 @@ PANE_FORMAT = (
     "#{pane_width} #{pane_height} #{cursor_x} #{cursor_y} #{cursor_flag} #{alternate_on} "
     "#{keypad_cursor_flag} #{keypad_flag} #{insert_flag} #{wrap_flag} #{origin_flag} "
     "#{bracketed_paste}#{?bracketed_paste,,0} #{focus_events}#{?focus_events,,0} "
-    "#{mouse_standard_flag} #{mouse_button_flag} #{mouse_any_flag} #{mouse_sgr_flag} "
+    "#{mouse_standard_flag} #{mouse_button_flag} #{mouse_all_flag} #{mouse_sgr_flag} "
     "#{mouse_utf8_flag} #{scroll_region_upper} #{scroll_region_lower}"
 )
-"""``display -p`` format whose output ``parse_pane_state`` reads."""
+"""``display -p`` format whose output ``parse_pane_state`` reads.
+
+``mouse_any`` is xterm's any-event tracking (mode 1003), tmux's ``mouse_all_flag``;
+tmux's ``mouse_any_flag`` means "some mouse mode is on" and must not be used here."""
 
 
 def parse_pane_state(line: str) -> PaneState:

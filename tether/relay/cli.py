@@ -79,6 +79,37 @@ def _parser() -> argparse.ArgumentParser:
         help="UDP port for QUIC replication (default: the SSH port's number)",
     )
     p.add_argument(
+        "-a",
+        dest="authorized_keys",
+        type=Path,
+        default=None,
+        metavar="AUTHORIZED_KEYS",
+        help="only hosts with a key in this authorized_keys file may open sessions "
+        "(default: any key)",
+    )
+    p.add_argument("--max-mates", type=int, default=32, help="mates per session (default 32)")
+    p.add_argument(
+        "--max-sessions-per-key",
+        type=int,
+        default=50,
+        help="sessions one host key may hold at once (default 50)",
+    )
+    p.add_argument(
+        "--failed-tokens-free",
+        type=int,
+        default=5,
+        metavar="N",
+        help="unknown tokens an address may try before each further try doubles its wait "
+        "(default 5)",
+    )
+    p.add_argument(
+        "--mate-input-rate",
+        type=float,
+        default=256 * 1024,
+        metavar="BYTES",
+        help="bytes per second one mate may type or paste, bursts up to 4x (default 262144)",
+    )
+    p.add_argument(
         "--no-jail",
         action="store_true",
         help="run replica workers without the bubblewrap jail (unsafe with untrusted hosts)",
@@ -95,6 +126,15 @@ async def _run(a: argparse.Namespace) -> int:
     from tether.relay.server import Relay, RelayConfig
 
     keys = a.keys_dir or _default_keys()
+    authorized = None
+    if a.authorized_keys is not None:
+        from tether.transport.ssh import load_public_keys
+
+        try:
+            authorized = load_public_keys(str(a.authorized_keys))
+        except (OSError, ValueError) as exc:
+            print(f"tether relay: cannot use {a.authorized_keys}: {exc}", file=sys.stderr)
+            return 1
     relay = Relay(
         RelayConfig(
             keys_dir=keys,
@@ -105,6 +145,11 @@ async def _run(a: argparse.Namespace) -> int:
             max_sessions=a.max_sessions,
             quic_port=-1 if a.no_quic else a.quic_port,
             jail=not a.no_jail,
+            authorized_keys=authorized,
+            max_mates=a.max_mates,
+            max_sessions_per_key=a.max_sessions_per_key,
+            failed_tokens_free=a.failed_tokens_free,
+            mate_input_rate=a.mate_input_rate,
         )
     )
     if a.no_jail:
@@ -149,6 +194,9 @@ def main(argv: list[str]) -> int:
     handler: logging.Handler = (
         logging.FileHandler(a.logfile) if a.logfile else logging.StreamHandler(sys.stderr)
     )
+    from tether.relay.server import RedactTokens
+
+    handler.addFilter(RedactTokens())
     logging.basicConfig(
         level=level, handlers=[handler], format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

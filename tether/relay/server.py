@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import itertools
 import logging
+import math
 import os
 import secrets
 import struct
@@ -40,6 +41,7 @@ from tether.core.messages import (
     Status,
     Welcome,
 )
+from tether.core.ratelimit import FailureBackoff, TokenBucket
 from tether.core.replog import LogReceiver
 from tether.transport import quic, ssh
 from tether.transport.fdio import FdWriter
@@ -51,6 +53,17 @@ from .replica import ReplicaError, ReplicaHandle
 log = logging.getLogger("tether.relay")
 
 INVALID_TOKEN = b"Invalid or expired session token.\r\n"
+
+
+class RedactTokens(logging.Filter):
+    """Keeps whole tokens out of every log line (asyncssh logs user names, our tokens)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = tokens.redact_all(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 @dataclass
@@ -71,6 +84,12 @@ class RelayConfig:
     """Run each replica worker in a bubblewrap jail (see SECURITY.md)."""
     quic_port: int | None = None
     """UDP port for QUIC; None: the SSH port's number; -1: no QUIC."""
+    authorized_keys: list[str] | None = None
+    """Host keys allowed to open sessions (authorized_keys lines); None: any key."""
+    failed_tokens_free: int = 5
+    """Unknown tokens an address may try before each further try doubles its wait."""
+    mate_input_rate: float = 256 * 1024
+    """Bytes per second one mate may type or paste (bursts up to 4x)."""
 
 
 @dataclass
@@ -90,6 +109,7 @@ class Session:
     secret: bytes
     host_key: str
     replica: ReplicaHandle
+    mate_keys: set[bytes] = field(default_factory=set)
     receiver: LogReceiver = field(default_factory=LogReceiver)
     inputs: InputSender = field(default_factory=lambda: InputSender(1))
     host: Link | None = None
@@ -111,6 +131,12 @@ class Relay:
         self.port = config.port
         self.host_keys = ssh.load_or_create_host_keys(config.keys_dir)
         self._reaper: asyncio.Task[None] | None = None
+        self._backoff = FailureBackoff(free=config.failed_tokens_free)
+        self._host_keys_allowed = (
+            ssh.parse_public_keys(config.authorized_keys, limit=100000)
+            if config.authorized_keys is not None
+            else None
+        )
         self._quic_server: object | None = None
         self.quic_port: int | None = None
         self.quic_fingerprint = ""
@@ -135,8 +161,15 @@ class Relay:
         else:
             log.warning("replica workers are NOT jailed: sessions are not isolated from each "
                         "other or from this machine")
+        allowed = self._host_keys_allowed
         acceptor = await ssh.start_ssh_server(
-            self.config.bind, self.config.port, self.host_keys, self.handle_host, self.handle_mate
+            self.config.bind,
+            self.config.port,
+            self.host_keys,
+            self.handle_host,
+            self.handle_mate,
+            key_check=(lambda key: key.public_data in allowed) if allowed is not None else None,
+            mate_keys=self._mate_keys_for,
         )
         self._acceptor = acceptor
         self.port = acceptor.get_port()
@@ -248,6 +281,10 @@ class Relay:
             s.host.close()
         await s.replica.close()
 
+    def _mate_keys_for(self, token: str) -> set[bytes] | None:
+        found = self.lookup(token)
+        return found[0].mate_keys or None if found else None
+
     def lookup(self, token: str) -> tuple[Session, bool] | None:
         """(session, read-only) for a token; keyed by HMAC so no secret is compared."""
         return self._by_token.get(self._token_key(token))
@@ -299,6 +336,11 @@ class Relay:
                 )
             if session is None:
                 session = await self._new_session(host_key, hello)
+            if hello.mate_keys or session.mate_keys:
+                try:
+                    session.mate_keys = ssh.parse_public_keys(hello.mate_keys)
+                except ValueError as exc:
+                    raise RemoteProtocolError(f"bad mate key list: {exc}") from None
             elif session.host is not None:
                 session.host.close()  # the old connection is dead or superseded
             session.host = link
@@ -376,9 +418,23 @@ class Relay:
     # --- mates ---------------------------------------------------------------
 
     async def handle_mate(self, term: ssh.MateTerminal) -> None:
-        found = self.lookup(term.username)
+        address = term.peer.rpartition(":")[0]
+        wait = self._backoff.wait(address, time.monotonic())
+        found = self.lookup(term.username) if not wait else None
         if found is None:
+            # every try while held back counts too: hammering only lengthens the wait
+            wait = self._backoff.failure(address, time.monotonic())
+            if wait:
+                log.warning("address %s: too many unknown tokens, waits %.0fs", address, wait)
             await asyncio.sleep(0.05 + secrets.randbelow(150) / 1000)
+            if wait:
+                term.write(
+                    f"Too many failed attempts from your address; try again in "
+                    f"{math.ceil(wait)} s.\r\n".encode()
+                )
+                await term.drain()
+                term.exit(1)
+                return
             term.write(INVALID_TOKEN)
             await term.drain()
             term.exit(1)
@@ -459,6 +515,9 @@ class Relay:
             if not done.done():
                 loop.add_reader(mate.fd, on_output)
 
+        rate = self.config.mate_input_rate
+        bucket = TokenBucket(rate, 4 * rate, time.monotonic())
+
         async def typing() -> None:
             while True:
                 item = await term.read()
@@ -474,6 +533,9 @@ class Relay:
                     continue
                 if not item:
                     break
+                wait = bucket.take(len(item), time.monotonic())
+                if wait:  # not reading meanwhile: SSH flow control slows the mate down
+                    await asyncio.sleep(wait)
                 writer.write(item)
                 await writer.drain()
 

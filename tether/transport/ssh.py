@@ -263,30 +263,60 @@ class MateTerminal:
             self.process.exit(status)
 
 
+def parse_public_keys(lines: Sequence[str], limit: int = 256) -> set[bytes]:
+    """Public key blobs from authorized_keys-style lines (options are not supported)."""
+    keys: set[bytes] = set()
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if len(keys) >= limit:
+            raise ValueError(f"more than {limit} keys")
+        try:
+            keys.add(asyncssh.import_public_key(line).public_data)
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            raise ValueError(f"not a public key: {line[:40]}... ({exc})") from None
+    return keys
+
+
+def load_public_keys(path: str) -> list[str]:
+    """Lines of an authorized_keys file, checked to hold only public keys."""
+    with open(os.path.expanduser(path)) as f:
+        lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    parse_public_keys(lines)
+    return lines
+
+
 HostHandler = Callable[[SSHLink, str, str], Awaitable[None]]
 """(link, host key fingerprint, peer address)"""
 MateHandler = Callable[[MateTerminal], Awaitable[None]]
 KeyCheck = Callable[[asyncssh.SSHKey], bool]
+MateKeys = Callable[[str], set[bytes] | None]
+"""token -> the public keys its session requires of mates (None: no key needed)."""
 
 
 class _RelaySSHServer(asyncssh.SSHServer):
-    def __init__(self, key_check: KeyCheck | None) -> None:
+    def __init__(self, key_check: KeyCheck | None, mate_keys: MateKeys | None) -> None:
         self._key_check = key_check
+        self._mate_keys = mate_keys
         self.conn: asyncssh.SSHServerConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
 
     def begin_auth(self, username: str) -> bool:
-        # Mates need no key: their user name (the token) is the credential.
-        return username == HOST_USER
+        # Mates need no key unless the host listed some: the token is the credential.
+        if username == HOST_USER:
+            return True
+        return bool(self._mate_keys and self._mate_keys(username))
 
     def public_key_auth_supported(self) -> bool:
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         if username != HOST_USER:
-            return False
+            allowed = self._mate_keys(username) if self._mate_keys else None
+            return bool(allowed) and key.public_data in allowed  # type: ignore[operator]
         if self._key_check is not None and not self._key_check(key):
             return False
         if self.conn is not None:
@@ -304,6 +334,7 @@ async def start_ssh_server(
     on_host: HostHandler,
     on_mate: MateHandler,
     key_check: KeyCheck | None = None,
+    mate_keys: MateKeys | None = None,
 ) -> asyncssh.SSHAcceptor:
     """Listen for hosts and mates; returns the acceptor (``get_port()``, ``close()``)."""
 
@@ -333,7 +364,7 @@ async def start_ssh_server(
                 process.exit(0)
 
     return await asyncssh.create_server(
-        lambda: _RelaySSHServer(key_check),
+        lambda: _RelaySSHServer(key_check, mate_keys),
         bind or None,
         port,
         server_host_keys=list(host_keys),
