@@ -24,6 +24,7 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import termios
 import tty
@@ -121,6 +122,7 @@ class Replica:
         self.loop = asyncio.get_running_loop()
         self.status_left = ""
         self.placeholder: str | None = None
+        self.clients: list[subprocess.Popen[bytes]] = []
 
     async def start(self) -> None:
         env = dict(os.environ, TERM="tmux-256color")
@@ -486,15 +488,19 @@ class Replica:
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-        await asyncio.create_subprocess_exec(
-            *args,
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            env=env,
-            preexec_fn=child_setup,
-            close_fds=True,
+        # plain Popen: asyncio's child watcher would keep a thread per mate client
+        self.clients.append(
+            subprocess.Popen(
+                args,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                env=env,
+                preexec_fn=child_setup,
+                close_fds=True,
+            )
         )
+        self.clients = [c for c in self.clients if c.poll() is None]  # reap the gone
         os.close(slave)
         try:
             socket.send_fds(fdsock, [struct.pack(">Q", msg.mate)], [master])
