@@ -191,18 +191,27 @@ def parse_bindings(lines: list[str]) -> dict[tuple[str, str], str]:
     return out
 
 
-def strip_confirm(command: str) -> str:
-    """``confirm-before -p "..." kill-pane`` -> ``kill-pane``: a mate already chose."""
+def split_confirm(command: str) -> tuple[str, str]:
+    """``confirm-before -p "kill? (y/n)" kill-pane`` -> (``kill-pane``, ``kill? (y/n)``).
+
+    The mate's replica client asks the question; the host then runs the command."""
     try:
         words = shlex.split(command)
     except ValueError:
-        return command
+        return command, ""
     if not words or words[0] != "confirm-before":
-        return command
-    i = 1
+        return command, ""
+    i, prompt = 1, ""
     while i < len(words) and words[i].startswith("-"):
+        if words[i] == "-p" and i + 1 < len(words):
+            prompt = words[i + 1]
         i += 2 if words[i] in ("-p", "-t", "-c") else 1
-    return " ".join(words[i:])
+    inner = " ".join(words[i:])
+    return inner, prompt or f"{inner.split(' ', 1)[0]}? (y/n)"
+
+
+def strip_confirm(command: str) -> str:
+    return split_confirm(command)[0]
 
 
 class HostAgent:
@@ -481,7 +490,9 @@ class HostAgent:
             self._capturing = False
 
     def _binding_list(self) -> tuple[Binding, ...]:
-        return tuple(Binding(t, k) for (t, k) in self.bindings)
+        return tuple(
+            Binding(t, k, split_confirm(command)[1]) for (t, k), command in self.bindings.items()
+        )
 
     async def _refresh_bindings(self) -> bool:
         lines = await self.tmux.run("list-keys")

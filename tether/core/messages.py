@@ -80,10 +80,14 @@ class PaneImage:
 
 @record
 class Binding:
-    """A host key binding a mate may trigger; the host runs its own command."""
+    """A host key binding a mate may trigger; the host runs its own command.
+
+    ``confirm`` is the prompt of a ``confirm-before`` binding: the mate is asked
+    on their own client first, as the host would be."""
 
     table: str
     key: str
+    confirm: str = ""
 
 
 # --- handshake ------------------------------------------------------------------

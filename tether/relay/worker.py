@@ -86,6 +86,16 @@ _TABLE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 AWAY = "#{?@tether_notice,#[reverse] #{@tether_notice} #[default] ,}"
 
 
+def known_terminal(term: str) -> bool:
+    """A TERM name that is safe to pass on and that this machine's terminfo knows."""
+    if not re.fullmatch(r"[A-Za-z0-9._+-]{1,64}", term or ""):
+        return False
+    return any(
+        os.path.exists(os.path.join(base, term[0], term))
+        for base in ("/usr/share/terminfo", "/lib/terminfo", "/usr/lib/terminfo")
+    )
+
+
 def escape_format(text: str) -> str:
     """Make host-rendered text literal for the replica's format expander."""
     return text.replace("#", "##")
@@ -442,8 +452,13 @@ class Replica:
             index = len(self.bindings)
             magic = MAGIC + str(index).encode() + MAGIC_END
             hexes = " ".join(f"{c:02x}" for c in magic)
+            action = f"send-keys -H {hexes}"
+            if binding.confirm:
+                # ask on the mate's own client, as the host's tmux would ask the host
+                prompt = defuse_format(binding.confirm)[:200]
+                action = f"confirm-before -p {quote(prompt)} {quote(action)}"
             try:
-                await t.run(f"bind-key -T {binding.table} {binding.key} send-keys -H {hexes}")
+                await t.run(f"bind-key -T {binding.table} {binding.key} {action}")
             except TmuxError:
                 continue
             self.bindings.append(binding)
@@ -470,9 +485,8 @@ class Replica:
         cols = max(1, min(msg.cols, MAX_DIMENSION))
         rows = max(1, min(msg.rows, MAX_DIMENSION))
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        term = (
-            msg.term if re.fullmatch(r"[A-Za-z0-9._+-]{1,64}", msg.term or "") else "xterm-256color"
-        )
+        # an unknown TERM (e.g. a terminal's own name) would stop tmux from attaching
+        term = msg.term if known_terminal(msg.term) else "xterm-256color"
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "TERM": term,
