@@ -106,14 +106,15 @@ def _inner(directory: str, binds: list[tuple[str, str]], dir_source: str) -> lis
         "--symlink", "usr/lib64", "/lib64",
         "--symlink", "usr/bin", "/bin",
         "--symlink", "usr/sbin", "/sbin",
+        # /tmp first: the binds below may live under /tmp (a venv in a CI checkout)
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--size", str(TMPFS_SIZE), "--tmpfs", "/tmp",
     ]  # fmt: skip
     for source, dest in binds:
         argv += ["--ro-bind", source, dest]
     pkg_parent = os.path.dirname(os.path.dirname(os.path.realpath(tether.__file__)))
     argv += [
-        "--proc", "/proc",
-        "--dev", "/dev",
-        "--size", str(TMPFS_SIZE), "--tmpfs", "/tmp",
         "--bind", dir_source, directory,
         "--uid", str(JAIL_UID),
         "--gid", str(JAIL_GID),
