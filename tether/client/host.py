@@ -652,7 +652,9 @@ class HostAgent:
                 link.send_datagram(Ping(token))
             else:
                 link.send_nowait(Ping(token))
-            if time.monotonic() - self.last_contact > DEAD_AFTER:
+            heard = max(self.last_contact, getattr(link, "last_activity", 0.0))
+            if time.monotonic() - heard > DEAD_AFTER:
+                self.publish(f"no word from the relay for {DEAD_AFTER:.0f}s; reconnecting", False)
                 link.close()
                 return
 
@@ -797,6 +799,9 @@ class HostAgent:
                         # e.g. a restarted relay that no longer knows us: bootstrap over
                         # SSH, where it can re-create the session with the same tokens
                         self.connector.quic_failed_at = time.monotonic()
+                except Exception as exc:  # a bug must cost a reconnect, never the session
+                    log.exception("replication failed")
+                    self._report(f"replication failed ({type(exc).__name__}: {exc}); reconnecting")
                 finally:
                     link.close()
                 if time.monotonic() - start > 10 or self._next_link is not None:

@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -103,6 +104,7 @@ class QuicLink(QuicConnectionProtocol):
         self.on_first: Callable[[QuicLink], None] | None = None
         self._got_any = False
         self.bytes_sent = 0
+        self.last_activity = time.monotonic()
 
     # --- Link ------------------------------------------------------------------
 
@@ -172,6 +174,8 @@ class QuicLink(QuicConnectionProtocol):
     # --- aioquic ----------------------------------------------------------------
 
     def quic_event_received(self, event: QuicEvent) -> None:
+        # anything from the peer proves the path alive, even before the app reads it
+        self.last_activity = time.monotonic()
         if isinstance(event, StreamDataReceived):
             if self._stream is None:
                 self._stream = event.stream_id
