@@ -20,8 +20,7 @@ from tether.client import config as config_mod
 from tether.client.config import messages_path, state_dir
 from tether.client.host import HostAgent
 from tether.core.control import quote
-from tether.relay.jail import jail_unavailable
-from tether.relay.server import RedactTokens, Relay, RelayConfig
+from tether.core.tokens import RedactTokens
 from tether.transport.reconnect import Connector
 from tether.transport.ssh import RelayAddress, load_public_keys
 
@@ -77,6 +76,10 @@ async def amain(
             cfg.server_host, cfg.server_port, cfg.fingerprints, cfg.identities, cfg.known_hosts
         )
     else:
+        # the embedded relay only: a host with a relay configured never loads it
+        from tether.relay.jail import jail_unavailable
+        from tether.relay.server import Relay, RelayConfig
+
         jail_problem = jail_unavailable()
         relay = Relay(
             RelayConfig(

@@ -54,7 +54,6 @@ from tether.core.messages import (
 from tether.core.replog import LogSender
 from tether.core.screen import PANE_FORMAT, parse_pane_state, render_pane
 from tether.transport.link import Link, LinkClosed
-from tether.transport.quic import QuicLink
 from tether.transport.reconnect import Connector
 from tether.transport.tmux import TmuxControl, TmuxError, tmux_cmd
 
@@ -622,7 +621,7 @@ class HostAgent:
         self.wake.set()
         tasks = [asyncio.create_task(self._send_loop(link)),
                  asyncio.create_task(self._liveness(link))]
-        if not isinstance(link, QuicLink) and self.connector.quic is not None:
+        if link.kind != "quic" and self.connector.quic is not None:
             tasks.append(asyncio.create_task(self._upgrade(link)))
         try:
             while True:
@@ -648,8 +647,8 @@ class HostAgent:
             token += 1
             self._pings[token] = time.monotonic()
             self._pings.pop(token - 20, None)
-            if isinstance(link, QuicLink):
-                link.send_datagram(Ping(token))
+            if link.kind == "quic":
+                link.send_datagram(Ping(token))  # type: ignore[attr-defined]
             else:
                 link.send_nowait(Ping(token))
             heard = max(self.last_contact, getattr(link, "last_activity", 0.0))
@@ -795,7 +794,7 @@ class HostAgent:
                         self._report(f"connection to the relay lost: {exc}")
                 except RemoteProtocolError as exc:
                     self._report(str(exc))
-                    if isinstance(link, QuicLink):
+                    if link.kind == "quic":
                         # e.g. a restarted relay that no longer knows us: bootstrap over
                         # SSH, where it can re-create the session with the same tokens
                         self.connector.quic_failed_at = time.monotonic()
@@ -815,7 +814,7 @@ class HostAgent:
     def state_text(self) -> str:
         """What the status line says about the link, mosh-style."""
         if self.link is not None:
-            kind = "quic" if isinstance(self.link, QuicLink) else "ssh"
+            kind = self.link.kind
             quiet = time.monotonic() - self.last_contact
             if quiet > 2.5:
                 return f"[tether {kind}: last contact {quiet:.0f}s ago]"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import re
 import secrets
@@ -56,3 +57,14 @@ _TOKEN_RE = re.compile(
 def redact_all(text: str) -> str:
     """``text`` with every token-shaped word cut to its first four characters."""
     return _TOKEN_RE.sub(r"\1...", text)
+
+
+class RedactTokens(logging.Filter):
+    """Keeps whole tokens out of every log line (asyncssh logs user names: our tokens)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_all(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True

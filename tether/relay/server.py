@@ -55,15 +55,7 @@ log = logging.getLogger("tether.relay")
 INVALID_TOKEN = b"Invalid or expired session token.\r\n"
 
 
-class RedactTokens(logging.Filter):
-    """Keeps whole tokens out of every log line (asyncssh logs user names, our tokens)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = tokens.redact_all(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
+RedactTokens = tokens.RedactTokens
 
 
 @dataclass

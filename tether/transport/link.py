@@ -32,6 +32,11 @@ class Link(Protocol):
     @property
     def description(self) -> str: ...
 
+    @property
+    def kind(self) -> str:
+        """``ssh``, ``quic`` or ``memory``: what the status line calls it."""
+        ...
+
 
 class MemoryLink:
     """One end of an in-process link pair (tests, the embedded relay)."""
@@ -78,3 +83,5 @@ class MemoryLink:
     @property
     def description(self) -> str:
         return self._name
+
+    kind = "memory"

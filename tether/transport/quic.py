@@ -93,6 +93,8 @@ def load_or_create_certificate(keys_dir: Path) -> tuple[Path, Path, str]:
 class QuicLink(QuicConnectionProtocol):
     """A ``Link`` over one QUIC connection: frames on stream 0, liveness as datagrams."""
 
+    kind = "quic"
+
     def __init__(self, quic: QuicConnection, **kwargs: object) -> None:
         super().__init__(quic, **kwargs)  # type: ignore[arg-type]
         self._decoder = MessageDecoder()

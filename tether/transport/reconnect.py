@@ -16,13 +16,16 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tether.core.errors import AuthError
 from tether.core.messages import Welcome
 
 from .link import Link, LinkClosed
-from .quic import QuicLink, connect_quic
 from .ssh import RelayAddress, connect_host
+
+if TYPE_CHECKING:  # QUIC (aioquic, x509) loads only once the SSH bootstrap has worked
+    from .quic import QuicLink
 
 log = logging.getLogger("tether.reconnect")
 
@@ -75,6 +78,8 @@ class Connector:
     async def try_quic(self) -> QuicLink | None:
         """Every address of every endpoint at once; the first handshake wins."""
         assert self.quic is not None
+        from .quic import connect_quic
+
         async with self._probe_lock:
             targets: list[tuple[str, int]] = []
             loop = asyncio.get_running_loop()

@@ -76,6 +76,8 @@ def key_option_name(key: asyncssh.SSHKey) -> str:
 class SSHLink:
     """Messages over an SSH channel's byte stream."""
 
+    kind = "ssh"
+
     def __init__(
         self,
         reader: asyncssh.SSHReader[bytes],
