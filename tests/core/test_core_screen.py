@@ -242,7 +242,8 @@ BAR_CONTENT = (
 @pytest.mark.xfail(
     strict=True,
     reason="capture-pane -e without -N trims trailing spaces even when they carry a "
-    "background colour, so coloured bars (htop, vim, tig headers) lose their tails",
+    "background colour, so coloured bars (htop, vim, tig headers) would lose their tails: "
+    "this is why the host agent captures with -N",
 )
 def test_trailing_background_spaces_with_the_host_capture(tmux: Tmux, make_pane: MakePane) -> None:
     assert_copy_equal(tmux, make_pane, BAR_CONTENT, b"BARDONE", compare=("-N",), wait=1.0)

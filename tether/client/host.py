@@ -375,11 +375,12 @@ class HostAgent:
         return Structure(tuple(windows), active)
 
     def _capture_cmds(self, pane: int) -> list[str]:
+        # -N: trailing spaces can carry a background colour (htop's, vim's bars)
         t = f"%{pane}"
         return [
             f"display -p -t {t} {quote(PANE_FORMAT)}",
-            f"capture-pane -p -e -t {t} -S -{HISTORY_LINES}",
-            f"capture-pane -p -e -a -q -t {t}",
+            f"capture-pane -p -e -N -t {t} -S -{HISTORY_LINES}",
+            f"capture-pane -p -e -N -a -q -t {t}",
         ]
 
     def _capture_pane(self, pane: int, resume: bool = False) -> None:
@@ -783,8 +784,8 @@ class HostAgent:
             except AuthError as exc:
                 self._report(str(exc))
                 delay = 30.0
-            except (OSError, LinkClosed, TimeoutError, Exception) as exc:
-                self._report(f"cannot reach the relay: {exc}")
+            except Exception as exc:
+                self._report(f"cannot reach the relay: {str(exc) or type(exc).__name__}")
             else:
                 start = time.monotonic()
                 try:

@@ -53,6 +53,8 @@ from .replica import ReplicaError, ReplicaHandle
 log = logging.getLogger("tether.relay")
 
 INVALID_TOKEN = b"Invalid or expired session token.\r\n"
+HOST_SILENCE = 5.0
+"""Seconds without a word from a host before its mates are told it is away."""
 
 
 RedactTokens = tokens.RedactTokens
@@ -376,8 +378,20 @@ class Relay:
                 log.info("host left session %s", session.id)
 
     async def _host_loop(self, s: Session, link: Link) -> None:
+        silent = False
         while True:
-            msg = await link.recv()
+            try:
+                msg = await asyncio.wait_for(link.recv(), HOST_SILENCE)
+            except TimeoutError:
+                # hosts ping twice a second: a silent link is a host that is away,
+                # whatever SSH keepalives or the QUIC idle timeout still believe
+                if not silent:
+                    silent = True
+                    s.replica.presence(False, "tether: the host is away; waiting for it")
+                continue
+            if silent:
+                silent = False
+                s.replica.presence(True, "tether: the host is back")
             if isinstance(msg, Event):
                 if s.receiver.receive(msg):
                     if isinstance(msg.body, Status):

@@ -184,7 +184,7 @@ def ephemeral_identity() -> asyncssh.SSHKey:
     return asyncssh.generate_private_key("ssh-ed25519")
 
 
-async def connect_host(addr: RelayAddress, timeout: float = 15.0) -> SSHLink:
+async def connect_host(addr: RelayAddress, timeout: float = 6.0) -> SSHLink:
     """Open the bootstrap SSH connection and the replication channel."""
     client = _PinnedClient(addr.fingerprints)
     keys = _client_keys(addr.identities)
