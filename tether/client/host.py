@@ -28,6 +28,7 @@ from tether.core.inputs import InputReceiver
 from tether.core.limits import MAX_DATA
 from tether.core.messages import (
     PROTOCOL_VERSION,
+    STATUS_OPTIONS,
     Ack,
     Binding,
     Bindings,
@@ -90,50 +91,14 @@ LOCAL_COMMANDS = {
 """Bindings that act on the mate's own client, so the replica keeps its own."""
 
 STATUS_FORMAT = "\x1f".join(
-    [
-        "#{prefix}",
-        "#{status}",
-        "#{status-position}",
-        "#{status-style}",
-        "#{T:status-left}",
-        "#{T:status-right}",
-        "#{status-left-length}",
-        "#{status-right-length}",
-        "#{status-left-style}",
-        "#{status-right-style}",
-        "#{status-justify}",
-        "#{window-status-format}",
-        "#{window-status-current-format}",
-        "#{window-status-separator}",
-        "#{window-status-style}",
-        "#{window-status-current-style}",
-        "#{pane-border-style}",
-        "#{pane-active-border-style}",
-        "#{message-style}",
-        "#{mode-style}",
+    ["#{prefix}"]
+    + [
+        f"#{{T:{name}}}" if name in ("status-left", "status-right") else f"#{{{name}}}"
+        for name in STATUS_OPTIONS
     ]
 )
-STATUS_NAMES = [
-    "status",
-    "status-position",
-    "status-style",
-    "status-left",
-    "status-right",
-    "status-left-length",
-    "status-right-length",
-    "status-left-style",
-    "status-right-style",
-    "status-justify",
-    "window-status-format",
-    "window-status-current-format",
-    "window-status-separator",
-    "window-status-style",
-    "window-status-current-style",
-    "pane-border-style",
-    "pane-active-border-style",
-    "message-style",
-    "mode-style",
-]
+"""One ``display -p`` for the prefix and every replicated status option, left and
+right rendered as the host renders them."""
 WINDOW_FORMAT = "\x1f".join(
     [
         "#{window_id}",
@@ -507,8 +472,8 @@ class HostAgent:
             f"display -p -t {quote(self.session_name)} {quote(STATUS_FORMAT)}"
         )
         values = (line[0] if line else "").split("\x1f")[1:]
-        values += [""] * (len(STATUS_NAMES) - len(values))
-        return Status(tuple(zip(STATUS_NAMES, values, strict=False)))
+        values += [""] * (len(STATUS_OPTIONS) - len(values))
+        return Status(tuple(zip(STATUS_OPTIONS, values, strict=False)))
 
     async def poll(self) -> None:
         """Status line every second, key bindings every few seconds, when changed."""
@@ -620,8 +585,10 @@ class HostAgent:
         await self._publish(first or new_session)
         self.publish(f"connected to the relay over {link.description}", False)
         self.wake.set()
-        tasks = [asyncio.create_task(self._send_loop(link)),
-                 asyncio.create_task(self._liveness(link))]
+        tasks = [
+            asyncio.create_task(self._send_loop(link)),
+            asyncio.create_task(self._liveness(link)),
+        ]
         if link.kind != "quic" and self.connector.quic is not None:
             tasks.append(asyncio.create_task(self._upgrade(link)))
         try:
@@ -754,8 +721,10 @@ class HostAgent:
             alive = await self._session_alive()
             if not alive:
                 return
-            log.warning("tmux dropped our control client (%s); reattaching",
-                        self.exit_reason or "no reason given")
+            log.warning(
+                "tmux dropped our control client (%s); reattaching",
+                self.exit_reason or "no reason given",
+            )
             self.exit_reason = ""
             self.tmux = TmuxControl(self.socket, self._on_tmux)
             try:
@@ -768,8 +737,14 @@ class HostAgent:
 
     async def _session_alive(self) -> bool:
         proc = await asyncio.create_subprocess_exec(
-            "tmux", "-S", self.socket, "has-session", "-t", self.session_name,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            "tmux",
+            "-S",
+            self.socket,
+            "has-session",
+            "-t",
+            self.session_name,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         return await proc.wait() == 0
 
@@ -832,7 +807,7 @@ class HostAgent:
     async def _show_state(self) -> None:
         """Keep ``@tether_status`` (shown at the left of status-right) current."""
         with contextlib.suppress(TmuxError):
-            right = (await self.tmux.run("show -gv status-right"))
+            right = await self.tmux.run("show -gv status-right")
             value = "#{?@tether_status,#{@tether_status} ,}" + (right[0] if right else "")
             await self.tmux.run(f"set -t {quote(self.session_name)} status-right {quote(value)}")
         shown = ""

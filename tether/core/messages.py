@@ -160,6 +160,30 @@ class PaneReset(Message):
     image: PaneImage
 
 
+STATUS_OPTIONS = (
+    "status",
+    "status-position",
+    "status-style",
+    "status-left",
+    "status-right",
+    "status-left-length",
+    "status-right-length",
+    "status-left-style",
+    "status-right-style",
+    "status-justify",
+    "window-status-format",
+    "window-status-current-format",
+    "window-status-separator",
+    "window-status-style",
+    "window-status-current-style",
+    "pane-border-style",
+    "pane-active-border-style",
+    "message-style",
+    "mode-style",
+)
+"""The host options that make its status line and borders; a replica takes no others."""
+
+
 @message(13)
 class Status(Message):
     """The host's status line as the host renders it: option name/value pairs."""

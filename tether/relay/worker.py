@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from tether.core.control import Notification, PaneOutput, layout_panes, layout_size, quote
 from tether.core.limits import MAX_DIMENSION, MAX_PANES, MAX_WINDOWS
 from tether.core.messages import (
+    STATUS_OPTIONS,
     Ack,
     Binding,
     Bindings,
@@ -58,27 +59,6 @@ SESSION = "tether"
 PANE_CMD = "exec sleep 2147483647"
 MAGIC = b"\x1b_tether:"
 MAGIC_END = b"\x1b\\"
-STATUS_OPTIONS = {
-    "status",
-    "status-position",
-    "status-style",
-    "status-left",
-    "status-right",
-    "status-left-length",
-    "status-right-length",
-    "status-left-style",
-    "status-right-style",
-    "status-justify",
-    "window-status-format",
-    "window-status-current-format",
-    "window-status-separator",
-    "window-status-style",
-    "window-status-current-style",
-    "pane-border-style",
-    "pane-active-border-style",
-    "message-style",
-    "mode-style",
-}
 _KEY = re.compile(
     r"^(?:[CMS]-)*(?:\\[!-~]|[!%&()*+,\-./0-9:<=>?@A-Z\[\]^_`a-z|]|[A-Za-z][A-Za-z0-9]*)$"
 )
