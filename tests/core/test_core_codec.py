@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import struct
 import types
 import typing
@@ -25,10 +26,13 @@ from tether.core.errors import LocalProtocolError, RemoteProtocolError
 from tether.core.limits import MAX_DATA, MAX_FRAME, MAX_ITEMS, MAX_STR
 
 FAST = settings(max_examples=30, deadline=None, derandomize=True)
+FUZZ_EXAMPLES = int(os.environ.get("TETHER_FUZZ_EXAMPLES", "120"))
+"""A modest budget in the suite; ``TETHER_FUZZ_EXAMPLES=20000 ./test tests/core`` for a
+long run (random, not derandomized, when raised)."""
 FUZZ = settings(
-    max_examples=120,
+    max_examples=FUZZ_EXAMPLES,
     deadline=None,
-    derandomize=True,
+    derandomize=FUZZ_EXAMPLES <= 120,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
