@@ -40,6 +40,8 @@ def ns(net: Network, host: str) -> list[str]:
 @pytest.fixture
 def rig(netsim: Network, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
     block_from_start = request.node.get_closest_marker("udp_blocked_from_start") is not None
+    if request.node.get_closest_marker("nat") is not None:
+        netsim.nat("host", True)
     relay = RelayProcess(tmp_path / "relay", 2222, prefix=ns(netsim, "relay"), bind="0.0.0.0",
                          public=netsim.addr("relay"))
     if block_from_start:
@@ -177,3 +179,15 @@ def test_udp_blocked_mid_session_falls_back_and_returns(rig: Rig) -> None:
     rig.mate.wait_text("over-ssh-now", 30)
     rig.net.block_udp("host", False)
     wait_for(lambda: "quic" in transport(rig), 40, "the host to return to QUIC")
+
+
+@pytest.mark.nat
+def test_nat_rebinding_keeps_the_connection(rig: Rig) -> None:
+    wait_for(lambda: "quic" in transport(rig), 20, "the host to be on QUIC")
+    attaches = rig.relay.log.read_text().count("attached to session")
+    expected = type_tokens(rig, 40, {15: lambda: rig.net.nat_rebind("host")})
+    assert_keys_exactly_once(rig, expected)
+    assert_converges(rig)
+    assert rig.relay.log.read_text().count("attached to session") == attaches, (
+        "the rebinding cost a reconnect"
+    )
