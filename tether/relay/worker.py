@@ -28,7 +28,7 @@ import subprocess
 import sys
 import termios
 import tty
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tether.core.control import Notification, PaneOutput, layout_panes, layout_size, quote
 from tether.core.limits import MAX_DIMENSION, MAX_PANES, MAX_WINDOWS
@@ -51,6 +51,7 @@ from tether.core.messages import (
     Status,
     Structure,
 )
+from tether.transport.fdio import FdWriter
 from tether.transport.tmux import TmuxControl, TmuxError
 
 log = logging.getLogger("tether.worker")
@@ -91,7 +92,7 @@ class Pane:
     host_id: int
     replica_id: str  # e.g. "%3"
     fd: int
-    out: bytearray = field(default_factory=bytearray)
+    out: FdWriter
     carry: bytes = b""
 
 
@@ -294,7 +295,7 @@ class Replica:
         attrs = termios.tcgetattr(fd)
         attrs[3] &= ~termios.ECHO
         termios.tcsetattr(fd, termios.TCSANOW, attrs)
-        pane = Pane(host_id, replica_id, fd)
+        pane = Pane(host_id, replica_id, fd, FdWriter(fd))
         self.panes[host_id] = pane
         self.loop.add_reader(fd, self._on_keys, pane)
 
@@ -302,9 +303,9 @@ class Replica:
         pane = self.panes.pop(host_id, None)
         if pane is None:
             return
+        pane.out.close()
         with contextlib.suppress(Exception):
             self.loop.remove_reader(pane.fd)
-            self.loop.remove_writer(pane.fd)
         with contextlib.suppress(OSError):
             os.close(pane.fd)
         if kill and self.tmux is not None:
@@ -316,33 +317,10 @@ class Replica:
         pane = self.panes.get(host_pane)
         if pane is None:
             return  # output of a pane the structure has not shown yet; a reset follows
-        if not pane.out:
-            try:
-                n = os.write(pane.fd, data)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                return
-            if n == len(data):
-                return
-            data = data[n:]
-            self.loop.add_writer(pane.fd, self._flush, pane)
-        pane.out += data
-
-    def _flush(self, pane: Pane) -> None:
-        try:
-            n = os.write(pane.fd, pane.out)
-        except BlockingIOError:
-            return
-        except OSError:
-            pane.out.clear()
-            n = 0
-        del pane.out[:n]
-        if not pane.out:
-            self.loop.remove_writer(pane.fd)
+        pane.out.write(data)
 
     def backlog(self) -> int:
-        return sum(len(p.out) for p in self.panes.values())
+        return sum(p.out.pending for p in self.panes.values())
 
     async def drained(self, limit: int = 0) -> None:
         """Wait until at most ``limit`` bytes are queued for the panes."""
@@ -355,9 +333,7 @@ class Replica:
         pane = self.panes.get(image.pane)
         if pane is None or self.tmux is None:
             return
-        pane.out.clear()
-        with contextlib.suppress(Exception):
-            self.loop.remove_writer(pane.fd)
+        pane.out.discard()
         with contextlib.suppress(OSError):
             termios.tcflush(pane.fd, termios.TCOFLUSH)
         await self.tmux.run(f"clear-history -t {pane.replica_id}")

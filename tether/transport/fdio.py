@@ -60,10 +60,8 @@ class FdWriter:
             self._waiters.append(fut)
             await fut
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def discard(self) -> None:
+        """Drop what is queued (it was superseded); later writes go through as usual."""
         self._buf.clear()
         with contextlib.suppress(Exception):
             self._loop.remove_writer(self.fd)
@@ -71,3 +69,8 @@ class FdWriter:
             if not w.done():
                 w.set_result(None)
         self._waiters.clear()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.discard()
