@@ -1,6 +1,7 @@
 """Where the time goes: py-spy on the agent, the relay and a replica worker.
 
     python3 -m bench.profile echo  [--keys N]       # mates typing, one key every 20 ms
+    python3 -m bench.profile echo --syscalls        # system calls per process (strace -c)
     python3 -m bench.profile flood [--mb N]         # the host pane cats a text file
     python3 -m bench.profile startup                # the agent from exec to ready
 
@@ -99,6 +100,11 @@ def _spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _strace(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def profile_running(scenario: str, args: argparse.Namespace) -> None:
     with Workdir("profile") as wd:
         relay = Relay(wd)
@@ -137,7 +143,8 @@ def profile_running(scenario: str, args: argparse.Namespace) -> None:
             make_text(text, args.mb * 1000 * 1000)
             seconds = 3600.0
         outs = {name: wd.path / f"{name}.txt" for name in watched}
-        spies = [_spy(pid, outs[name], seconds) for name, pid in watched.items()]
+        tool = _strace if args.syscalls else (lambda pid, out: _spy(pid, out, seconds))
+        spies = [tool(pid, outs[name]) for name, pid in watched.items()]
         time.sleep(1.0)  # py-spy attached
         cpu0 = cpu_of(groups)
         t0 = time.perf_counter()
@@ -166,12 +173,15 @@ def profile_running(scenario: str, args: argparse.Namespace) -> None:
             except subprocess.TimeoutExpired:
                 s.kill()
                 s.wait()
-        print(f"{scenario}: {elapsed:.1f}s under py-spy (250 Hz)")
+        print(f"{scenario}: {elapsed:.1f}s under {'strace' if args.syscalls else 'py-spy (250 Hz)'}")
         print("CPU seconds: " + ", ".join(
             f"{k} {cpu1[k] - cpu0[k]:.2f}" for k in groups if cpu1[k] - cpu0[k] > 0))
         for name, out in outs.items():
             print(f"\n== {name} (pid {watched[name]})")
-            print(summarize(out) if out.exists() else "  (py-spy wrote nothing)")
+            if args.syscalls:
+                print(out.read_text() if out.exists() else "  (strace wrote nothing)")
+            else:
+                print(summarize(out) if out.exists() else "  (py-spy wrote nothing)")
 
 
 def profile_startup() -> None:
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("scenario", choices=["echo", "flood", "startup"])
     ap.add_argument("--keys", type=int, default=300, help="keystrokes (echo)")
     ap.add_argument("--mb", type=int, default=5, help="file size in MB (flood)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count system calls with strace -c instead of sampling with py-spy")
     a = ap.parse_args(argv)
     if shutil.which("py-spy") is None:
         print("bench.profile needs py-spy: pip install py-spy", file=sys.stderr)

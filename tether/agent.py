@@ -125,11 +125,18 @@ async def amain(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tether-agent")
     p.add_argument("--socket", required=True)
-    p.add_argument("--session", required=True)
+    p.add_argument(
+        "--session", required=True, help="tmux session id, or - to read it from stdin"
+    )
     p.add_argument("--config", type=Path)
     p.add_argument("--authorized-keys")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
+    if a.session == "-":
+        # `tether new-session` starts us before tmux; no id means tmux failed
+        a.session = sys.stdin.readline().strip()
+        if not a.session:
+            return 0
     handler = logging.StreamHandler()
     handler.addFilter(RedactTokens())
     logging.basicConfig(

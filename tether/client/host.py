@@ -128,6 +128,8 @@ Publish = Callable[[str, bool], None]
 """(text, show): log a message; ``show`` also displays it on the host's clients."""
 PING_EVERY = 0.5
 DEAD_AFTER = 8.0
+ACK_EVERY = 0.03
+"""Input acks are coalesced: the relay needs them only to trim its resend buffer."""
 """Seconds without a word from the relay before the link is given up and replaced."""
 
 
@@ -213,6 +215,8 @@ class HostAgent:
         self.state_changed = asyncio.Event()
         self.rtt: float | None = None
         self._pings: dict[int, float] = {}
+        self._input_ack: InputAck | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
         self.ready = asyncio.Event()
         self.transport = "connecting"
         self.last_contact = 0.0
@@ -647,7 +651,11 @@ class HostAgent:
             self.log.on_ack(msg.seq)
         elif isinstance(msg, Input):
             await self.apply_input(msg)
-            link.send_nowait(InputAck(msg.stream, msg.seq))
+            self._input_ack = InputAck(msg.stream, msg.seq)
+            if self._ack_timer is None:
+                self._ack_timer = asyncio.get_running_loop().call_later(
+                    ACK_EVERY, self._flush_input_ack, link
+                )
         elif isinstance(msg, Resize):
             await self.apply_resize(msg)
         elif isinstance(msg, Ping):
@@ -663,6 +671,13 @@ class HostAgent:
             raise LinkClosed(f"relay: {msg.message}")
         else:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the relay")
+
+    def _flush_input_ack(self, link: Link) -> None:
+        self._ack_timer = None
+        ack, self._input_ack = self._input_ack, None
+        if ack is not None and link is self.link:
+            with contextlib.suppress(LinkClosed):
+                link.send_nowait(ack)
 
     async def _send_loop(self, link: Link) -> None:
         while True:

@@ -300,94 +300,184 @@ EventBody = Output | Structure | PaneReset | Status | Bindings | Snapshot
 
 
 # --- encoding -------------------------------------------------------------------
+#
+# Every message goes through here (a keystroke is several messages), so each
+# record type is compiled once, on first use, into a list of field names and a
+# checker per field; the annotations are not walked again per message.
+
+Checker = typing.Callable[[Any, str], Any]
+_SIMPLE = (int, str, bytes, bool, type(None))
 
 
 def _to_wire(obj: Any) -> Any:
-    if isinstance(obj, Message) or dataclasses.is_dataclass(obj):
-        values = [_to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)]
-        type_id = getattr(type(obj), "TYPE", -1)
-        return [type_id, *values] if type_id >= 0 else values
+    if type(obj) in _SIMPLE:
+        return obj
+    spec = _spec(type(obj)) if dataclasses.is_dataclass(obj) else None
+    if spec is not None:
+        values = [
+            getattr(obj, n) if simple else _to_wire(getattr(obj, n))
+            for n, simple in spec.wire
+        ]
+        return [spec.type_id, *values] if spec.type_id >= 0 else values
     if isinstance(obj, tuple | list):
         return [_to_wire(x) for x in obj]
     return obj
 
 
-_HINTS: dict[type, list[tuple[str, Any, bool]]] = {}
+class _Spec:
+    """A record type, compiled: field names, per-field checkers, defaults."""
 
+    __slots__ = ("checkers", "cls", "names", "required", "type_id", "wire")
 
-def _fields(cls: type) -> list[tuple[str, Any, bool]]:
-    cached = _HINTS.get(cls)
-    if cached is None:
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        self.type_id: int = getattr(cls, "TYPE", -1)
         hints = typing.get_type_hints(cls)
-        cached = [
-            (f.name, hints[f.name], f.default is not dataclasses.MISSING)
-            for f in dataclasses.fields(cls)
+        fields = dataclasses.fields(cls)
+        self.names = [f.name for f in fields]
+        self.required = sum(
+            1
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+        self.wire = [(f.name, _is_simple(hints[f.name])) for f in fields]
+        self.checkers: list[tuple[str, Checker, str]] = []
+        _SPECS[cls] = self  # before the fields: records may nest
+        self.checkers = [
+            (f.name, _checker(hints[f.name]), f"{cls.__name__}.{f.name}") for f in fields
         ]
-        _HINTS[cls] = cached
-    return cached
+
+    def build(self, values: list[Any]) -> Any:
+        if not self.required <= len(values) <= len(self.names):
+            raise RemoteProtocolError(f"{self.cls.__name__}: wrong number of fields")
+        kwargs = {
+            name: check(v, where)
+            for (name, check, where), v in zip(self.checkers, values, strict=False)
+        }
+        return self.cls(**kwargs)
 
 
-def _check(value: Any, tp: Any, where: str) -> Any:
+_SPECS: dict[type, _Spec] = {}
+_CHECKERS: dict[Any, Checker] = {}
+
+
+def _spec(cls: type) -> _Spec:
+    spec = _SPECS.get(cls)
+    return spec if spec is not None else _Spec(cls)
+
+
+def _is_simple(tp: Any) -> bool:
+    """A field whose value goes on the wire as it is."""
+    if tp in _SIMPLE:
+        return True
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return all(a in _SIMPLE for a in typing.get_args(tp))
+    return False
+
+
+def _checker(tp: Any) -> Checker:
+    check = _CHECKERS.get(tp)
+    if check is None:
+        check = _CHECKERS[tp] = _make_checker(tp)
+    return check
+
+
+def _make_checker(tp: Any) -> Checker:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        records = [a for a in args if a is not type(None)]
-        if len(records) == 1:
-            return _check(value, records[0], where)
-        # a union of messages: the type id picks the member
-        if isinstance(value, list) and value and type(value[0]) is int:
-            cls = _REGISTRY.get(value[0])
-            if cls in records:
-                return _build(cls, value[1:], where)
-        raise RemoteProtocolError(f"{where}: unexpected value")
+        optional = type(None) in args
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:
+            inner = _checker(members[0])
+
+            def check_optional(value: Any, where: str) -> Any:
+                if value is None and optional:
+                    return None
+                return inner(value, where)
+
+            return check_optional
+        by_id = {getattr(m, "TYPE", -1): m for m in members}
+
+        def check_union(value: Any, where: str) -> Any:
+            if value is None and optional:
+                return None
+            # a union of messages: the type id picks the member
+            if isinstance(value, list) and value and type(value[0]) is int:
+                cls = by_id.get(value[0])
+                if cls is not None:
+                    return _spec(cls).build(value[1:])
+            raise RemoteProtocolError(f"{where}: unexpected value")
+
+        return check_union
     if origin is tuple:
         args = typing.get_args(tp)
-        if not isinstance(value, list) or len(value) > MAX_ITEMS:
-            raise RemoteProtocolError(f"{where}: expected a list of at most {MAX_ITEMS}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_check(v, args[0], where) for v in value)
-        if len(value) != len(args):
-            raise RemoteProtocolError(f"{where}: expected {len(args)} items")
-        return tuple(_check(v, a, where) for v, a in zip(value, args, strict=True))
+            item = _checker(args[0])
+
+            def check_list(value: Any, where: str) -> Any:
+                if not isinstance(value, list) or len(value) > MAX_ITEMS:
+                    raise RemoteProtocolError(f"{where}: expected a list of at most {MAX_ITEMS}")
+                return tuple([item(v, where) for v in value])
+
+            return check_list
+        items = [_checker(a) for a in args]
+
+        def check_tuple(value: Any, where: str) -> Any:
+            if not isinstance(value, list) or len(value) > MAX_ITEMS:
+                raise RemoteProtocolError(f"{where}: expected a list of at most {MAX_ITEMS}")
+            if len(value) != len(items):
+                raise RemoteProtocolError(f"{where}: expected {len(items)} items")
+            return tuple([c(v, where) for v, c in zip(value, items, strict=True)])
+
+        return check_tuple
     if tp is bool:
-        if not isinstance(value, bool):
-            raise RemoteProtocolError(f"{where}: expected a boolean")
-        return value
+        return _check_bool
     if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool) or not INT_MIN <= value <= INT_MAX:
-            raise RemoteProtocolError(f"{where}: expected an integer")
-        return value
+        return _check_int
     if tp is str:
-        if not isinstance(value, str) or len(value) > MAX_STR:
-            raise RemoteProtocolError(f"{where}: expected text of at most {MAX_STR}")
-        return value
+        return _check_str
     if tp is bytes:
-        if not isinstance(value, bytes) or len(value) > MAX_DATA:
-            raise RemoteProtocolError(f"{where}: expected bytes of at most {MAX_DATA}")
-        return value
+        return _check_bytes
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, list):
-            raise RemoteProtocolError(f"{where}: expected a record")
-        if getattr(tp, "TYPE", -1) >= 0:
-            if not value or type(value[0]) is not int or value[0] != tp.TYPE:
-                raise RemoteProtocolError(f"{where}: expected a {tp.__name__}")
-            value = value[1:]
-        return _build(tp, value, where)
+        type_id = getattr(tp, "TYPE", -1)
+        cls = typing.cast(type, tp)
+
+        def check_record(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise RemoteProtocolError(f"{where}: expected a record")
+            if type_id >= 0:
+                if not value or type(value[0]) is not int or value[0] != type_id:
+                    raise RemoteProtocolError(f"{where}: expected a {cls.__name__}")
+                value = value[1:]
+            return _spec(cls).build(value)
+
+        return check_record
     raise TypeError(f"unsupported annotation {tp!r}")  # a bug in this module
 
 
-def _build(cls: type, values: list[Any], where: str) -> Any:
-    spec = _fields(cls)
-    required = sum(1 for _, _, has_default in spec if not has_default)
-    if not required <= len(values) <= len(spec):
-        raise RemoteProtocolError(f"{cls.__name__}: wrong number of fields")
-    kwargs = {
-        name: _check(v, tp, f"{cls.__name__}.{name}")
-        for (name, tp, _), v in zip(spec, values, strict=False)
-    }
-    return cls(**kwargs)
+def _check_bool(value: Any, where: str) -> Any:
+    if not isinstance(value, bool):
+        raise RemoteProtocolError(f"{where}: expected a boolean")
+    return value
+
+
+def _check_int(value: Any, where: str) -> Any:
+    if type(value) is not int or not INT_MIN <= value <= INT_MAX:
+        raise RemoteProtocolError(f"{where}: expected an integer")
+    return value
+
+
+def _check_str(value: Any, where: str) -> Any:
+    if type(value) is not str or len(value) > MAX_STR:
+        raise RemoteProtocolError(f"{where}: expected text of at most {MAX_STR}")
+    return value
+
+
+def _check_bytes(value: Any, where: str) -> Any:
+    if type(value) is not bytes or len(value) > MAX_DATA:
+        raise RemoteProtocolError(f"{where}: expected bytes of at most {MAX_DATA}")
+    return value
 
 
 def decode(obj: Any) -> Message:
@@ -397,7 +487,7 @@ def decode(obj: Any) -> Message:
     cls = _REGISTRY.get(obj[0])
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {obj[0]}")
-    return _build(cls, obj[1:], cls.__name__)
+    return _spec(cls).build(obj[1:])
 
 
 class MessageDecoder:

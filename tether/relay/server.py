@@ -54,6 +54,8 @@ log = logging.getLogger("tether.relay")
 
 INVALID_TOKEN = b"Invalid or expired session token.\r\n"
 HOST_SILENCE = 5.0
+ACK_EVERY = 0.03
+"""Acks to the host are coalesced: a keystroke's echo then costs one message less."""
 """Seconds without a word from a host before its mates are told it is away."""
 
 
@@ -112,6 +114,8 @@ class Session:
     status_rows: int = 1
     away_since: float | None = None
     ended: bool = False
+    ack_timer: asyncio.TimerHandle | None = None
+    acked: int = 0
 
 
 class Relay:
@@ -268,6 +272,8 @@ class Relay:
         if s.ended:
             return
         s.ended = True
+        if s.ack_timer is not None:
+            s.ack_timer.cancel()
         self.sessions.pop(s.id, None)
         self._by_token.pop(self._token_key(s.rw_token), None)
         self._by_token.pop(self._token_key(s.ro_token), None)
@@ -285,11 +291,20 @@ class Relay:
 
     def _from_replica(self, s: Session, msg: Message) -> None:
         if isinstance(msg, Ack):
-            self._to_host(s, msg)
+            # the host needs acks only to trim its replay buffer: one per ACK_EVERY
+            s.acked = msg.seq
+            if s.ack_timer is None:
+                s.ack_timer = asyncio.get_running_loop().call_later(
+                    ACK_EVERY, self._flush_ack, s
+                )
         elif isinstance(msg, Input):
             self._to_host(s, s.inputs.push(msg.pane, msg.keys, msg.binding))
         elif isinstance(msg, Error):
             log.warning("session %s: %s", s.id, msg.message)
+
+    def _flush_ack(self, s: Session) -> None:
+        s.ack_timer = None
+        self._to_host(s, Ack(s.acked))
 
     def _to_host(self, s: Session, msg: Message) -> None:
         if s.host is not None:

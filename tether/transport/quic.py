@@ -32,6 +32,7 @@ from aioquic.quic.events import (
     QuicEvent,
     StreamDataReceived,
 )
+from aioquic.tls import Epoch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -47,6 +48,11 @@ ALPN = "tether/1"
 SERVER_NAME = "tether-relay"
 IDLE_TIMEOUT = 20.0
 MAX_DATAGRAM = 1200
+ACK_DELAY = 0.02
+"""How long a lone QUIC ACK may wait for data to ride on. aioquic acks every
+packet after 1 ms, in a packet of its own: a keystroke's four small frames then
+cost eight datagrams. Peers advertise max_ack_delay 25 ms, so 20 ms is within
+what they allow for; a second unacked packet is still acked at once."""
 SEND_BUFFER = 512 * 1024
 """Unacked stream bytes past which ``drain`` waits: the log stays in the log, where
 it can still be replaced by a snapshot, instead of piling up in QUIC's buffer."""
@@ -107,6 +113,9 @@ class QuicLink(QuicConnectionProtocol):
         self._got_any = False
         self.bytes_sent = 0
         self.last_activity = time.monotonic()
+        self._piggyback = False
+        if hasattr(quic, "_ack_delay"):
+            quic._ack_delay = ACK_DELAY
 
     # --- Link ------------------------------------------------------------------
 
@@ -122,7 +131,9 @@ class QuicLink(QuicConnectionProtocol):
         data = msg.encode()
         self.bytes_sent += len(data)
         self._quic.send_stream_data(self._stream, data)
-        self.transmit()
+        # one packet for everything sent in this turn of the event loop
+        self._piggyback = True
+        self._transmit_soon()
 
     async def send(self, msg: Message) -> None:
         self.send_nowait(msg)
@@ -150,7 +161,8 @@ class QuicLink(QuicConnectionProtocol):
         if len(data) <= MAX_DATAGRAM:
             with contextlib.suppress(Exception):
                 self._quic.send_datagram_frame(data[4:])
-                self.transmit()
+                self._piggyback = True
+                self._transmit_soon()
 
     async def recv(self) -> Message:
         msg = await self._inbox.get()
@@ -166,6 +178,7 @@ class QuicLink(QuicConnectionProtocol):
         if not self.closed:
             self.closed = True
             with contextlib.suppress(Exception):
+                self.transmit()  # frames queued this turn (an Error) leave first
                 self._quic.close(error_code=0, reason_phrase="bye")
                 self.transmit()
             self._inbox.put_nowait(None)
@@ -174,6 +187,30 @@ class QuicLink(QuicConnectionProtocol):
             asyncio.get_running_loop().call_later(0.2, self._transport.close)
 
     # --- aioquic ----------------------------------------------------------------
+
+    def _ack_space(self) -> object | None:
+        spaces = getattr(self._quic, "_spaces", None)
+        return spaces.get(Epoch.ONE_RTT) if isinstance(spaces, dict) else None
+
+    def transmit(self) -> None:
+        if self._piggyback:
+            # data leaves now: a pending ACK rides along instead of waiting alone
+            self._piggyback = False
+            space = self._ack_space()
+            if space is not None and getattr(space, "ack_at", None) is not None:
+                space.ack_at = self._loop.time()  # type: ignore[attr-defined]
+        super().transmit()
+
+    def datagram_received(self, data: bytes | str, addr: object) -> None:
+        space = self._ack_space()
+        waiting = space is not None and getattr(space, "ack_at", None) is not None
+        self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
+        self._process_events()
+        if waiting and space is not None and getattr(space, "ack_at", None) is not None:
+            # two packets unacked: ack now (RFC 9000 13.2.2), bulk transfers need it
+            space.ack_at = self._loop.time()  # type: ignore[attr-defined]
+        # after what the application does with the data, so replies share a packet
+        self._transmit_soon()
 
     def quic_event_received(self, event: QuicEvent) -> None:
         # anything from the peer proves the path alive, even before the app reads it

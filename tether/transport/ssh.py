@@ -19,12 +19,32 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncssh
-
 from tether.core.errors import AuthError
 from tether.core.messages import Message, MessageDecoder
 
 from .link import LinkClosed
+
+
+def _import_asyncssh() -> None:
+    """Import asyncssh without its liboqs probe.
+
+    At import, asyncssh looks for liboqs (for the sntrup761 key exchange) with
+    ``ctypes.util.find_library``, which runs ``ldconfig`` and costs every tether
+    process ~30 ms of start-up. tether's peers agree on mlkem768x25519 or
+    curve25519 (from ``cryptography``), so the probe is skipped.
+    """
+    import ctypes.util
+
+    real = ctypes.util.find_library
+    ctypes.util.find_library = lambda name: None if name in ("oqs", "liboqs") else real(name)
+    try:
+        import asyncssh  # noqa: F401
+    finally:
+        ctypes.util.find_library = real
+
+
+_import_asyncssh()
+import asyncssh  # noqa: E402
 
 HOST_USER = "tether-host"
 SUBSYSTEM = "tether"
