@@ -57,7 +57,7 @@ class Messages:
 
 async def _display_all(agent: HostAgent, text: str) -> None:
     with contextlib.suppress(Exception):
-        clients = await agent.tmux.run("list-clients -F '#{client_name} #{client_control}'")
+        clients = await agent.tmux.run("list-clients -F '#{client_name} #{client_control_mode}'")
         for line in clients:
             name, _, control = line.rpartition(" ")
             if name and control != "1":

@@ -374,3 +374,19 @@ def test_quote_examples(tmux: Tmux) -> None:
 @given(value=quotable)
 def test_quote_round_trips_through_tmux(tmux: Tmux, value: str) -> None:
     assert tmux_reads(tmux, value) == value
+
+
+def test_muted_panes_are_skipped_and_replies_still_come_in_order() -> None:
+    muted: set[int] = set()
+    p = ControlParser(muted)
+    assert p.line(b"%output %1 a\\012") == PaneOutput(1, b"a\n")
+    muted.add(1)  # the set is shared: the agent mutes a flooding pane in place
+    assert p.line(b"%output %1 b") is None
+    assert p.line(b"%extended-output %1 40 : c") is None
+    assert p.line(b"%output %2 d") == PaneOutput(2, b"d")
+    assert p.line(b"%begin 1 7 1") is None
+    assert p.line(b"%output %1 inside a reply body") is None
+    reply = p.line(b"%end 1 7 1")
+    assert isinstance(reply, Reply) and reply.lines == [b"%output %1 inside a reply body"]
+    muted.discard(1)
+    assert p.line(b"%extended-output %1 40 : e") == PaneOutput(1, b"e")

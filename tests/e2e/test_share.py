@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from .helpers import Host, Mate, RelayProcess, strip_lines, tmux, wait_for
 
@@ -100,7 +103,22 @@ def test_window_follows_smallest_read_write_mate(host: Host, mates: list[Mate],
              "window to follow the mate that shrank")
 
 
-def test_burst_of_20mb_converges(host: Host, mates: list[Mate], tmp_path: Path) -> None:
+@pytest.mark.parametrize("attached", [False, True], ids=["detached", "host-terminal"])
+def test_burst_of_20mb_converges(host: Host, mates: list[Mate], tmp_path: Path,
+                                 attached: bool, request: pytest.FixtureRequest) -> None:
+    """A flooding pane goes as frames, whether or not the host's own terminal reads it too."""
+    if attached:
+        term = str(tmp_path / "host-terminal.sock")
+        subprocess.run(["tmux", "-S", term, "-f", "/dev/null", "new-session", "-d", "-x", "100",
+                        "-y", "31", f"env -u TMUX tmux -S {host.sock} attach; sleep 60"],
+                       check=True)
+        request.addfinalizer(lambda: tmux(term, "kill-server", check=False))
+        try:
+            wait_for(lambda: "0" in host.tmux("list-clients", "-F",
+                                              "#{client_control_mode}").split(),
+                     10, "the host's terminal to attach")
+        except AssertionError:
+            raise AssertionError(tmux(term, "capture-pane", "-p", check=False)) from None
     mate = join(mates, tmp_path, host.ssh_rw, (100, 30))
     wait_for(lambda: host.display("#{window_width}x#{window_height}") == "100x29", 10,
              "window size")
@@ -114,6 +132,13 @@ def test_burst_of_20mb_converges(host: Host, mates: list[Mate], tmp_path: Path) 
         return ours == theirs
 
     wait_for(same, 60, "the mate's pane to equal the host's")
+    # the burst went as frames (screens), not as 20 MB of bytes, then back to bytes
+    log = host.agent_log()
+    assert "floods: sending its screen" in log
+    wait_for(lambda: "calm again" in host.agent_log(), 10, "the pane to leave frame mode")
+    host.type("echo after-burst")
+    mate.wait_text("after-burst", 10)
+    wait_for(same, 10, "the mate's pane to equal the host's after the burst")
 
 
 def test_host_connection_drops_and_comes_back(tmp_path: Path, mates: list[Mate]) -> None:

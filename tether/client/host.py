@@ -128,9 +128,16 @@ Publish = Callable[[str, bool], None]
 """(text, show): log a message; ``show`` also displays it on the host's clients."""
 PING_EVERY = 0.5
 DEAD_AFTER = 8.0
+"""Seconds without a word from the relay before the link is given up and replaced."""
 ACK_EVERY = 0.03
 """Input acks are coalesced: the relay needs them only to trim its resend buffer."""
-"""Seconds without a word from the relay before the link is given up and replaced."""
+FLOOD_WINDOW = 0.1
+FLOOD_BYTES = 64 * 1024
+"""A pane printing more than this within FLOOD_WINDOW is sent as frames instead of
+bytes: mates see its screen every FRAME_EVERY, mosh-style, instead of replaying
+every byte a `cat` of a big file or a fast redraw printed. Typing and ordinary
+output stay far below it."""
+FRAME_EVERY = 0.05
 
 
 def _split_output(pane: int, data: bytes) -> list[Output]:
@@ -197,7 +204,8 @@ class HostAgent:
         self.publish = publish or (lambda text, show: None)
         self.log = LogSender()
         self.inputs = InputReceiver()
-        self.tmux = TmuxControl(socket, self._on_tmux)
+        self._muted: set[int] = set()  # panes sent as frames: their output is skipped unread
+        self.tmux = TmuxControl(socket, self._on_tmux, muted=self._muted)
         self.shared: Shared | None = None
         self.link: Link | None = None
         self.wake = asyncio.Event()
@@ -215,6 +223,9 @@ class HostAgent:
         self.state_changed = asyncio.Event()
         self.rtt: float | None = None
         self._pings: dict[int, float] = {}
+        self._rate: dict[int, tuple[float, int]] = {}
+        self._framing: dict[int, asyncio.Task[None]] = {}
+        self.frames_sent = 0
         self._input_ack: InputAck | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
         self.ready = asyncio.Event()
@@ -265,6 +276,16 @@ class HostAgent:
             self.exit_reason = args.strip()
 
     def _output(self, pane: int, data: bytes) -> None:
+        if pane in self._framing:
+            return  # frames carry this pane's screen for now
+        now = time.monotonic()
+        start, count = self._rate.get(pane, (now, 0))
+        if now - start > FLOOD_WINDOW:
+            start, count = now, 0
+        count += len(data)
+        self._rate[pane] = (start, count)
+        if count > FLOOD_BYTES:
+            self._start_frames(pane)
         if self._captured is not None:  # a snapshot capture is under way
             if pane in self._captured:
                 self._stash.extend(_split_output(pane, data))
@@ -343,14 +364,90 @@ class HostAgent:
                 active = wid
         return Structure(tuple(windows), active)
 
-    def _capture_cmds(self, pane: int) -> list[str]:
+    def _capture_cmds(self, pane: int, history: bool = True) -> list[str]:
         # -N: trailing spaces can carry a background colour (htop's, vim's bars)
         t = f"%{pane}"
         return [
             f"display -p -t {t} {quote(PANE_FORMAT)}",
-            f"capture-pane -p -e -N -t {t} -S -{HISTORY_LINES}",
+            f"capture-pane -p -e -N -t {t}" + (f" -S -{HISTORY_LINES}" if history else ""),
             f"capture-pane -p -e -N -a -q -t {t}",
         ]
+
+    # --- frames: a flooding pane is sent as its screen, not its bytes ----------
+
+    def _start_frames(self, pane: int) -> None:
+        # not `refresh-client -A %N:off`: tmux 3.3a then stops reading the pane
+        # (stalling the host's program) and can crash; the output is skipped
+        # unread instead, and frames poll the screen
+        log.info("pane %%%d floods: sending its screen every %.0f ms", pane, FRAME_EVERY * 1000)
+        self._muted.add(pane)
+        self._framing[pane] = asyncio.get_running_loop().create_task(self._frames(pane))
+        self._rate.pop(pane, None)
+
+    async def _frames(self, pane: int) -> None:
+        last: bytes | None = None
+        for _ in range(10_000_000):
+            await asyncio.sleep(FRAME_EVERY)
+            if pane not in self.pane_window:
+                break
+            frame = await self._frame(pane)
+            if frame is None:
+                break
+            if frame == last:
+                break  # a whole interval without change: back to the byte stream
+            last = frame
+            self._send_frame(pane, frame)
+        self._end_frames(pane)
+
+    def _stop_frames(self) -> None:
+        for task in self._framing.values():
+            task.cancel()
+        self._framing.clear()
+        self._muted.clear()
+
+    async def _frame(self, pane: int) -> bytes | None:
+        parts: list[Reply] = []
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def got(reply: Reply) -> None:
+            parts.append(reply)
+            if len(parts) == 3 and not done.done():
+                done.set_result(None)
+
+        for cmd in self._capture_cmds(pane, history=False):
+            self.tmux.send(cmd, got)
+        await done
+        image = self._image(pane, parts)
+        return image.data if image is not None else None
+
+    def _send_frame(self, pane: int, frame: bytes) -> None:
+        self.frames_sent += 1
+        for out in _split_output(pane, frame):
+            self._append(out)
+
+    def _end_frames(self, pane: int) -> None:
+        """One exact frame, then bytes again: tmux answers the capture in order
+        with the output, so what it printed before the reply is in the frame and
+        what follows is sent as bytes."""
+        parts: list[Reply] = []
+
+        def got(reply: Reply) -> None:
+            parts.append(reply)
+            if len(parts) < 3:
+                return
+            if self._captured is not None:
+                # a snapshot is being taken and may supersede this frame: keep framing
+                self._start_frames(pane)
+                return
+            self._framing.pop(pane, None)
+            self._muted.discard(pane)
+            log.info("pane %%%d calm again: sending its output", pane)
+            image = self._image(pane, parts)
+            if image is not None:
+                self._send_frame(pane, image.data)
+
+        for cmd in self._capture_cmds(pane, history=False):
+            self.tmux.send(cmd, got)
 
     def _capture_pane(self, pane: int, resume: bool = False) -> None:
         """Queue a capture; the image enters the log exactly where tmux took it."""
@@ -724,6 +821,7 @@ class HostAgent:
             poller.cancel()
             connector.cancel()
             shower.cancel()
+            self._stop_frames()
             if self.link is not None:
                 self.link.close()
             await self.tmux.close()
@@ -741,7 +839,8 @@ class HostAgent:
                 self.exit_reason or "no reason given",
             )
             self.exit_reason = ""
-            self.tmux = TmuxControl(self.socket, self._on_tmux)
+            self._stop_frames()  # a new control client gets every pane's output
+            self.tmux = TmuxControl(self.socket, self._on_tmux, muted=self._muted)
             try:
                 await self.start()
             except (TmuxError, TimeoutError):

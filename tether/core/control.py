@@ -45,8 +45,10 @@ class PaneOutput:
 class ControlParser:
     """Feeds on complete lines (without the newline)."""
 
-    def __init__(self) -> None:
+    def __init__(self, muted: set[int] | None = None) -> None:
         self._reply: Reply | None = None
+        self.muted = muted if muted is not None else set()
+        """Panes whose output is skipped unread (not even unescaped)."""
 
     def line(self, raw: bytes) -> Reply | Notification | PaneOutput | None:
         if self._reply is not None:
@@ -65,12 +67,13 @@ class ControlParser:
             return None
         if raw.startswith(b"%output "):
             _, pane, data = raw.split(b" ", 2) if raw.count(b" ") >= 2 else (*raw.split(b" "), b"")
-            return PaneOutput(int(pane[1:]), unescape(data))
+            pid = int(pane[1:])
+            return None if pid in self.muted else PaneOutput(pid, unescape(data))
         if raw.startswith(b"%extended-output "):
             # %extended-output %PANE AGE ... : DATA
             head, _, data = raw.partition(b" : ")
-            pane = head.split(b" ")[1]
-            return PaneOutput(int(pane[1:]), unescape(data))
+            pid = int(head.split(b" ")[1][1:])
+            return None if pid in self.muted else PaneOutput(pid, unescape(data))
         if raw.startswith(b"%begin "):
             parts = raw.split(b" ")
             self._reply = Reply(int(parts[2]), True)

@@ -160,6 +160,10 @@ class Replica:
             "@tether_notice ''",
         ):
             await t.run(f"set -g {opt}")
+        with contextlib.suppress(TmuxError):
+            # a pane redraw (a host frame, a reset) must not push the old screen
+            # into the mates' scrollback as a copy
+            await t.run("set -g scroll-on-clear off")
         await t.run(f"set -g status-left {quote(AWAY + '[tether] ')}")
         lines = await t.run(f"list-windows -t {SESSION} -F '#{{window_id}}'")
         self.placeholder = lines[0].strip() if lines else None

@@ -26,11 +26,17 @@ class TmuxError(Exception):
 
 
 class TmuxControl:
-    def __init__(self, socket: str, on_event: EventHandler, tmux: str = "tmux") -> None:
+    def __init__(
+        self,
+        socket: str,
+        on_event: EventHandler,
+        tmux: str = "tmux",
+        muted: set[int] | None = None,
+    ) -> None:
         self.socket = socket
         self.tmux = tmux
         self._on_event = on_event
-        self._parser = ControlParser()
+        self._parser = ControlParser(muted)
         self._pending: deque[tuple[asyncio.Future[Reply], ReplyCallback | None]] = deque()
         self._proc: asyncio.subprocess.Process | None = None
         self._reader_task: asyncio.Task[None] | None = None
