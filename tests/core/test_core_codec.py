@@ -169,7 +169,7 @@ def test_type_ids_are_pinned() -> None:
     assert ids == {
         "Hello": 1, "Welcome": 2, "Error": 3,
         "Output": 10, "Structure": 11, "PaneReset": 12, "Status": 13, "Bindings": 14,
-        "Snapshot": 15, "Event": 20, "Ack": 21,
+        "Snapshot": 15, "Frame": 16, "Event": 20, "Ack": 21,
         "Input": 30, "InputAck": 31, "Resize": 32, "Ping": 33, "Pong": 34, "Notice": 35,
         "End": 36,
         "MateAttach": 40, "HostPresence": 41,
@@ -581,3 +581,18 @@ def test_byte_at_a_time() -> None:
     for b in b"".join(x.encode() for x in msgs):
         out += dec.feed(bytes([b]))
     assert out == msgs
+
+
+def test_compressed_frames_round_trip_and_bombs_are_refused() -> None:
+    from tether.core.codec import compress, decompress
+
+    screen = b"\x1b[31m" + b"x" * 20000 + b"\x1b[0m"
+    assert decompress(compress(screen)) == screen
+    bomb = compress(b"\0" * (MAX_DATA + 1))
+    assert len(bomb) < 8000
+    with pytest.raises(RemoteProtocolError, match="inflates past"):
+        decompress(bomb)
+    with pytest.raises(RemoteProtocolError, match="truncated"):
+        decompress(compress(screen)[:-10])
+    with pytest.raises(RemoteProtocolError, match="bad compressed data"):
+        decompress(b"not zlib at all")

@@ -15,6 +15,7 @@ from tether.core.messages import (
     Bindings,
     Error,
     Event,
+    Frame,
     Message,
     Output,
     PaneImage,
@@ -133,4 +134,29 @@ async def test_absurd_structures_are_refused_and_the_worker_carries_on(worker: W
     await worker.applied(seq)
     errors = [m for m in worker.got if isinstance(m, Error)]
     assert len(errors) == 3, errors
+    await until(lambda: "still alive" in tmux(worker.sock, "capture-pane", "-p"))
+
+
+async def test_frames_redraw_the_screen_keep_scrollback_and_bombs_are_refused(
+    worker: Worker,
+) -> None:
+    from tether.core.codec import compress
+
+    worker.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1))
+    seq = worker.send(Output(5, b"".join(b"history %d\r\n" % i for i in range(40))))
+    await worker.applied(seq)
+    await until(lambda: "history 39" in tmux(worker.sock, "capture-pane", "-p"))
+    seq = worker.send(Frame(5, compress(b"\x1bc\x1b[H\x1b[2J\x1b[32mframe one\x1b[0m\x1b[2;3H")))
+    await worker.applied(seq)
+    await until(lambda: tmux(worker.sock, "capture-pane", "-p").strip() == "frame one")
+    assert tmux(worker.sock, "display", "-p", "#{cursor_x},#{cursor_y}").strip() == "2,1"
+    # the scrollback holds what scrolled off before, not copies of redrawn screens
+    history = tmux(worker.sock, "capture-pane", "-p", "-S", "-100", "-E", "-1")
+    assert "history 0" in history and "frame one" not in history
+    assert history.count("history 15") == 1
+    seq = worker.send(Frame(5, compress(b"\0" * (2 << 20))))  # inflates past the bound
+    seq = worker.send(Output(5, b"\r\nstill alive"))
+    await worker.applied(seq)
+    errors = [m for m in worker.got if isinstance(m, Error)]
+    assert len(errors) == 1 and "inflates past" in errors[0].message, errors
     await until(lambda: "still alive" in tmux(worker.sock, "capture-pane", "-p"))

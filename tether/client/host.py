@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tether.core.codec import compress
 from tether.core.control import Notification, PaneOutput, Reply, layout_panes, quote
 from tether.core.errors import AuthError, RemoteProtocolError
 from tether.core.inputs import InputReceiver
@@ -35,6 +36,7 @@ from tether.core.messages import (
     End,
     Error,
     Event,
+    Frame,
     Hello,
     Input,
     InputAck,
@@ -271,7 +273,8 @@ class HostAgent:
             self.query_structure()
         elif name == "pause":
             pane = int(args.strip()[1:])
-            self._capture_pane(pane, resume=True)
+            if pane not in self._framing:  # a framed pane is paused on purpose
+                self._capture_pane(pane, resume=True)
         elif name == "exit":
             self.exit_reason = args.strip()
 
@@ -376,11 +379,14 @@ class HostAgent:
     # --- frames: a flooding pane is sent as its screen, not its bytes ----------
 
     def _start_frames(self, pane: int) -> None:
-        # not `refresh-client -A %N:off`: tmux 3.3a then stops reading the pane
-        # (stalling the host's program) and can crash; the output is skipped
-        # unread instead, and frames poll the screen
+        # tmux stops sending us the pane's output (formatting it for a control
+        # client costs the host's tmux more than drawing it); "pause", not "off":
+        # with no terminal attached, "off" makes tmux 3.3a stop reading the pane
+        # (stalling the host's program) and can crash it. What still arrives
+        # before the pause is skipped unread; frames poll the screen.
         log.info("pane %%%d floods: sending its screen every %.0f ms", pane, FRAME_EVERY * 1000)
         self._muted.add(pane)
+        self.tmux.send(f"refresh-client -A {quote(f'%{pane}:pause')}")
         self._framing[pane] = asyncio.get_running_loop().create_task(self._frames(pane))
         self._rate.pop(pane, None)
 
@@ -422,13 +428,18 @@ class HostAgent:
 
     def _send_frame(self, pane: int, frame: bytes) -> None:
         self.frames_sent += 1
-        for out in _split_output(pane, frame):
-            self._append(out)
+        packed = compress(frame)
+        if len(packed) <= MAX_DATA:
+            self._append(Frame(pane, packed))
+        else:  # incompressible and huge: as plain bytes
+            for out in _split_output(pane, frame):
+                self._append(out)
 
     def _end_frames(self, pane: int) -> None:
         """One exact frame, then bytes again: tmux answers the capture in order
         with the output, so what it printed before the reply is in the frame and
         what follows is sent as bytes."""
+        self.tmux.send(f"refresh-client -A {quote(f'%{pane}:continue')}")
         parts: list[Reply] = []
 
         def got(reply: Reply) -> None:

@@ -19,7 +19,8 @@ from . import codec
 from .errors import RemoteProtocolError
 from .limits import MAX_DATA, MAX_ITEMS, MAX_STR
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: ``Frame`` events (a flooding pane sent as compressed screens)."""
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
@@ -145,6 +146,16 @@ class Output(Message):
     data: bytes
 
 
+@message(16)
+class Frame(Message):
+    """A pane's whole screen, zlib-compressed (``codec.compress``): sent instead of
+    its bytes while it floods. Writing the inflated bytes into the pane redraws
+    its screen; its scrollback is left as it was."""
+
+    pane: int
+    data: bytes
+
+
 @message(11)
 class Structure(Message):
     """The whole window/pane structure; idempotent, so it can be resent freely."""
@@ -212,7 +223,7 @@ class Event(Message):
     """One entry of the replication log."""
 
     seq: int
-    body: Output | Structure | PaneReset | Status | Bindings | Snapshot
+    body: Output | Frame | Structure | PaneReset | Status | Bindings | Snapshot
 
 
 @message(21)
@@ -296,7 +307,7 @@ class HostPresence(Message):
     text: str
 
 
-EventBody = Output | Structure | PaneReset | Status | Bindings | Snapshot
+EventBody = Output | Frame | Structure | PaneReset | Status | Bindings | Snapshot
 
 
 # --- encoding -------------------------------------------------------------------
@@ -502,7 +513,7 @@ class MessageDecoder:
 
 def event_size(body: EventBody) -> int:
     """Rough byte weight of an event, for backlog bounds (no encoding needed)."""
-    if isinstance(body, Output):
+    if isinstance(body, Output | Frame):
         return len(body.data) + 16
     if isinstance(body, PaneReset):
         return len(body.image.data) + 16
@@ -519,6 +530,7 @@ __all__ = [
     "Error",
     "Event",
     "EventBody",
+    "Frame",
     "Hello",
     "HostPresence",
     "Input",

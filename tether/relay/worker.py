@@ -30,7 +30,9 @@ import termios
 import tty
 from dataclasses import dataclass
 
+from tether.core.codec import decompress
 from tether.core.control import Notification, PaneOutput, layout_panes, layout_size, quote
+from tether.core.errors import RemoteProtocolError
 from tether.core.limits import MAX_DIMENSION, MAX_PANES, MAX_WINDOWS
 from tether.core.messages import (
     STATUS_OPTIONS,
@@ -39,6 +41,7 @@ from tether.core.messages import (
     Bindings,
     Error,
     Event,
+    Frame,
     HostPresence,
     Input,
     MateAttach,
@@ -177,6 +180,11 @@ class Replica:
     async def apply(self, body: object) -> None:
         if isinstance(body, Output):
             self.write(body.pane, body.data)
+        elif isinstance(body, Frame):
+            try:
+                self.write(body.pane, decompress(body.data))
+            except RemoteProtocolError as exc:
+                raise ValueError(str(exc)) from None
         elif isinstance(body, Structure):
             await self.reconcile(body)
         elif isinstance(body, PaneReset):
