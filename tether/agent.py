@@ -11,14 +11,15 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 from tether.client import config as config_mod
-from tether.client.config import messages_path, state_dir
 from tether.client.host import HostAgent
+from tether.client.paths import messages_path, state_dir
 from tether.core.control import quote
 from tether.core.tokens import RedactTokens
 from tether.transport.reconnect import Connector
@@ -94,6 +95,9 @@ async def amain(
             "127.0.0.1", relay.port, [fp for _, fp in relay.fingerprints], cfg.identities
         )
 
+    authorized = authorized or (
+        os.path.expanduser(cfg.authorized_keys) if cfg.authorized_keys else None
+    )
     mate_keys = tuple(load_public_keys(authorized)) if authorized else ()
     agent = HostAgent(socket, session, Connector(addr), messages, mate_keys)
     messages.agent = agent

@@ -149,25 +149,13 @@ def new_session(
     verbose: bool,
     authorized: str | None = None,
 ) -> int:
-    from tether.client import config as config_mod
+    from tether.client.paths import state_dir
 
-    try:
-        cfg = config_mod.load(Path(conf) if conf else None)
-    except config_mod.ConfigError as exc:
-        return _die(str(exc))
-    authorized = authorized or cfg.authorized_keys
-    if authorized:
-        from tether.transport.ssh import load_public_keys
-
-        try:
-            load_public_keys(authorized)
-        except (OSError, ValueError) as exc:
-            return _die(f"cannot use {authorized}: {exc}")
-    state = config_mod.state_dir()
+    state = state_dir()
     env = dict(os.environ)
     env.pop("TMUX", None)
-    # start the agent first: its imports (~0.3 s) then overlap tmux starting; it
-    # reads the session id from its stdin, and leaves quietly if none comes
+    # start the agent first: its imports (~0.3 s) then overlap everything else
+    # here; it reads the session id from its stdin, and leaves quietly if none comes
     log_path = state / f"agent-{Path(sock).name}.log"
     cmd = [sys.executable, "-m", "tether", "_agent", "--socket", sock, "--session", "-"]
     if conf:
@@ -187,6 +175,25 @@ def new_session(
             close_fds=True,
         )
     assert agent.stdin is not None
+
+    def fail(msg: str) -> int:
+        agent.stdin.close()  # type: ignore[union-attr]
+        return _die(msg)
+
+    from tether.client import config as config_mod
+
+    try:
+        cfg = config_mod.load(Path(conf) if conf else None)
+    except config_mod.ConfigError as exc:
+        return fail(str(exc))
+    authorized = authorized or cfg.authorized_keys
+    if authorized:
+        from tether.transport.ssh import load_public_keys
+
+        try:
+            load_public_keys(authorized)
+        except (OSError, ValueError) as exc:
+            return fail(f"cannot use {authorized}: {exc}")
     conf_file = state / f"tmux-{os.getpid()}.conf"
     conf_file.write_text(config_mod.tmux_config(cfg))
     proc = subprocess.run(
@@ -209,8 +216,7 @@ def new_session(
     )
     conf_file.unlink(missing_ok=True)
     if proc.returncode != 0:
-        agent.stdin.close()
-        return _die(proc.stderr.strip() or "tmux could not start a session")
+        return fail(proc.stderr.strip() or "tmux could not start a session")
     session = proc.stdout.strip().splitlines()[-1]
     try:
         agent.stdin.write(f"{session}\n".encode())
@@ -225,7 +231,7 @@ def new_session(
 
 def show_messages(sock: str) -> int:
     """tether's own log for this session (connection strings, relay state)."""
-    from tether.client.config import messages_path
+    from tether.client.paths import messages_path
 
     path = messages_path(sock)
     if not path.exists():

@@ -70,7 +70,7 @@ class Session:
         assert self.handle.proc is not None
         for pid in descendants(self.handle.proc.pid):
             argv = cmdline(pid)
-            if argv[:3] == [sys.executable, "-m", "tether.relay.worker"]:
+            if argv[:2] == [sys.executable, "-c"] and "tether.relay.worker" in argv[2]:
                 return pid
         raise AssertionError("no worker process")
 

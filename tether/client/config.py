@@ -99,18 +99,3 @@ def tmux_config(cfg: TetherConfig) -> str:
     lines = ["source-file -q ~/.tmux.conf"]
     lines += cfg.tmux_lines
     return "\n".join(lines) + "\n"
-
-
-def state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    d = Path(base) / "tether"
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return d
-
-
-def messages_path(socket: str) -> Path:
-    """Where the agent sharing ``socket`` keeps its message log."""
-    import hashlib
-
-    digest = hashlib.sha256(os.path.abspath(socket).encode()).hexdigest()[:16]
-    return state_dir() / f"messages-{digest}.log"

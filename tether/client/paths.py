@@ -1,0 +1,21 @@
+"""Where tether keeps per-user state: cheap to import (the CLI needs it first)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    d = Path(base) / "tether"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d
+
+
+def messages_path(socket: str) -> Path:
+    """Where the agent sharing ``socket`` keeps its message log."""
+    import hashlib
+
+    digest = hashlib.sha256(os.path.abspath(socket).encode()).hexdigest()[:16]
+    return state_dir() / f"messages-{digest}.log"
