@@ -434,7 +434,8 @@ class Relay:
         procs = processes()
         below = descendants(self.pid, procs)
         workers = [p for p in below
-                   if "tether.relay.worker" in p.argv and _base(p.argv[0]) != "bwrap"]
+                   if any("tether.relay.worker" in a for a in p.argv)
+                   and _base(p.argv[0]) != "bwrap"]
         socks = {os.path.join(p.argv[-1], "tmux.sock") for p in workers}
         servers, clients = [], []
         for p in procs:

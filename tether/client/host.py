@@ -129,6 +129,10 @@ class Shared:
 Publish = Callable[[str, bool], None]
 """(text, show): log a message; ``show`` also displays it on the host's clients."""
 PING_EVERY = 0.5
+PING_IDLE = 1.0
+"""After IDLE_AFTER seconds without typing or output: a ping costs the relay about
+1.5 ms of CPU, which decides how many idle sessions one relay holds."""
+IDLE_AFTER = 5.0
 DEAD_AFTER = 8.0
 """Seconds without a word from the relay before the link is given up and replaced."""
 ACK_EVERY = 0.03
@@ -224,6 +228,8 @@ class HostAgent:
         self.exit_reason = ""
         self.state_changed = asyncio.Event()
         self.rtt: float | None = None
+        self._shown_rtt: float | None = None
+        self.last_busy = 0.0  # last typing or output, for the ping rate
         self._pings: dict[int, float] = {}
         self._rate: dict[int, tuple[float, int]] = {}
         self._framing: dict[int, asyncio.Task[None]] = {}
@@ -279,6 +285,7 @@ class HostAgent:
             self.exit_reason = args.strip()
 
     def _output(self, pane: int, data: bytes) -> None:
+        self.last_busy = time.monotonic()
         if pane in self._framing:
             return  # frames carry this pane's screen for now
         now = time.monotonic()
@@ -608,6 +615,7 @@ class HostAgent:
     # --- mate input -------------------------------------------------------------
 
     async def apply_input(self, msg: Input) -> None:
+        self.last_busy = time.monotonic()
         if not self.inputs.accept(msg):
             return  # a resend of input already typed
         target = f"%{msg.pane}"
@@ -723,7 +731,8 @@ class HostAgent:
         token = 0
         self.rtt = None
         while True:
-            await asyncio.sleep(PING_EVERY)
+            idle = time.monotonic() - self.last_busy > IDLE_AFTER
+            await asyncio.sleep(PING_IDLE if idle else PING_EVERY)
             token += 1
             self._pings[token] = time.monotonic()
             self._pings.pop(token - 20, None)
@@ -922,7 +931,13 @@ class HostAgent:
             if self.rtt is None:
                 return f"[tether {kind}]"
             ms = self.rtt * 1000
-            shown = f"{ms:.0f}" if ms < 10 else f"{round(ms, -len(str(int(ms))) + 2):.0f}"
+            # hysteresis: the status line is replicated to every mate, so a figure
+            # that flickers between 1 and 2 ms would cost each session an update a
+            # second; it changes once the RTT moved by a quarter (or 5 ms)
+            old = self._shown_rtt
+            if old is None or abs(ms - old) > max(5.0, old / 4):
+                self._shown_rtt = old = ms
+            shown = f"{old:.0f}" if old < 10 else f"{round(old, -len(str(int(old))) + 2):.0f}"
             return f"[tether {kind} {shown}ms]"
         if not self.last_contact:
             return "[tether: connecting]"
