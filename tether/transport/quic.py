@@ -321,6 +321,11 @@ async def connect_quic(host: str, port: int, fingerprint: str, timeout: float = 
         link.connect(addr)
         await asyncio.wait_for(link.wait_connected(), timeout)
     except (TimeoutError, ConnectionError) as exc:
+        # aioquic fails its shielded handshake waiter later, when the connection
+        # gives up; nobody awaits it any more ("exception was never retrieved")
+        waiter = getattr(link, "_connected_waiter", None)
+        if isinstance(waiter, asyncio.Future):
+            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
         link.close()
         raise LinkClosed(f"QUIC to {host}:{port} failed: {str(exc) or 'timed out'}") from None
     peer = quic.tls._peer_certificate  # aioquic keeps it private; it is the leaf we got
