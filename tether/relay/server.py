@@ -350,7 +350,7 @@ class Relay:
                     session.mate_keys = ssh.parse_public_keys(hello.mate_keys)
                 except ValueError as exc:
                     raise RemoteProtocolError(f"bad mate key list: {exc}") from None
-            elif session.host is not None:
+            if session.host is not None:
                 session.host.close()  # the old connection is dead or superseded
             session.host = link
             session.away_since = None
