@@ -173,7 +173,8 @@ def profile_running(scenario: str, args: argparse.Namespace) -> None:
             except subprocess.TimeoutExpired:
                 s.kill()
                 s.wait()
-        print(f"{scenario}: {elapsed:.1f}s under {'strace' if args.syscalls else 'py-spy (250 Hz)'}")
+        tool_name = "strace" if args.syscalls else "py-spy (250 Hz)"
+        print(f"{scenario}: {elapsed:.1f}s under {tool_name}")
         print("CPU seconds: " + ", ".join(
             f"{k} {cpu1[k] - cpu0[k]:.2f}" for k in groups if cpu1[k] - cpu0[k] > 0))
         for name, out in outs.items():

@@ -3,7 +3,7 @@
 
     python3 bench/run.py [--quick] [--only NAME...] [--json FILE] [-q]
 
-Benchmarks (in priority order): echo, startup, flood, memory, wire.
+Benchmarks (in priority order): echo, startup, flood, memory, wire, scale.
 Writes a JSON file (default bench-results.json in the current directory) and
 prints a table. Figures are measured, never asserted; a missed target is
 reported, not an error. The exit status is non-zero only when a benchmark
@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # `python3 bench/run.py`
 
 from bench.common import Ctx, Figure, Log
 
-BENCHMARKS = ["echo", "startup", "flood", "memory", "wire"]
+BENCHMARKS = ["echo", "startup", "flood", "memory", "wire", "scale"]
 
 
 def _fmt(v: float | None, unit: str = "") -> str:
