@@ -17,6 +17,7 @@ from __future__ import annotations
 import string
 import sys
 import time
+from typing import Any
 
 from bench.common import (
     TMUX_CONF,
@@ -46,6 +47,63 @@ SIZE = (80, 24)
 def _settle(*ptys: PtyProc) -> None:
     for p in ptys:
         p.wait_quiet(0.1, 10)
+
+
+def measure_echo(mate: PtyProc, host_term: PtyProc, local: PtyProc, samples: int,
+                 warm: int = 10, budget: float = 300) -> dict[str, Any]:
+    """Keystrokes into the mate's ssh and the floor's tmux client, A B B A ..., each
+    timed until visible; the host's own terminal is read too (the input path).
+    Stops early after ``budget`` seconds (a relay too busy to echo)."""
+    deadline = time.monotonic() + budget
+    stopped = False
+    mate_ms: list[float] = []
+    input_ms: list[float] = []
+    output_ms: list[float] = []
+    floor_ms: list[float] = []
+    lost = {"tether": 0, "floor": 0}
+    for p in (mate, local):
+        p.write(b"\r")
+    _settle(mate, local, host_term)
+    for i in range(warm + samples):
+        if time.monotonic() > deadline:
+            stopped = True
+            break
+        ch = ALPHABET[i % LINE : i % LINE + 1]
+        for side in ("tether", "floor") if i % 2 == 0 else ("floor", "tether"):
+            time.sleep(PACE)
+            if side == "tether":
+                mate.drain()
+                host_term.drain()
+                t0 = time.perf_counter()
+                mate.write(ch)
+                try:
+                    t_mate, t_host = wait_visible_all([(mate, ch), (host_term, ch)], 5)
+                except BenchError:
+                    lost["tether"] += 1
+                    _settle(mate, host_term)
+                    continue
+                if i >= warm:
+                    mate_ms.append((t_mate - t0) * 1000)
+                    input_ms.append((t_host - t0) * 1000)
+                    output_ms.append((t_mate - t_host) * 1000)
+            else:
+                local.drain()
+                t0 = time.perf_counter()
+                local.write(ch)
+                try:
+                    t1 = local.wait_visible(ch, 5)
+                except BenchError:
+                    lost["floor"] += 1
+                    _settle(local)
+                    continue
+                if i >= warm:
+                    floor_ms.append((t1 - t0) * 1000)
+        if (i + 1) % LINE == 0:
+            mate.write(b"\r")
+            local.write(b"\r")
+            _settle(mate, local, host_term)
+    return {"mate": mate_ms, "input": input_ms, "output": output_ms, "floor": floor_ms,
+            "lost": lost, "stopped": stopped}
 
 
 def run(ctx: Ctx) -> list[Figure]:
@@ -85,48 +143,11 @@ def run(ctx: Ctx) -> list[Figure]:
 
         groups = {**host.pids(), **relay.parts(), "mate ssh": [mate.pid]}
         cpu0 = cpu_of(groups)
-        mate_ms: list[float] = []
-        input_ms: list[float] = []
-        output_ms: list[float] = []
-        floor_ms: list[float] = []
-        lost = {"tether": 0, "floor": 0}
         log(f"echo: {samples} keystrokes each, tether and floor interleaved")
-        for i in range(warm + samples):
-            ch = ALPHABET[i % LINE : i % LINE + 1]
-            order = ("tether", "floor") if i % 2 == 0 else ("floor", "tether")
-            for side in order:
-                time.sleep(PACE)
-                if side == "tether":
-                    mate.drain()
-                    host_term.drain()
-                    t0 = time.perf_counter()
-                    mate.write(ch)
-                    try:
-                        t_mate, t_host = wait_visible_all([(mate, ch), (host_term, ch)], 5)
-                    except BenchError:
-                        lost["tether"] += 1
-                        _settle(mate, host_term)
-                        continue
-                    if i >= warm:
-                        mate_ms.append((t_mate - t0) * 1000)
-                        input_ms.append((t_host - t0) * 1000)
-                        output_ms.append((t_mate - t_host) * 1000)
-                else:
-                    local.drain()
-                    t0 = time.perf_counter()
-                    local.write(ch)
-                    try:
-                        t1 = local.wait_visible(ch, 5)
-                    except BenchError:
-                        lost["floor"] += 1
-                        _settle(local)
-                        continue
-                    if i >= warm:
-                        floor_ms.append((t1 - t0) * 1000)
-            if (i + 1) % LINE == 0:
-                mate.write(b"\r")
-                local.write(b"\r")
-                _settle(mate, local, host_term)
+        got = measure_echo(mate, host_term, local, samples, warm, budget=3600)
+        mate_ms, input_ms, output_ms, floor_ms = (
+            got["mate"], got["input"], got["output"], got["floor"])
+        lost = got["lost"]
         cpu1 = cpu_of(groups)
         typed = warm + samples - lost["tether"]
         # every keystroke plus a little idle time (keep-alives, the status poll)

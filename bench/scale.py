@@ -81,7 +81,7 @@ from bench.common import (
     wait_visible_all,
     write_host_home,
 )
-from bench.echo import ALPHABET, LINE, PACE, SIZE
+from bench.echo import LINE, SIZE, measure_echo
 from bench.memory import settle
 
 MIB = 1 << 20
@@ -437,66 +437,6 @@ class Fleet:
 
 
 # --- echo, as bench/echo.py measures it ---------------------------------------------
-
-
-def _settle(*ptys: PtyProc) -> None:
-    for p in ptys:
-        p.wait_quiet(0.1, 10)
-
-
-def measure_echo(mate: PtyProc, host_term: PtyProc, local: PtyProc, samples: int,
-                 warm: int = 10, budget: float = 300) -> dict[str, Any]:
-    """Keystrokes into the mate's ssh and the floor's tmux client, A B B A ..., each
-    timed until visible; the host's own terminal is read too (the input path).
-    Stops early after ``budget`` seconds (a relay too busy to echo)."""
-    deadline = time.monotonic() + budget
-    stopped = False
-    mate_ms: list[float] = []
-    input_ms: list[float] = []
-    floor_ms: list[float] = []
-    lost = {"tether": 0, "floor": 0}
-    for p in (mate, local):
-        p.write(b"\r")
-    _settle(mate, local, host_term)
-    for i in range(warm + samples):
-        if time.monotonic() > deadline:
-            stopped = True
-            break
-        ch = ALPHABET[i % LINE : i % LINE + 1]
-        for side in ("tether", "floor") if i % 2 == 0 else ("floor", "tether"):
-            time.sleep(PACE)
-            if side == "tether":
-                mate.drain()
-                host_term.drain()
-                t0 = time.perf_counter()
-                mate.write(ch)
-                try:
-                    t_mate, t_host = wait_visible_all([(mate, ch), (host_term, ch)], 5)
-                except BenchError:
-                    lost["tether"] += 1
-                    _settle(mate, host_term)
-                    continue
-                if i >= warm:
-                    mate_ms.append((t_mate - t0) * 1000)
-                    input_ms.append((t_host - t0) * 1000)
-            else:
-                local.drain()
-                t0 = time.perf_counter()
-                local.write(ch)
-                try:
-                    t1 = local.wait_visible(ch, 5)
-                except BenchError:
-                    lost["floor"] += 1
-                    _settle(local)
-                    continue
-                if i >= warm:
-                    floor_ms.append((t1 - t0) * 1000)
-        if (i + 1) % LINE == 0:
-            mate.write(b"\r")
-            local.write(b"\r")
-            _settle(mate, local, host_term)
-    return {"mate": mate_ms, "input": input_ms, "floor": floor_ms, "lost": lost,
-            "stopped": stopped}
 
 
 def _rounds(xs: list[float]) -> list[list[float]]:
