@@ -25,6 +25,7 @@ from bench.common import (
     Ctx,
     Figure,
     HostSession,
+    Log,
     PlainTmux,
     PtyProc,
     Relay,
@@ -106,37 +107,46 @@ def measure_echo(mate: PtyProc, host_term: PtyProc, local: PtyProc, samples: int
             "lost": lost, "stopped": stopped}
 
 
+def echo_rig(wd: Workdir, relay: Relay, log: Log
+             ) -> tuple[HostSession, PtyProc, PtyProc, PtyProc]:
+    """A shared host pane running ``cat`` with the host's own terminal on it, a mate's
+    ``ssh`` joined to it, and the floor (a plain tmux running ``cat`` with a local
+    client): (host, host terminal, mate, floor client), once every path echoes."""
+    home = wd.path / "host"
+    write_host_home(home, relay.conf(), TMUX_CONF + "set -g status off\n")
+    env = wd.env(home)
+    host = HostSession(wd, home, "host", SIZE, ["cat"])
+    floor = PlainTmux(wd, home, "floor", SIZE, ["cat"])
+    host_term = PtyProc(attach_argv(host.sock), env, SIZE)
+    wd.on_close(host_term.close)
+    mate = PtyProc(host.ssh(), env, (SIZE[0], SIZE[1] + 1))
+    wd.on_close(mate.close)
+    local = PtyProc(attach_argv(floor.sock), env, SIZE)
+    wd.on_close(local.close)
+    log("echo: waiting for the mate to attach")
+    # the first character typed proves every path is up
+    deadline = time.monotonic() + 30
+    while True:
+        mate.drain()
+        mate.write(b"!")
+        try:
+            wait_visible_all([(mate, b"!"), (host_term, b"!")], 3)
+            break
+        except BenchError:
+            if time.monotonic() > deadline:
+                raise
+    local.write(b"!")
+    local.wait_visible(b"!", 10)
+    return host, host_term, mate, local
+
+
 def run(ctx: Ctx) -> list[Figure]:
     samples = 40 if ctx.quick else 330
     warm = 10
     log = ctx.log
     with Workdir("echo") as wd:
         relay = Relay(wd)
-        home = wd.path / "host"
-        write_host_home(home, relay.conf(), TMUX_CONF + "set -g status off\n")
-        env = wd.env(home)
-        host = HostSession(wd, home, "host", SIZE, ["cat"])
-        floor = PlainTmux(wd, home, "floor", SIZE, ["cat"])
-        host_term = PtyProc(attach_argv(host.sock), env, SIZE)
-        wd.on_close(host_term.close)
-        mate = PtyProc(host.ssh(), env, (SIZE[0], SIZE[1] + 1))
-        wd.on_close(mate.close)
-        local = PtyProc(attach_argv(floor.sock), env, SIZE)
-        wd.on_close(local.close)
-        log("echo: waiting for the mate to attach")
-        # the first character typed proves every path is up
-        deadline = time.monotonic() + 30
-        while True:
-            mate.drain()
-            mate.write(b"!")
-            try:
-                wait_visible_all([(mate, b"!"), (host_term, b"!")], 3)
-                break
-            except BenchError:
-                if time.monotonic() > deadline:
-                    raise
-        local.write(b"!")
-        local.wait_visible(b"!", 10)
+        host, host_term, mate, local = echo_rig(wd, relay, log)
         for p in (mate, local):
             p.write(b"\r")
         _settle(mate, local, host_term)

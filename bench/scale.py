@@ -63,25 +63,19 @@ from typing import Any
 
 from bench.common import (
     PY,
-    TMUX_CONF,
     BenchError,
     Ctx,
     Figure,
-    HostSession,
     Mem,
     PlainTmux,
-    PtyProc,
     Relay,
     Workdir,
-    attach_argv,
     cpu_of,
     mem_of,
     percentile,
     wait_for,
-    wait_visible_all,
-    write_host_home,
 )
-from bench.echo import LINE, SIZE, measure_echo
+from bench.echo import LINE, SIZE, echo_rig, measure_echo
 from bench.memory import settle
 
 MIB = 1 << 20
@@ -504,31 +498,8 @@ def run(ctx: Ctx) -> list[Figure]:
     with Workdir("scale") as wd:
         cap = str(max(steps) + 16)
         relay = Relay(wd, ["--max-sessions", cap, "--max-sessions-per-key", cap])
-        home = wd.path / "host"
-        write_host_home(home, relay.conf(), TMUX_CONF + "set -g status off\n")
-        env = wd.env(home)
-        host = HostSession(wd, home, "host", SIZE, ["cat"])
-        floor = PlainTmux(wd, home, "floor", SIZE, ["cat"])
-        host_term = PtyProc(attach_argv(host.sock), env, SIZE)
-        wd.on_close(host_term.close)
-        mate = PtyProc(host.ssh(), env, (SIZE[0], SIZE[1] + 1))
-        wd.on_close(mate.close)
-        local = PtyProc(attach_argv(floor.sock), env, SIZE)
-        wd.on_close(local.close)
+        host, host_term, mate, local = echo_rig(wd, relay, log)
         ptys = (mate, host_term, local)
-        log("scale: waiting for the mate to attach")
-        deadline = time.monotonic() + 30
-        while True:
-            mate.drain()
-            mate.write(b"!")
-            try:
-                wait_visible_all([(mate, b"!"), (host_term, b"!")], 3)
-                break
-            except BenchError:
-                if time.monotonic() > deadline:
-                    raise
-        local.write(b"!")
-        local.wait_visible(b"!", 10)
 
         def drain_all() -> None:
             for p in ptys:
