@@ -54,9 +54,12 @@ log = logging.getLogger("tether.relay")
 
 INVALID_TOKEN = b"Invalid or expired session token.\r\n"
 HOST_SILENCE = 5.0
+"""Seconds without a word from a host before its mates are told it is away."""
 ACK_EVERY = 0.03
 """Acks to the host are coalesced: a keystroke's echo then costs one message less."""
-"""Seconds without a word from a host before its mates are told it is away."""
+MATE_WAIT_SCREEN = 10.0
+"""How long a mate joining a brand-new session waits for the host's first
+screen before attaching anyway (to a replica that says it is waiting)."""
 
 
 RedactTokens = tokens.RedactTokens
@@ -116,6 +119,9 @@ class Session:
     ended: bool = False
     ack_timer: asyncio.TimerHandle | None = None
     acked: int = 0
+    screen: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the replica has applied the host's first snapshot: a mate who
+    attached before would see a placeholder and type into nothing."""
 
 
 class Relay:
@@ -291,6 +297,7 @@ class Relay:
 
     def _from_replica(self, s: Session, msg: Message) -> None:
         if isinstance(msg, Ack):
+            s.screen.set()
             # the host needs acks only to trim its replay buffer: one per ACK_EVERY
             s.acked = msg.seq
             if s.ack_timer is None:
@@ -470,6 +477,10 @@ class Relay:
             term.exit(1)
             return
         mate = Mate(next(self._mate_ids), readonly, term.cols, term.rows)
+        if not session.screen.is_set():
+            # a session just created: its replica has not shown the host's screen yet
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.screen.wait(), MATE_WAIT_SCREEN)
         try:
             mate.fd = await session.replica.attach(
                 mate.id, readonly, term.cols, term.rows, term.term
@@ -522,6 +533,7 @@ class Relay:
                     done.set_result(None)
                 return
             term.write(data)
+            drawn.set()
             if not paused:
                 paused = True
                 loop.remove_reader(mate.fd)
@@ -539,7 +551,13 @@ class Relay:
         rate = self.config.mate_input_rate
         bucket = TokenBucket(rate, 4 * rate, time.monotonic())
 
+        drawn = asyncio.Event()
+
         async def typing() -> None:
+            # keys reach the tmux client only once it has put its terminal in raw
+            # mode (which discards pending input): its first drawing says it has
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drawn.wait(), MATE_WAIT_SCREEN)
             while True:
                 item = await term.read()
                 if isinstance(item, tuple):
