@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 
 KNOWN = {
@@ -28,16 +27,57 @@ class ConfigError(Exception):
     pass
 
 
-@dataclass
 class TetherConfig:
-    server_host: str = ""
-    server_port: int = 22
-    fingerprints: list[str] = field(default_factory=list)
-    identities: list[str] = field(default_factory=list)
-    known_hosts: str | None = None
-    authorized_keys: str | None = None
-    tmux_lines: list[str] = field(default_factory=list)
-    path: Path | None = None
+    """tether's options from the config file, plus its plain tmux lines.
+
+    A plain class: ``dataclasses`` (through ``inspect``) would cost every
+    ``tether new-session`` ~15 ms of imports.
+    """
+
+    __slots__ = (
+        "authorized_keys",
+        "fingerprints",
+        "identities",
+        "known_hosts",
+        "path",
+        "server_host",
+        "server_port",
+        "tmux_lines",
+    )
+
+    def __init__(
+        self,
+        server_host: str = "",
+        server_port: int = 22,
+        fingerprints: list[str] | None = None,
+        identities: list[str] | None = None,
+        known_hosts: str | None = None,
+        authorized_keys: str | None = None,
+        tmux_lines: list[str] | None = None,
+        path: Path | None = None,
+    ) -> None:
+        self.server_host = server_host
+        self.server_port = server_port
+        self.fingerprints = list(fingerprints or [])
+        self.identities = list(identities or [])
+        self.known_hosts = known_hosts
+        self.authorized_keys = authorized_keys
+        self.tmux_lines = list(tmux_lines or [])
+        self.path = path
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TetherConfig):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass would be
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"TetherConfig({inner})"
 
 
 def default_path() -> Path:

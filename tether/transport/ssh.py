@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +38,18 @@ def _import_asyncssh() -> None:
 
     real = ctypes.util.find_library
     ctypes.util.find_library = lambda name: None if name in ("oqs", "liboqs") else real(name)
+    # X.509 certificates in SSH are unused by tether; asyncssh's support for them
+    # imports cryptography.x509 and pyOpenSSL (~35 ms), and goes without them
+    blocked = "asyncssh.crypto.x509"
+    had = blocked in sys.modules
+    if not had:
+        sys.modules[blocked] = None  # type: ignore[assignment]
     try:
         import asyncssh  # noqa: F401
     finally:
         ctypes.util.find_library = real
+        if not had and sys.modules.get(blocked, 0) is None:
+            del sys.modules[blocked]
 
 
 _import_asyncssh()
