@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
+import hashlib
 import math
 import os
 import re
@@ -474,6 +475,18 @@ def write_host_home(home: Path, conf: str, tmux_conf: str = TMUX_CONF) -> None:
     (home / ".tmux.conf").write_text(tmux_conf)
 
 
+def agent_pid(env: dict[str, str], sock: str) -> int | None:
+    """The live agent sharing ``sock``, from its pid file: an agent forked by the
+    zygote (``tether.zygote``) has the zygote's command line."""
+    digest = hashlib.sha256(os.path.abspath(sock).encode()).hexdigest()[:16]
+    path = Path(env["XDG_STATE_HOME"]) / "tether" / f"agent-{digest}.pid"
+    try:
+        pid = int(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
 class HostSession:
     """`tether -S SOCK new-session -d` in ``home`` (whose ~/.tether.conf names the relay)."""
 
@@ -520,14 +533,13 @@ class HostSession:
         return tmux(self.sock, *args, check=check)
 
     def agent_pids(self) -> list[int]:
-        return [p.pid for p in processes()
-                if "_agent" in p.argv and self.sock in p.argv and "--socket" in p.argv]
+        pid = agent_pid(self.env, self.sock)
+        return [pid] if pid is not None else []
 
     def pids(self) -> dict[str, list[int]]:
         """The host side: agent, its control-mode tmux client, the host tmux server."""
         procs = processes()
-        agent = [p.pid for p in procs
-                 if "_agent" in p.argv and self.sock in p.argv and "--socket" in p.argv]
+        agent = self.agent_pids()
         ctl = [d.pid for a in agent for d in descendants(a, procs) if "-C" in d.argv]
         server = [p.pid for p in procs if p.argv[0].rsplit("/", 1)[-1] == "tmux"
                   and self.sock in p.argv and "new-session" in p.argv]

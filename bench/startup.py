@@ -3,7 +3,8 @@
 With a relay already running:
 
 * cold: no tether process of this user is running yet;
-* warm: a second session while another one is shared.
+* warm: a second session while another one is shared (its agent is forked
+  by the zygote the first one left, ``tether.zygote``).
 
 Floor: plain tmux doing the same two steps, ``tmux -S SOCK new-session -d`` then
 ``tmux -S SOCK display -p x``. Each round runs cold, floor, warm, floor.
@@ -120,9 +121,26 @@ def floor_start(wd: Workdir, home: Path, name: str) -> float:
     return (t1 - t0) * 1000
 
 
+def _zygotes(wd: Workdir) -> list[int]:
+    """This benchmark's zygotes (``tether.zygote``), told by their environment."""
+    mine = str(wd.path).encode()
+    found = []
+    for p in processes():
+        if "_zygote" in p.argv:
+            try:
+                environ = Path(f"/proc/{p.pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if mine in environ:
+                found.append(p.pid)
+    return found
+
+
 def _no_agents(wd: Workdir) -> bool:
+    """Cold: neither an agent nor a zygote of this benchmark runs."""
     mine = str(wd.path)
-    return not any("_agent" in p.argv and mine in p.cmdline for p in processes())
+    agents = any("_agent" in p.argv and mine in p.cmdline for p in processes())
+    return not agents and not _zygotes(wd)
 
 
 # --- python -X importtime ------------------------------------------------------------
@@ -260,7 +278,9 @@ def run(ctx: Ctx) -> list[Figure]:
             cold.append(t)
             f1 = floor_start(wd, home, f"floor{r}a")
             resident = HostSession(wd, home, f"resident{r}")
-            quiet(*(p for pids in resident.pids().values() for p in pids))
+            # warm: the resident session's agent has started the zygote by now
+            wait_for(lambda: bool(_zygotes(wd)), 10, "the zygote started")
+            quiet(*(p for pids in resident.pids().values() for p in pids), *_zygotes(wd))
             t, s = tether_start(wd, home, f"warm{r}")
             s.close()
             resident.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tether.client import config as config_mod
 from tether.client.host import HostAgent
-from tether.client.paths import messages_path, state_dir
+from tether.client.paths import messages_path, pid_path, state_dir
 from tether.core.control import quote
 from tether.core.tokens import RedactTokens
 from tether.transport.reconnect import Connector
@@ -66,9 +66,7 @@ async def _display_all(agent: HostAgent, text: str) -> None:
                 agent.tmux.send(f"display-message -d 15000 -c {quote(name)} {shown}")
 
 
-async def amain(
-    socket: str, session: str, conf: Path | None, authorized: str | None = None
-) -> int:
+async def amain(socket: str, session: str, conf: Path | None, authorized: str | None = None) -> int:
     cfg = config_mod.load(conf)
     messages = Messages(messages_path(socket))
     relay = None
@@ -110,15 +108,22 @@ async def amain(
             messages(f"embedded relay: the replica is not jailed: {jail_problem}")
     else:
         messages(f"connecting to relay {addr.host}:{addr.port}")
+    pidfile = pid_path(socket)
+    pidfile.write_text(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     runner = asyncio.create_task(agent.run())
     stopper = asyncio.create_task(stop.wait())
+    warmer = asyncio.create_task(_start_zygote(agent))
     await asyncio.wait([runner, stopper], return_when=asyncio.FIRST_COMPLETED)
     runner.cancel()
     stopper.cancel()
+    warmer.cancel()
+    with contextlib.suppress(OSError):
+        if pidfile.read_text().strip() == str(os.getpid()):
+            pidfile.unlink()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await runner
     if relay is not None:
@@ -126,12 +131,21 @@ async def amain(
     return 0
 
 
+async def _start_zygote(agent: HostAgent) -> None:
+    """Once shared, leave a zygote behind so the user's next session starts warm."""
+    from tether import zygote
+
+    if zygote.forked:
+        return  # ours is running
+    await agent.ready.wait()
+    with contextlib.suppress(OSError):
+        zygote.start(state_dir(), state_dir() / "zygote.log")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tether-agent")
     p.add_argument("--socket", required=True)
-    p.add_argument(
-        "--session", required=True, help="tmux session id, or - to read it from stdin"
-    )
+    p.add_argument("--session", required=True, help="tmux session id, or - to read it from stdin")
     p.add_argument("--config", type=Path)
     p.add_argument("--authorized-keys")
     p.add_argument("-v", "--verbose", action="store_true")

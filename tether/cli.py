@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs the CLI's start-up ~5 ms
+    from typing import IO
+
 USAGE = """\
 usage: tether [-S SOCKET] [-f CONFIG] [-a AUTHORIZED_KEYS] [-v] [COMMAND [ARGS...]]
 
@@ -121,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             "the roaming client is not available yet; join with the ssh command "
             "from `tether show-messages`"
         )
+    if command == "_zygote":
+        from tether.zygote import main as zygote_main
+
+        return zygote_main(args[1:])
     if command == "_agent":
         from tether.agent import main as agent_main
 
@@ -164,20 +172,10 @@ def new_session(
         cmd.append("-v")
     if authorized:
         cmd += ["--authorized-keys", os.path.abspath(os.path.expanduser(authorized))]
-    with open(log_path, "ab") as logf:
-        agent = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,
-            env=env,
-            close_fds=True,
-        )
-    assert agent.stdin is not None
+    agent_in = _start_agent(state, cmd, env, log_path)
 
     def fail(msg: str) -> int:
-        agent.stdin.close()  # type: ignore[union-attr]
+        agent_in.close()
         return _die(msg)
 
     from tether.client import config as config_mod
@@ -219,14 +217,41 @@ def new_session(
         return fail(proc.stderr.strip() or "tmux could not start a session")
     session = proc.stdout.strip().splitlines()[-1]
     try:
-        agent.stdin.write(f"{session}\n".encode())
-        agent.stdin.close()
+        agent_in.write(f"{session}\n".encode())
+        agent_in.close()
     except BrokenPipeError:
         return _die(f"the tether agent did not start; see {log_path}")
     if detached:
         return 0
     os.execvpe("tmux", ["tmux", "-S", sock, "attach", "-t", session], env)
     return 0  # not reached
+
+
+def _start_agent(state: Path, cmd: list[str], env: dict[str, str], log_path: Path) -> IO[bytes]:
+    """Start the agent: forked by the user's zygote when one runs (no imports to
+    wait for, see ``tether.zygote``), else as a new process. Returns its stdin."""
+    from tether.zygote import request_agent
+
+    with open(log_path, "ab") as logf:
+        read_end, write_end = os.pipe()
+        try:
+            if request_agent(state, cmd[4:], env, read_end, logf.fileno()) is None:
+                # a fresh pipe: a zygote that answers late gets EOF and leaves
+                os.close(write_end)
+                os.close(read_end)
+                read_end, write_end = os.pipe()
+                subprocess.Popen(
+                    cmd,
+                    stdin=read_end,
+                    stdout=logf,
+                    stderr=logf,
+                    start_new_session=True,
+                    env=env,
+                    close_fds=True,
+                )
+        finally:
+            os.close(read_end)
+    return os.fdopen(write_end, "wb")
 
 
 def show_messages(sock: str) -> int:

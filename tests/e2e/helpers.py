@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -133,7 +134,7 @@ class Host:
     """A shared session: `tether -S SOCK new-session -d`, then `wait tether-ready`."""
 
     def __init__(self, home: Path, conf: str, size: tuple[int, int] = (100, 30),
-                 ready: bool = True, prefix: Sequence[str] = ()) -> None:
+                 ready: bool = True, prefix: Sequence[str] = (), name: str = "tmux") -> None:
         self.home = home
         self.prefix = list(prefix)
         home.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,7 @@ class Host:
             "set -g default-terminal tmux-256color\nset -g history-limit 5000\n"
         )
         self.env = tether_env(home)
-        self.sock = str(home / "tmux.sock")
+        self.sock = str(home / f"{name}.sock")
         tether(self.env, "-S", self.sock, "new-session", "-d", "-x", str(size[0]), "-y",
                str(size[1]), prefix=self.prefix)
         if ready:
@@ -180,19 +181,35 @@ class Host:
         return tether(self.env, "-S", self.sock, "show-messages", check=False)
 
     def agent_pid(self) -> int:
-        out = subprocess.run(["pgrep", "-f", f"_agent --socket {self.sock}"],
-                             capture_output=True, text=True).stdout.split()
-        assert out, "no agent process"
-        return int(out[0])
+        """From the agent's pid file: one forked by the zygote has its command line."""
+        digest = hashlib.sha256(os.path.abspath(self.sock).encode()).hexdigest()[:16]
+        path = self.home / "state" / "tether" / f"agent-{digest}.pid"
+        assert path.exists(), "no agent pid file"
+        pid = int(path.read_text())
+        os.kill(pid, 0)  # alive
+        return pid
 
     def agent_log(self) -> str:
         logs = list((self.home / "state" / "tether").glob("agent-*.log"))
         return "\n".join(p.read_text(errors="replace") for p in logs)
 
     def close(self) -> None:
+        try:
+            pid: int | None = self.agent_pid()
+        except (AssertionError, OSError, ValueError):
+            pid = None
         self.tmux("kill-server", check=False)
-        # the agent exits when its tmux server does
-        subprocess.run(["pkill", "-f", f"_agent --socket {self.sock}"], check=False)
+        # the agent exits when its tmux server does; end it if it lingers
+        deadline = time.monotonic() + 5
+        while pid is not None and time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return
+            time.sleep(0.02)
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
 
 
 class Mate:

@@ -13,9 +13,18 @@ def state_dir() -> Path:
     return d
 
 
-def messages_path(socket: str) -> Path:
-    """Where the agent sharing ``socket`` keeps its message log."""
+def _digest(socket: str) -> str:
     import hashlib
 
-    digest = hashlib.sha256(os.path.abspath(socket).encode()).hexdigest()[:16]
-    return state_dir() / f"messages-{digest}.log"
+    return hashlib.sha256(os.path.abspath(socket).encode()).hexdigest()[:16]
+
+
+def messages_path(socket: str) -> Path:
+    """Where the agent sharing ``socket`` keeps its message log."""
+    return state_dir() / f"messages-{_digest(socket)}.log"
+
+
+def pid_path(socket: str) -> Path:
+    """Where the agent sharing ``socket`` writes its pid (it may be a fork of the
+    zygote, whose command line names no socket)."""
+    return state_dir() / f"agent-{_digest(socket)}.pid"
