@@ -130,8 +130,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return zygote_main(args[1:])
     if command == "_agent":
-        from tether.agent import main as agent_main
-
+        # asyncio imports ssl (~16 ms) for TLS the agent never uses; aioquic
+        # imports it again once the session is shared, off the start-up path
+        had_ssl = "ssl" in sys.modules
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+        try:
+            from tether.agent import main as agent_main
+        finally:
+            if not had_ssl:
+                del sys.modules["ssl"]
         return agent_main(args[1:])
 
     if command is None or command in ("new-session", "new"):

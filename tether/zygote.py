@@ -166,7 +166,11 @@ def _become_agent(req: _Request, keep: list[int]) -> None:
 
         code = main(req.argv)
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        if isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
     except BaseException:
         import traceback
 
