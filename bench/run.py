@@ -152,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed", file=sys.stderr)
             return 2
+    # what ./run and ./test do: tether's modules byte-compiled, so that a
+    # PYTHONDONTWRITEBYTECODE environment does not time the compiler
+    import compileall
+
+    import tether
+
+    compileall.compile_dir(os.path.dirname(tether.__file__), quiet=2)
     names = [n for n in BENCHMARKS if not a.only or n in a.only]
     ctx = Ctx(quick=a.quick, log=Log(not a.quiet))
     figures: list[Figure] = []

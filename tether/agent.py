@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tether.client import config as config_mod
-from tether.client.host import HostAgent
+from tether.client.host import HostAgent, discard_link
 from tether.client.paths import messages_path, pid_path, state_dir
 from tether.core.control import quote
 from tether.core.tokens import RedactTokens
@@ -97,7 +97,19 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
         os.path.expanduser(cfg.authorized_keys) if cfg.authorized_keys else None
     )
     mate_keys = tuple(load_public_keys(authorized)) if authorized else ()
-    agent = HostAgent(socket, session, Connector(addr), messages, mate_keys)
+    connector = Connector(addr)
+    early = asyncio.create_task(connector.connect())
+    if session == "-":
+        # `tether new-session` started us before tmux: the SSH handshake overlaps
+        # tmux starting the session; no id means tmux failed
+        session = await _read_session_id()
+        if not session:
+            discard_link(early)
+            if relay is not None:
+                await relay.close()
+            return 0
+    agent = HostAgent(socket, session, connector, messages, mate_keys)
+    agent.early = early
     messages.agent = agent
     if relay is not None:
         messages(
@@ -142,6 +154,20 @@ async def _start_zygote(agent: HostAgent) -> None:
         zygote.start(state_dir(), state_dir() / "zygote.log")
 
 
+async def _read_session_id() -> str:
+    """The session id `tether new-session` writes to our stdin once tmux made it."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
+    try:
+        line = await reader.readline()
+    finally:
+        transport.close()
+    return line.decode(errors="replace").strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tether-agent")
     p.add_argument("--socket", required=True)
@@ -150,11 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--authorized-keys")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    if a.session == "-":
-        # `tether new-session` starts us before tmux; no id means tmux failed
-        a.session = sys.stdin.readline().strip()
-        if not a.session:
-            return 0
     handler = logging.StreamHandler()
     handler.addFilter(RedactTokens())
     logging.basicConfig(

@@ -7,12 +7,11 @@ and friends must start as fast as tmux itself.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs the CLI's start-up ~5 ms
+    from pathlib import Path
     from typing import IO
 
 USAGE = """\
@@ -64,9 +63,9 @@ def _current_socket() -> str | None:
 
 
 def _new_socket() -> str:
-    base = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tether-{os.getuid()}"
-    base.mkdir(mode=0o700, exist_ok=True)
-    return str(base / f"s{os.getpid()}-{os.urandom(3).hex()}")
+    base = os.path.join(os.environ.get("TMUX_TMPDIR", "/tmp"), f"tether-{os.getuid()}")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return os.path.join(base, f"s{os.getpid()}-{os.urandom(3).hex()}")
 
 
 def _translate(arg: str) -> str:
@@ -164,6 +163,9 @@ def new_session(
     verbose: bool,
     authorized: str | None = None,
 ) -> int:
+    import subprocess
+    from pathlib import Path
+
     from tether.client.paths import state_dir
 
     state = state_dir()
@@ -237,6 +239,8 @@ def new_session(
 def _start_agent(state: Path, cmd: list[str], env: dict[str, str], log_path: Path) -> IO[bytes]:
     """Start the agent: forked by the user's zygote when one runs (no imports to
     wait for, see ``tether.zygote``), else as a new process. Returns its stdin."""
+    import subprocess
+
     from tether.zygote import request_agent
 
     with open(log_path, "ab") as logf:

@@ -24,6 +24,7 @@ in ASCII, or nothing if it could not be started.
 from __future__ import annotations
 
 import array
+import gc
 import os
 import select
 import socket
@@ -208,6 +209,11 @@ def serve(state: Path, watch: int | None) -> int:
     import tether.agent
     import tether.relay.server
     import tether.transport.quic  # noqa: F401
+
+    # what is imported stays: out of the collector's reach, a forked agent's
+    # collections neither walk it nor copy the pages it is on
+    gc.collect()
+    gc.freeze()
 
     alive: dict[int, int] = {}  # pidfd -> pid
     if watch is not None and (fd := _pidfd(watch)) is not None:

@@ -193,6 +193,14 @@ def strip_confirm(command: str) -> str:
     return split_confirm(command)[0]
 
 
+def discard_link(task: asyncio.Task[Link]) -> None:
+    """Cancel a connection attempt, closing its link if it already made one."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
 class HostAgent:
     def __init__(
         self,
@@ -207,6 +215,9 @@ class HostAgent:
         self.session_name = session
         self.connector = connector
         self._next_link: Link | None = None
+        self.early: asyncio.Task[Link] | None = None
+        """A first connection started before the agent knew its session (the
+        SSH handshake then overlaps tmux starting)."""
         self.publish = publish or (lambda text, show: None)
         self.log = LogSender()
         self.inputs = InputReceiver()
@@ -841,6 +852,8 @@ class HostAgent:
             poller.cancel()
             connector.cancel()
             shower.cancel()
+            if self.early is not None:
+                discard_link(self.early)
             self._stop_frames()
             if self.link is not None:
                 self.link.close()
@@ -886,7 +899,11 @@ class HostAgent:
         delay = 0.2
         while not self.exited.is_set():
             try:
-                link = self._next_link or await self.connector.connect()
+                if self.early is not None:
+                    early, self.early = self.early, None
+                    link = await early
+                else:
+                    link = self._next_link or await self.connector.connect()
                 self._next_link = None
                 if self.connector.cert_error:
                     self._report(self.connector.cert_error)
