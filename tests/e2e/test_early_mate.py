@@ -69,8 +69,10 @@ async def _scenario(relay: RelayProcess, tmp_path: Path, mates: list[Mate]) -> l
             15, "the mate's ssh session at the relay")
         # no screen from the host yet: the mate is held back, not shown a placeholder
         # (a tmux client shows its status line within ~0.1 s; give it 2 s to appear)
-        shown = await asyncio.to_thread(_appears, lambda: mate.status_line().strip(), 2.0)
+        shown = await asyncio.to_thread(
+            _appears, lambda: line if "0:" in (line := mate.status_line()) else "", 2.0)
         assert not shown, f"the mate was attached before the host's screen: {shown!r}"
+        assert "waiting for the host's screen" in mate.screen()
         mate.type("echo typed-early")  # and what they type meanwhile reaches the host
         layout = tmux_layout(f"80x24,0,0,{PANE}")
         structure = Structure((Window(3, 0, "shell", layout, PANE),), 3)

@@ -479,8 +479,12 @@ class Relay:
         mate = Mate(next(self._mate_ids), readonly, term.cols, term.rows)
         if not session.screen.is_set():
             # a session just created: its replica has not shown the host's screen yet
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(session.screen.wait(), MATE_WAIT_SCREEN)
+            try:
+                await asyncio.wait_for(session.screen.wait(), 0.5)
+            except TimeoutError:
+                term.write(b"tether: waiting for the host's screen...\r\n")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(session.screen.wait(), MATE_WAIT_SCREEN)
         try:
             mate.fd = await session.replica.attach(
                 mate.id, readonly, term.cols, term.rows, term.term
