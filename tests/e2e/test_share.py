@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,26 @@ def test_relay_restart_recreates_the_session_with_the_same_tokens(tmp_path: Path
     finally:
         h.close()
         relay.close()
+
+
+def test_an_idle_host_on_quic_is_not_reported_away(host: Host, mates: list[Mate],
+                                                   tmp_path: Path) -> None:
+    """Over QUIC an idle host's pings are datagrams the link answers itself: the relay
+    must count them, or mates read "the host is away" after 5 s of quiet and the
+    host's next output waits behind the "back" message (tmux freezes the screen)."""
+    from tether.relay.server import HOST_SILENCE
+
+    mate = join(mates, tmp_path, host.ssh_rw)
+    wait_for(lambda: "quic" in host.display("#{@tether_status}"), 20, "the host on QUIC")
+    host.type("echo before-quiet")
+    mate.wait_text("before-quiet")
+    # nothing happens for longer than the relay's silence limit (a condition cannot
+    # be waited on for "nothing happened": the window itself is the test). The
+    # host's status line settles (its RTT figure) within a few seconds; twice the
+    # limit leaves more than the limit of true silence
+    deadline = time.monotonic() + 2 * HOST_SILENCE + 2
+    while time.monotonic() < deadline:
+        assert "away" not in mate.status_line(), mate.status_line()
+        time.sleep(0.25)
+    host.type("echo after-quiet")
+    mate.wait_text("after-quiet", 5)

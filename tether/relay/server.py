@@ -401,16 +401,27 @@ class Relay:
 
     async def _host_loop(self, s: Session, link: Link) -> None:
         silent = False
+        heard = time.monotonic()
         while True:
             try:
-                msg = await asyncio.wait_for(link.recv(), HOST_SILENCE)
+                # away, a host is checked on every second; present, every HOST_SILENCE
+                wait = 1.0 if silent else HOST_SILENCE - (time.monotonic() - heard)
+                msg = await asyncio.wait_for(link.recv(), max(wait, 0.05))
             except TimeoutError:
-                # hosts ping twice a second: a silent link is a host that is away,
-                # whatever SSH keepalives or the QUIC idle timeout still believe
-                if not silent:
+                # hosts ping at least once a second: a silent link is a host that is
+                # away, whatever SSH keepalives or the QUIC idle timeout still believe.
+                # Over QUIC the pings are datagrams, answered in the link: they count
+                # through its last_activity without reaching recv()
+                heard = max(heard, getattr(link, "last_activity", 0.0))
+                quiet = time.monotonic() - heard >= HOST_SILENCE
+                if quiet and not silent:
                     silent = True
                     s.replica.presence(False, "tether: the host is away; waiting for it")
+                elif silent and not quiet:
+                    silent = False
+                    s.replica.presence(True, "tether: the host is back")
                 continue
+            heard = time.monotonic()
             if silent:
                 silent = False
                 s.replica.presence(True, "tether: the host is back")

@@ -436,6 +436,12 @@ class Replica:
         assert self.tmux is not None
         note = "" if msg.present else msg.text
         await self.tmux.run(f"set -g @tether_notice {quote(escape_format(note))}")
+        if msg.present:
+            # the notice leaves the status line; a message would freeze the mates'
+            # screens for display-time just as the host's output comes back
+            with contextlib.suppress(TmuxError):
+                await self.tmux.run("refresh-client -S")
+            return
         with contextlib.suppress(TmuxError):
             clients = await self.tmux.run("list-clients -F '#{client_name}'")
             for c in clients:
