@@ -67,3 +67,20 @@ async def test_certificate_survives_restarts(tmp_path: Path) -> None:
     _, _, fp1 = load_or_create_certificate(tmp_path)
     _, _, fp2 = load_or_create_certificate(tmp_path)
     assert fp1 == fp2 and fp1.startswith("SHA256:") and len(fp1) == 7 + 64
+
+
+async def test_probe_backoff_is_capped(tmp_path: Path) -> None:
+    """Consecutive probe timeouts double the timer at most MAX_PTO_BACKOFF times."""
+    from tether.transport.quic import MAX_PTO_BACKOFF
+
+    server, port, fp, _ = await _server(tmp_path / "keys")
+    try:
+        client = await connect_quic("127.0.0.1", port, fp, timeout=5)
+        loss = client._quic._loss  # aioquic's loss recovery, which the link adjusts
+        now = asyncio.get_running_loop().time()
+        for _ in range(6):  # six probe timeouts in a row, no ack in between
+            loss.on_loss_detection_timeout(now=now)
+        assert loss._pto_count == MAX_PTO_BACKOFF  # unbounded, it would be 6
+        client.close()
+    finally:
+        server.close()  # type: ignore[attr-defined]

@@ -53,6 +53,13 @@ ACK_DELAY = 0.02
 packet after 1 ms, in a packet of its own: a keystroke's four small frames then
 cost eight datagrams. Peers advertise max_ack_delay 25 ms, so 20 ms is within
 what they allow for; a second unacked packet is still acked at once."""
+MAX_PTO_BACKOFF = 1
+"""Doublings of QUIC's probe timeout after consecutive losses. RFC 9002 doubles
+it without bound, which suits bulk transfers; tether's traffic is a keystroke
+and its echo, a few hundred bytes, and on a lossy link (30% each way at 200 ms
+RTT) unbounded doubling left one echo in ten waiting 5 s. Capped like mosh's
+retransmission timer, a lost keystroke is probed again every ~2 PTOs; the
+bytes this costs are negligible, and the congestion window still reacts."""
 SEND_BUFFER = 512 * 1024
 """Unacked stream bytes past which ``drain`` waits: the log stays in the log, where
 it can still be replaced by a snapshot, instead of piling up in QUIC's buffer."""
@@ -96,6 +103,22 @@ def load_or_create_certificate(keys_dir: Path) -> tuple[Path, Path, str]:
     return cert_path, key_path, cert_fingerprint(der)
 
 
+def _cap_probe_backoff(quic: QuicConnection) -> bool:
+    """Bound the PTO's exponential backoff (``MAX_PTO_BACKOFF``); False if this
+    aioquic keeps its loss recovery elsewhere."""
+    loss = getattr(quic, "_loss", None)
+    timeout = getattr(loss, "on_loss_detection_timeout", None)
+    if loss is None or timeout is None or not hasattr(loss, "_pto_count"):
+        return False
+
+    def capped(*, now: float) -> None:
+        timeout(now=now)
+        loss._pto_count = min(loss._pto_count, MAX_PTO_BACKOFF)
+
+    loss.on_loss_detection_timeout = capped
+    return True
+
+
 class QuicLink(QuicConnectionProtocol):
     """A ``Link`` over one QUIC connection: frames on stream 0, liveness as datagrams."""
 
@@ -116,6 +139,7 @@ class QuicLink(QuicConnectionProtocol):
         self._piggyback = False
         if hasattr(quic, "_ack_delay"):
             quic._ack_delay = ACK_DELAY
+        _cap_probe_backoff(quic)
 
     # --- Link ------------------------------------------------------------------
 
