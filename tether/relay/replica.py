@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -38,6 +39,22 @@ WORKER_MAIN = (
     "import sys; sys.modules['ssl'] = None; "
     "from tether.relay.worker import main; sys.exit(main(sys.argv[1:]))"
 )
+
+
+def _kill_named(directory: str) -> None:
+    """SIGKILL every process of ours whose command line names ``directory``."""
+    needle = (directory.rstrip("/") + "/").encode()
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle not in f.read():
+                    continue
+            os.kill(int(entry), signal.SIGKILL)
+        except OSError:
+            continue
 
 
 class ReplicaHandle:
@@ -193,4 +210,10 @@ class ReplicaHandle:
                     stderr=subprocess.DEVNULL,
                 )
                 await p.wait()
+        # a tmux server that missed both (busy shutting 40 panes down while its
+        # control client lingers) would outlive its directory, out of reach of
+        # any socket; a jail's PID namespace dies with the worker, unjailed it
+        # is found by the directory its command line names
+        if not self._jail:
+            _kill_named(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -38,6 +38,7 @@ from tether.core.messages import (
     Ping,
     Pong,
     Resize,
+    Snapshot,
     Status,
     Welcome,
 )
@@ -120,7 +121,7 @@ class Session:
     ack_timer: asyncio.TimerHandle | None = None
     acked: int = 0
     screen: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set once the replica has applied the host's first snapshot: a mate who
+    """Set once the host's first snapshot went to the replica: a mate who
     attached before would see a placeholder and type into nothing."""
 
 
@@ -297,7 +298,6 @@ class Relay:
 
     def _from_replica(self, s: Session, msg: Message) -> None:
         if isinstance(msg, Ack):
-            s.screen.set()
             # the host needs acks only to trim its replay buffer: one per ACK_EVERY
             s.acked = msg.seq
             if s.ack_timer is None:
@@ -430,6 +430,10 @@ class Relay:
                     if isinstance(msg.body, Status):
                         s.status_rows = self._status_rows(msg.body)
                     s.replica.send(msg)
+                    if isinstance(msg.body, Snapshot):
+                        # the worker handles its stream in order: a mate's attach
+                        # sent after this finds the host's windows, not a placeholder
+                        s.screen.set()
                     await s.replica.drain()
             elif isinstance(msg, InputAck):
                 if msg.stream == s.inputs.stream:
@@ -494,8 +498,14 @@ class Relay:
                 await asyncio.wait_for(session.screen.wait(), 0.5)
             except TimeoutError:
                 term.write(b"tether: waiting for the host's screen...\r\n")
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(session.screen.wait(), MATE_WAIT_SCREEN)
+                except TimeoutError:
+                    log.warning(
+                        "session %s: no screen from the host after %.0f s; mate joins anyway",
+                        session.id,
+                        MATE_WAIT_SCREEN,
+                    )
         try:
             mate.fd = await session.replica.attach(
                 mate.id, readonly, term.cols, term.rows, term.term
