@@ -14,7 +14,6 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
-import hashlib
 import math
 import os
 import re
@@ -478,8 +477,9 @@ def write_host_home(home: Path, conf: str, tmux_conf: str = TMUX_CONF) -> None:
 def agent_pid(env: dict[str, str], sock: str) -> int | None:
     """The live agent sharing ``sock``, from its pid file: an agent forked by the
     zygote (``tether.zygote``) has the zygote's command line."""
-    digest = hashlib.sha256(os.path.abspath(sock).encode()).hexdigest()[:16]
-    path = Path(env["XDG_STATE_HOME"]) / "tether" / f"agent-{digest}.pid"
+    from tether.client.paths import pid_path
+
+    path = pid_path(sock, Path(env["XDG_STATE_HOME"]) / "tether")
     try:
         pid = int(path.read_text())
     except (OSError, ValueError):

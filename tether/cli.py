@@ -174,14 +174,14 @@ def new_session(
     # start the agent first: its imports (~0.3 s) then overlap everything else
     # here; it reads the session id from its stdin, and leaves quietly if none comes
     log_path = state / f"agent-{Path(sock).name}.log"
-    cmd = [sys.executable, "-m", "tether", "_agent", "--socket", sock, "--session", "-"]
+    agent_args = ["--socket", sock, "--session", "-"]
     if conf:
-        cmd += ["--config", conf]
+        agent_args += ["--config", conf]
     if verbose:
-        cmd.append("-v")
+        agent_args.append("-v")
     if authorized:
-        cmd += ["--authorized-keys", os.path.abspath(os.path.expanduser(authorized))]
-    agent_in = _start_agent(state, cmd, env, log_path)
+        agent_args += ["--authorized-keys", os.path.abspath(os.path.expanduser(authorized))]
+    agent_in = _start_agent(state, agent_args, env, log_path)
 
     def fail(msg: str) -> int:
         agent_in.close()
@@ -236,7 +236,9 @@ def new_session(
     return 0  # not reached
 
 
-def _start_agent(state: Path, cmd: list[str], env: dict[str, str], log_path: Path) -> IO[bytes]:
+def _start_agent(
+    state: Path, agent_args: list[str], env: dict[str, str], log_path: Path
+) -> IO[bytes]:
     """Start the agent: forked by the user's zygote when one runs (no imports to
     wait for, see ``tether.zygote``), else as a new process. Returns its stdin."""
     import subprocess
@@ -246,13 +248,13 @@ def _start_agent(state: Path, cmd: list[str], env: dict[str, str], log_path: Pat
     with open(log_path, "ab") as logf:
         read_end, write_end = os.pipe()
         try:
-            if request_agent(state, cmd[4:], env, read_end, logf.fileno()) is None:
+            if request_agent(state, agent_args, env, read_end, logf.fileno()) is None:
                 # a fresh pipe: a zygote that answers late gets EOF and leaves
                 os.close(write_end)
                 os.close(read_end)
                 read_end, write_end = os.pipe()
                 subprocess.Popen(
-                    cmd,
+                    [sys.executable, "-m", "tether", "_agent", *agent_args],
                     stdin=read_end,
                     stdout=logf,
                     stderr=logf,

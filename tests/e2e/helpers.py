@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -22,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from tether.client.paths import pid_path
 
 T = TypeVar("T")
 
@@ -182,8 +183,7 @@ class Host:
 
     def agent_pid(self) -> int:
         """From the agent's pid file: one forked by the zygote has its command line."""
-        digest = hashlib.sha256(os.path.abspath(self.sock).encode()).hexdigest()[:16]
-        path = self.home / "state" / "tether" / f"agent-{digest}.pid"
+        path = pid_path(self.sock, self.home / "state" / "tether")
         assert path.exists(), "no agent pid file"
         pid = int(path.read_text())
         os.kill(pid, 0)  # alive

@@ -24,7 +24,8 @@ def messages_path(socket: str) -> Path:
     return state_dir() / f"messages-{_digest(socket)}.log"
 
 
-def pid_path(socket: str) -> Path:
+def pid_path(socket: str, state: Path | None = None) -> Path:
     """Where the agent sharing ``socket`` writes its pid (it may be a fork of the
-    zygote, whose command line names no socket)."""
-    return state_dir() / f"agent-{_digest(socket)}.pid"
+    zygote, whose command line names no socket); ``state``: another user's
+    state directory (tests, benchmarks) instead of ours."""
+    return (state or state_dir()) / f"agent-{_digest(socket)}.pid"
