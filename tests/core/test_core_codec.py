@@ -7,7 +7,6 @@ before buffering, and the stream decoder does not care how bytes are chunked.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 import struct
@@ -20,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tether.core import codec
+from tether.core import codec, records
 from tether.core import messages as m
 from tether.core.errors import LocalProtocolError, RemoteProtocolError
 from tether.core.limits import MAX_DATA, MAX_FRAME, MAX_ITEMS, MAX_STR
@@ -39,7 +38,7 @@ FUZZ = settings(
 MESSAGE_TYPES: list[type[m.Message]] = sorted(m._REGISTRY.values(), key=lambda c: c.TYPE)
 
 
-# --- strategies: valid instances, built from each dataclass's annotations ----------
+# --- strategies: valid instances, built from each record's annotations ----------
 
 
 def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
@@ -66,14 +65,14 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
         return st.text(max_size=24)
     if tp is bytes:
         return st.binary(max_size=48)
-    if dataclasses.is_dataclass(tp):
+    if records.is_record(tp):
         return instances(tp)
     raise TypeError(f"no strategy for {tp!r}")
 
 
 def instances(cls: type) -> st.SearchStrategy[Any]:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: strategy_for(hints[f.name]) for f in dataclasses.fields(cls)}
+    fields = {f: strategy_for(hints[f]) for f in records.fields(cls)}
     return st.builds(cls, **fields)
 
 
@@ -81,13 +80,13 @@ any_message: st.SearchStrategy[m.Message] = st.one_of([instances(c) for c in MES
 
 
 def reachable_records(cls: type, seen: set[type]) -> set[type]:
-    """Every dataclass reachable from ``cls`` through its annotations."""
+    """Every record reachable from ``cls`` through its annotations."""
     if cls in seen:
         return seen
     seen.add(cls)
 
     def walk(tp: Any) -> None:
-        if dataclasses.is_dataclass(tp):
+        if records.is_record(tp):
             reachable_records(tp, seen)  # type: ignore[arg-type]
         for a in typing.get_args(tp):
             walk(a)
@@ -150,11 +149,11 @@ def assert_canonical_if_accepted(obj: Any) -> None:
 # --- schema coverage --------------------------------------------------------------
 
 
-def test_every_dataclass_in_messages_is_reachable_from_a_message() -> None:
+def test_every_record_in_messages_is_reachable_from_a_message() -> None:
     defined = {
         obj
         for _, obj in inspect.getmembers(m, inspect.isclass)
-        if dataclasses.is_dataclass(obj) and obj.__module__ == m.__name__
+        if records.is_record(obj) and obj.__module__ == m.__name__ and obj is not m.Message
     }
     reachable: set[type] = set()
     for cls in MESSAGE_TYPES:
@@ -323,8 +322,8 @@ def test_wrong_field_types() -> None:
 
 def test_extra_and_missing_fields_for_every_type() -> None:
     for cls in MESSAGE_TYPES:
-        spec = dataclasses.fields(cls)
-        required = [f for f in spec if f.default is dataclasses.MISSING]
+        spec = records.fields(cls)
+        required = [f for f in spec if f not in records.defaults(cls)]
         filler = [0] * len(spec)
         with pytest.raises(RemoteProtocolError):
             m.decode([cls.TYPE, *filler, 0])  # one too many

@@ -7,7 +7,8 @@ payloads are octal-escaped by tmux and are decoded here byte-exact.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+
+from .records import Record
 
 _OCTAL = re.compile(rb"\\([0-7]{3})")
 
@@ -19,25 +20,22 @@ def unescape(data: bytes) -> bytes:
     return _OCTAL.sub(lambda m: bytes((int(m.group(1), 8) & 0xFF,)), data)
 
 
-@dataclass(slots=True)
-class Reply:
+class Reply(Record, frozen=False):
     """The output of one command, ``%begin`` to ``%end`` (or ``%error``)."""
 
     number: int
     ok: bool
-    lines: list[bytes] = field(default_factory=list)
+    lines: list[bytes]
 
 
-@dataclass(slots=True)
-class Notification:
+class Notification(Record):
     """Any other ``%`` line: ``name`` without the percent, the rest split once."""
 
     name: str
     args: bytes
 
 
-@dataclass(slots=True)
-class PaneOutput:
+class PaneOutput(Record):
     pane: int
     data: bytes
 
@@ -76,7 +74,7 @@ class ControlParser:
             return None if pid in self.muted else PaneOutput(pid, unescape(data))
         if raw.startswith(b"%begin "):
             parts = raw.split(b" ")
-            self._reply = Reply(int(parts[2]), True)
+            self._reply = Reply(int(parts[2]), True, [])
             return None
         if raw.startswith(b"%"):
             name, _, args = raw[1:].partition(b" ")

@@ -1,7 +1,7 @@
 """The wire schema: small frozen records, encoded as msgpack arrays.
 
 Every message is ``[TYPE, field1, field2, ...]``. Decoding checks each field's
-type and bound against the dataclass annotations, so a malformed frame raises
+type and bound against the record's annotations, so a malformed frame raises
 ``RemoteProtocolError`` instead of reaching the application as a bad value.
 The protocol version is exchanged first (``Hello``/``Welcome``); a peer that
 speaks another major version is refused with a clear message.
@@ -9,23 +9,22 @@ speaks another major version is refused with a clear message.
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
-from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
 from . import codec
 from .errors import RemoteProtocolError
 from .limits import MAX_DATA, MAX_ITEMS, MAX_STR
+from .records import Record, is_record
 
 PROTOCOL_VERSION = 2
 """2: ``Frame`` events (a flooding pane sent as compressed screens)."""
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
-class Message:
-    """Base of all wire records; subclasses set ``TYPE``."""
+class Message(Record):
+    """Base of all wire records; ``message`` sets each one's ``TYPE``."""
 
     __slots__ = ()
     TYPE: ClassVar[int] = -1
@@ -38,10 +37,9 @@ _REGISTRY: dict[int, type[Message]] = {}
 
 
 def message(type_id: int) -> Any:
-    """Class decorator: a frozen slotted dataclass registered under ``type_id``."""
+    """Class decorator: registers a message record under ``type_id``."""
 
     def wrap(cls: type) -> type:
-        cls = dataclass(frozen=True, slots=True)(cls)
         cls.TYPE = type_id
         if type_id in _REGISTRY:
             raise RuntimeError(f"duplicate message type {type_id}")
@@ -51,16 +49,10 @@ def message(type_id: int) -> Any:
     return wrap
 
 
-def record(cls: type) -> type:
-    """A nested record (not a message on its own)."""
-    return dataclass(frozen=True, slots=True)(cls)
-
-
 # --- nested records ------------------------------------------------------------
 
 
-@record
-class Window:
+class Window(Record):
     """One host window. ``layout`` is tmux's layout string, whose leaves name the
     host pane ids in pane order and give every size."""
 
@@ -71,16 +63,14 @@ class Window:
     active_pane: int
 
 
-@record
-class PaneImage:
+class PaneImage(Record):
     """Bytes that, written into a fresh pane of the right size, redraw it."""
 
     pane: int
     data: bytes
 
 
-@record
-class Binding:
+class Binding(Record):
     """A host key binding a mate may trigger; the host runs its own command.
 
     ``confirm`` is the prompt of a ``confirm-before`` binding: the mate is asked
@@ -323,7 +313,7 @@ _SIMPLE = (int, str, bytes, bool, type(None))
 def _to_wire(obj: Any) -> Any:
     if type(obj) in _SIMPLE:
         return obj
-    spec = _spec(type(obj)) if dataclasses.is_dataclass(obj) else None
+    spec = _spec(type(obj)) if isinstance(obj, Record) else None
     if spec is not None:
         values = [
             getattr(obj, n) if simple else _to_wire(getattr(obj, n))
@@ -344,19 +334,13 @@ class _Spec:
         self.cls = cls
         self.type_id: int = getattr(cls, "TYPE", -1)
         hints = typing.get_type_hints(cls)
-        fields = dataclasses.fields(cls)
-        self.names = [f.name for f in fields]
-        self.required = sum(
-            1
-            for f in fields
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        )
-        self.wire = [(f.name, _is_simple(hints[f.name])) for f in fields]
+        fields: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
+        self.names = list(fields)
+        self.required = sum(1 for f in fields if f not in cls._defaults)  # type: ignore[attr-defined]
+        self.wire = [(f, _is_simple(hints[f])) for f in fields]
         self.checkers: list[tuple[str, Checker, str]] = []
         _SPECS[cls] = self  # before the fields: records may nest
-        self.checkers = [
-            (f.name, _checker(hints[f.name]), f"{cls.__name__}.{f.name}") for f in fields
-        ]
+        self.checkers = [(f, _checker(hints[f]), f"{cls.__name__}.{f}") for f in fields]
 
     def build(self, values: list[Any]) -> Any:
         if not self.required <= len(values) <= len(self.names):
@@ -450,7 +434,7 @@ def _make_checker(tp: Any) -> Checker:
         return _check_str
     if tp is bytes:
         return _check_bytes
-    if dataclasses.is_dataclass(tp):
+    if is_record(tp):
         type_id = getattr(tp, "TYPE", -1)
         cls = typing.cast(type, tp)
 
