@@ -86,7 +86,8 @@ def python_reference() -> dict[str, Mem]:
     code = {
         "python3, idle": "import time; time.sleep(600)",
         "python3 + import tether.relay.worker, idle":
-            "import tether.relay.worker, asyncio, time; time.sleep(600)",
+            "import sys; sys.modules['ssl'] = None; import tether.relay.worker, time; "
+            "time.sleep(600)",
     }
     out = {}
     for label, src in code.items():

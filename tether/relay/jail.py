@@ -43,13 +43,12 @@ JAIL_UID = 65534
 JAIL_GID = 65534
 
 LIMIT_AS = 1024 * 1024 * 1024
-"""Address space per process, 1 GiB. The worker maps ~100 MiB plus 8 MiB of stack
-per child-watcher thread (one per running mate client); the tmux server's
-scrollback is what a hostile host would inflate, and it must hit this, not the
-relay host's memory."""
+"""Address space per process, 1 GiB. The worker (one thread) maps well under
+100 MiB; the tmux server's scrollback is what a hostile host would inflate, and
+it must hit this, not the relay host's memory."""
 LIMIT_NPROC = 1024
 """Processes and threads per jail: a `sleep` per replica pane (MAX_PANES=512), a
-tmux client and a watcher thread per mate, the tmux server and the worker."""
+tmux client per mate, the tmux server and the worker."""
 LIMIT_NOFILE = 1024
 """Open files per process: the worker holds a tty per pane and the tmux server a
 pty master per pane plus two per client, so MAX_PANES=512 needs more than 512."""
@@ -125,8 +124,9 @@ def _inner(directory: str, binds: list[tuple[str, str]], dir_source: str) -> lis
         "--setenv", "LANG", "C.UTF-8",
         "--setenv", "PYTHONPATH", pkg_parent,
         "--setenv", "HOME", directory,
-        # glibc reserves 64 MiB of address space per thread arena: the worker's
-        # child-watcher threads would exhaust RLIMIT_AS without using memory
+        # glibc reserves 64 MiB of address space per thread arena: threads (none
+        # in the worker now, but tmux or a future change) must not exhaust
+        # RLIMIT_AS without using memory
         "--setenv", "MALLOC_ARENA_MAX", "2",
         "--",
         _tool("prlimit"),

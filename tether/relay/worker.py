@@ -14,21 +14,19 @@ Run as ``python -m tether.relay.worker MSG_FD FD_FD DIR``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
-import logging
 import os
 import re
+import selectors
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import termios
 import tty
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from tether.core.codec import decompress
 from tether.core.control import Notification, PaneOutput, layout_panes, layout_size, quote
@@ -54,10 +52,7 @@ from tether.core.messages import (
     Status,
     Structure,
 )
-from tether.transport.fdio import FdWriter
-from tether.transport.tmux import TmuxControl, TmuxError
-
-log = logging.getLogger("tether.worker")
+from tether.transport.tmuxsync import BlockingTmuxControl, TmuxError, spawn
 
 SESSION = "tether"
 PANE_CMD = "exec sleep 2147483647"
@@ -68,6 +63,18 @@ _KEY = re.compile(
 )
 _TABLE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 AWAY = "#{?@tether_notice,#[reverse] #{@tether_notice} #[default] ,}"
+ACK_LAG = 256 * 1024
+"""Bytes queued for the replica's panes before the worker stops reading the
+relay: the relay's acks (and so the host's backlog) follow what tmux took."""
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+Send = Callable[[Message], None]
+
+
+def warn(text: str) -> None:
+    """A line for the relay's log (the worker's stderr is the relay's)."""
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"worker: {text}\n")
+        sys.stderr.flush()
 
 
 def known_terminal(term: str) -> bool:
@@ -90,59 +97,55 @@ def defuse_format(text: str) -> str:
     return text.replace("#(", "##(")
 
 
-@dataclass
+
 class Pane:
-    host_id: int
-    replica_id: str  # e.g. "%3"
-    fd: int
-    out: FdWriter
-    carry: bytes = b""
+    """One replica pane: its tty (opened here, raw) and the bytes not yet taken."""
+
+    __slots__ = ("carry", "fd", "host_id", "out", "replica_id")
+
+    def __init__(self, host_id: int, replica_id: str, fd: int) -> None:
+        self.host_id = host_id
+        self.replica_id = replica_id  # e.g. "%3"
+        self.fd = fd
+        self.out = bytearray()
+        self.carry = b""
 
 
 class Replica:
     """Applies events to the replica tmux; all tmux work happens in order."""
 
-    def __init__(self, directory: str, send: asyncio.Queue[Message]) -> None:
+    def __init__(self, directory: str, sel: selectors.BaseSelector, send: Send) -> None:
         self.dir = directory
         self.sock = os.path.join(directory, "tmux.sock")
+        self.sel = sel
         self.send = send
-        self.tmux: TmuxControl | None = None
+        self.tmux: BlockingTmuxControl | None = None
         self.windows: dict[int, str] = {}  # host window id -> replica "@N"
         self.window_panes: dict[int, list[int]] = {}  # host window -> host panes in order
         self.panes: dict[int, Pane] = {}  # host pane id -> replica pane
         self.names: dict[int, str] = {}
         self.bindings: list[Binding] = []
         self.bound: list[tuple[str, str]] = []
-        self.loop = asyncio.get_running_loop()
         self.status_left = ""
         self.placeholder: str | None = None
-        self.clients: list[subprocess.Popen[bytes]] = []
 
-    async def start(self) -> None:
+    def start(self) -> None:
         env = dict(os.environ, TERM="tmux-256color")
-        proc = await asyncio.create_subprocess_exec(
-            "tmux",
-            "-S",
-            self.sock,
-            "-f",
-            "/dev/null",
-            "new-session",
-            "-d",
-            "-s",
-            SESSION,
-            "-x",
-            "80",
-            "-y",
-            "24",
-            PANE_CMD,
-            env=env,
-        )
-        if await proc.wait() != 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            pid = spawn(
+                ["tmux", "-S", self.sock, "-f", "/dev/null", "new-session", "-d",
+                 "-s", SESSION, "-x", "80", "-y", "24", PANE_CMD],
+                env, null, null, null,
+            )  # fmt: skip
+        finally:
+            os.close(null)
+        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
             raise RuntimeError("cannot start the replica tmux server")
-        self.tmux = TmuxControl(self.sock, self._on_tmux)
-        await self.tmux.start(["attach", "-t", SESSION], env=env)
-        t = self.tmux
-        await t.run("refresh-client -f no-output")
+        self.tmux = t = BlockingTmuxControl(self.sock, self._on_tmux)
+        t.start(["attach", "-t", SESSION], env)
+        self.sel.register(t.fd, READ, t)
+        t.run("refresh-client -f no-output")
         for opt in (
             # not "window-size manual" globally: tmux 3.3a crashes creating windows
             # with a control client attached then; resize-window makes each window
@@ -162,22 +165,25 @@ class Replica:
             "allow-rename off",
             "@tether_notice ''",
         ):
-            await t.run(f"set -g {opt}")
+            t.run(f"set -g {opt}")
         with contextlib.suppress(TmuxError):
             # a pane redraw (a host frame, a reset) must not push the old screen
             # into the mates' scrollback as a copy
-            await t.run("set -g scroll-on-clear off")
-        await t.run(f"set -g status-left {quote(AWAY + '[tether] ')}")
-        lines = await t.run(f"list-windows -t {SESSION} -F '#{{window_id}}'")
+            t.run("set -g scroll-on-clear off")
+        t.run(f"set -g status-left {quote(AWAY + '[tether] ')}")
+        lines = t.run(f"list-windows -t {SESSION} -F '#{{window_id}}'")
         self.placeholder = lines[0].strip() if lines else None
 
     def _on_tmux(self, item: PaneOutput | Notification) -> None:
         if isinstance(item, Notification) and item.name == "exit":
-            log.warning("replica tmux exited")
+            warn("replica tmux exited")
+            if self.tmux is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.unregister(self.tmux.fd)
 
     # --- applying events ---------------------------------------------------
 
-    async def apply(self, body: object) -> None:
+    def apply(self, body: object) -> None:
         if isinstance(body, Output):
             self.write(body.pane, body.data)
         elif isinstance(body, Frame):
@@ -186,19 +192,19 @@ class Replica:
             except RemoteProtocolError as exc:
                 raise ValueError(str(exc)) from None
         elif isinstance(body, Structure):
-            await self.reconcile(body)
+            self.reconcile(body)
         elif isinstance(body, PaneReset):
-            await self.reset_pane(body.image)
+            self.reset_pane(body.image)
         elif isinstance(body, Status):
-            await self.set_status(body)
+            self.set_status(body)
         elif isinstance(body, Bindings):
-            await self.set_bindings(body)
+            self.set_bindings(body)
         elif isinstance(body, Snapshot):
-            await self.reconcile(body.structure)
-            await self.set_status(body.status)
-            await self.set_bindings(body.bindings)
+            self.reconcile(body.structure)
+            self.set_status(body.status)
+            self.set_bindings(body.bindings)
 
-    async def reconcile(self, st: Structure) -> None:
+    def reconcile(self, st: Structure) -> None:
         assert self.tmux is not None
         t = self.tmux
         if len(st.windows) > MAX_WINDOWS:
@@ -219,7 +225,7 @@ class Replica:
         wanted = {w.id for w in st.windows}
         for w in st.windows:
             if w.id not in self.windows:
-                line = await t.run(
+                line = t.run(
                     f"new-window -d -t {SESSION}: -P "
                     f"-F '#{{window_id}} #{{pane_id}} #{{pane_tty}}' {quote(PANE_CMD)}"
                 )
@@ -230,7 +236,7 @@ class Replica:
                 self.window_panes[w.id] = [first]
         if self.placeholder is not None and st.windows:
             with contextlib.suppress(TmuxError):
-                await t.run(f"kill-window -t {self.placeholder}")
+                t.run(f"kill-window -t {self.placeholder}")
             self.placeholder = None
         for hid in [h for h in self.windows if h not in wanted]:
             if len(self.windows) <= 1:
@@ -240,22 +246,22 @@ class Replica:
                 self._drop_pane(hp)
             self.names.pop(hid, None)
             with contextlib.suppress(TmuxError):
-                await t.run(f"kill-window -t {wid}")
+                t.run(f"kill-window -t {wid}")
         for (hid, panes, (cols, rows)), w in zip(plans, st.windows, strict=True):
-            await self._reconcile_window(hid, panes, cols, rows, w.layout)
+            self._reconcile_window(hid, panes, cols, rows, w.layout)
             if self.names.get(hid) != w.name:
-                await t.run(f"rename-window -t {self.windows[hid]} {quote(w.name)}")
+                t.run(f"rename-window -t {self.windows[hid]} {quote(w.name)}")
                 self.names[hid] = w.name
             with contextlib.suppress(TmuxError):
-                await t.run(f"move-window -d -s {self.windows[hid]} -t {SESSION}:{w.index}")
+                t.run(f"move-window -d -s {self.windows[hid]} -t {SESSION}:{w.index}")
             active = self.panes.get(w.active_pane)
             if active is not None:
-                await t.run(f"select-pane -t {active.replica_id}")
+                t.run(f"select-pane -t {active.replica_id}")
         target = self.windows.get(st.active_window)
         if target is not None:
-            await t.run(f"select-window -t {target}")
+            t.run(f"select-window -t {target}")
 
-    async def _reconcile_window(
+    def _reconcile_window(
         self, hid: int, desired: list[int], cols: int, rows: int, layout: str
     ) -> None:
         assert self.tmux is not None
@@ -264,7 +270,7 @@ class Replica:
         current = self.window_panes.get(hid, [])
         if current != desired:
             # room to split however many panes arrive, then the real size below
-            await t.run(f"resize-window -t {wid} -x 1000 -y 1000")
+            t.run(f"resize-window -t {wid} -x 1000 -y 1000")
             for i, hp in enumerate(desired):
                 if hp in current:
                     continue
@@ -277,14 +283,14 @@ class Replica:
                     where = f"-t {self.panes[desired[i - 1]].replica_id}"
                 else:
                     where = f"-b -t {self.panes[current[0]].replica_id}"
-                line = await t.run(
+                line = t.run(
                     f"split-window -d {where} -P -F '#{{pane_id}} #{{pane_tty}}' {quote(PANE_CMD)}"
                 )
                 pid, ptty = line[0].split()
                 self._add_pane(hp, pid, ptty)
                 current.insert(current.index(desired[i - 1]) + 1 if i else 0, hp)
                 # share the room out again, or repeated splits halve one pane to nothing
-                await t.run(f"select-layout -t {wid} tiled")
+                t.run(f"select-layout -t {wid} tiled")
             for hp in [p for p in current if p not in desired]:
                 self._drop_pane(hp, kill=True)
                 current.remove(hp)
@@ -292,14 +298,14 @@ class Replica:
             for i, hp in enumerate(desired):
                 if current[i] != hp:
                     j = current.index(hp)
-                    await t.run(
+                    t.run(
                         f"swap-pane -d -s {self.panes[hp].replica_id} "
                         f"-t {self.panes[current[i]].replica_id}"
                     )
                     current[i], current[j] = current[j], current[i]
             self.window_panes[hid] = current
-        await t.run(f"resize-window -t {wid} -x {cols} -y {rows}")
-        await t.run(f"select-layout -t {wid} {quote(layout)}")
+        t.run(f"resize-window -t {wid} -x {cols} -y {rows}")
+        t.run(f"select-layout -t {wid} {quote(layout)}")
 
     def _add_pane(self, host_id: int, replica_id: str, tty_path: str) -> None:
         fd = os.open(tty_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
@@ -307,57 +313,86 @@ class Replica:
         attrs = termios.tcgetattr(fd)
         attrs[3] &= ~termios.ECHO
         termios.tcsetattr(fd, termios.TCSANOW, attrs)
-        pane = Pane(host_id, replica_id, fd, FdWriter(fd))
+        pane = Pane(host_id, replica_id, fd)
         self.panes[host_id] = pane
-        self.loop.add_reader(fd, self._on_keys, pane)
+        self.sel.register(fd, READ, pane)
 
     def _drop_pane(self, host_id: int, kill: bool = False) -> None:
         pane = self.panes.pop(host_id, None)
         if pane is None:
             return
-        pane.out.close()
-        with contextlib.suppress(Exception):
-            self.loop.remove_reader(pane.fd)
+        self._close_pane(pane)
+        if kill and self.tmux is not None:
+            with contextlib.suppress(TmuxError):
+                self.tmux.send(f"kill-pane -t {pane.replica_id}")
+
+    def _close_pane(self, pane: Pane) -> None:
+        if pane.fd < 0:
+            return
+        pane.out.clear()
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(pane.fd)
         with contextlib.suppress(OSError):
             os.close(pane.fd)
-        if kill and self.tmux is not None:
-            self.tmux.send(f"kill-pane -t {pane.replica_id}")
+        pane.fd = -1
 
     # --- pane bytes ----------------------------------------------------------
 
     def write(self, host_pane: int, data: bytes) -> None:
         pane = self.panes.get(host_pane)
-        if pane is None:
+        if pane is None or pane.fd < 0:
             return  # output of a pane the structure has not shown yet; a reset follows
-        pane.out.write(data)
+        if not pane.out:
+            try:
+                n = os.write(pane.fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._close_pane(pane)
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+            self.sel.modify(pane.fd, READ | WRITE, pane)
+        pane.out += data
+
+    def flush(self, pane: Pane) -> None:
+        """Write what a pane's tty would not take before (it is writable now)."""
+        try:
+            n = os.write(pane.fd, pane.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close_pane(pane)
+            return
+        del pane.out[:n]
+        if not pane.out:
+            self.sel.modify(pane.fd, READ, pane)
 
     def backlog(self) -> int:
-        return sum(p.out.pending for p in self.panes.values())
+        return sum(len(p.out) for p in self.panes.values())
 
-    async def drained(self, limit: int = 0) -> None:
-        """Wait until at most ``limit`` bytes are queued for the panes."""
-        for _ in range(100000):
-            if self.backlog() <= limit:
-                return
-            await asyncio.sleep(0.002)
-
-    async def reset_pane(self, image: PaneImage) -> None:
+    def reset_pane(self, image: PaneImage) -> None:
         pane = self.panes.get(image.pane)
-        if pane is None or self.tmux is None:
+        if pane is None or pane.fd < 0 or self.tmux is None:
             return
-        pane.out.discard()
+        if pane.out:
+            pane.out.clear()  # superseded by the image
+            self.sel.modify(pane.fd, READ, pane)
         with contextlib.suppress(OSError):
             termios.tcflush(pane.fd, termios.TCOFLUSH)
-        await self.tmux.run(f"clear-history -t {pane.replica_id}")
+        self.tmux.run(f"clear-history -t {pane.replica_id}")
         self.write(image.pane, image.data)
 
-    def _on_keys(self, pane: Pane) -> None:
+    def on_keys(self, pane: Pane) -> None:
         try:
             data = os.read(pane.fd, 65536)
         except BlockingIOError:
             return
         except OSError:
-            self.loop.remove_reader(pane.fd)
+            data = b""
+        if not data:
+            self._close_pane(pane)  # the replica pane is gone
             return
         data = pane.carry + data
         pane.carry = b""
@@ -371,10 +406,10 @@ class Replica:
                         data = data[:-k]
                         break
                 if data:
-                    self.send.put_nowait(Input(0, 0, pane.host_id, data))
+                    self.send(Input(0, 0, pane.host_id, data))
                 return
             if i:
-                self.send.put_nowait(Input(0, 0, pane.host_id, data[:i]))
+                self.send(Input(0, 0, pane.host_id, data[:i]))
             j = data.find(MAGIC_END, i)
             if j < 0:
                 if len(data) - i > 64:
@@ -385,11 +420,11 @@ class Replica:
             body = data[i + len(MAGIC) : j]
             data = data[j + len(MAGIC_END) :]
             if body.isdigit() and int(body) < len(self.bindings):
-                self.send.put_nowait(Input(0, 0, pane.host_id, b"", self.bindings[int(body)]))
+                self.send(Input(0, 0, pane.host_id, b"", self.bindings[int(body)]))
 
     # --- status line and key bindings -----------------------------------------
 
-    async def set_status(self, status: Status) -> None:
+    def set_status(self, status: Status) -> None:
         assert self.tmux is not None
         for name, value in status.options:
             if name not in STATUS_OPTIONS:
@@ -401,19 +436,19 @@ class Replica:
             else:
                 value = defuse_format(value)
             with contextlib.suppress(TmuxError):
-                await self.tmux.run(f"set -g {name} {quote(value)}")
+                self.tmux.run(f"set -g {name} {quote(value)}")
 
-    async def set_bindings(self, b: Bindings) -> None:
+    def set_bindings(self, b: Bindings) -> None:
         assert self.tmux is not None
         t = self.tmux
         for table, key in self.bound:
             with contextlib.suppress(TmuxError):
-                await t.run(f"unbind-key -T {table} {key}")
+                t.run(f"unbind-key -T {table} {key}")
         self.bound = []
         self.bindings = []
         if _KEY.match(b.prefix):
             with contextlib.suppress(TmuxError):
-                await t.run(f"set -g prefix {b.prefix}")
+                t.run(f"set -g prefix {b.prefix}")
         for binding in b.keys:
             if not (_TABLE.match(binding.table) and _KEY.match(binding.key)):
                 continue
@@ -426,122 +461,197 @@ class Replica:
                 prompt = defuse_format(binding.confirm)[:200]
                 action = f"confirm-before -p {quote(prompt)} {quote(action)}"
             try:
-                await t.run(f"bind-key -T {binding.table} {binding.key} {action}")
+                t.run(f"bind-key -T {binding.table} {binding.key} {action}")
             except TmuxError:
                 continue
             self.bindings.append(binding)
             self.bound.append((binding.table, binding.key))
 
-    async def presence(self, msg: HostPresence) -> None:
+    def presence(self, msg: HostPresence) -> None:
         assert self.tmux is not None
         note = "" if msg.present else msg.text
-        await self.tmux.run(f"set -g @tether_notice {quote(escape_format(note))}")
+        self.tmux.run(f"set -g @tether_notice {quote(escape_format(note))}")
         if msg.present:
             # the notice leaves the status line; a message would freeze the mates'
             # screens for display-time just as the host's output comes back
             with contextlib.suppress(TmuxError):
-                await self.tmux.run("refresh-client -S")
+                self.tmux.run("refresh-client -S")
             return
         with contextlib.suppress(TmuxError):
-            clients = await self.tmux.run("list-clients -F '#{client_name}'")
+            clients = self.tmux.run("list-clients -F '#{client_name}'")
             for c in clients:
                 if c.strip():
                     self.tmux.send(
                         f"display-message -c {quote(c.strip())} {quote(escape_format(msg.text))}"
                     )
         with contextlib.suppress(TmuxError):
-            await self.tmux.run("refresh-client -S")
+            self.tmux.run("refresh-client -S")
 
     # --- mates -----------------------------------------------------------------
 
-    async def attach(self, msg: MateAttach, fdsock: socket.socket) -> None:
+    def attach(self, msg: MateAttach, fdsock: socket.socket) -> None:
         master, slave = os.openpty()
-        cols = max(1, min(msg.cols, MAX_DIMENSION))
-        rows = max(1, min(msg.rows, MAX_DIMENSION))
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        # an unknown TERM (e.g. a terminal's own name) would stop tmux from attaching
-        term = msg.term if known_terminal(msg.term) else "xterm-256color"
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "TERM": term,
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            "HOME": self.dir,
-        }
-        args = ["tmux", "-u", "-S", self.sock, "attach", "-t", SESSION]
-        if msg.readonly:
-            args.append("-r")
-
-        def child_setup() -> None:
-            os.setsid()
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-        # plain Popen: asyncio's child watcher would keep a thread per mate client
-        self.clients.append(
-            subprocess.Popen(
+        try:
+            cols = max(1, min(msg.cols, MAX_DIMENSION))
+            rows = max(1, min(msg.rows, MAX_DIMENSION))
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            # an unknown TERM (e.g. a terminal's own name) would stop tmux from attaching
+            term = msg.term if known_terminal(msg.term) else "xterm-256color"
+            env = {
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "TERM": term,
+                "LANG": "C.UTF-8",
+                "LC_ALL": "C.UTF-8",
+                "HOME": self.dir,
+            }
+            args = ["tmux", "-u", "-S", self.sock, "attach", "-t", SESSION]
+            if msg.readonly:
+                args.append("-r")
+            # a new session whose first tty opened becomes its controlling terminal
+            os.posix_spawnp(
+                "tmux",
                 args,
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                env=env,
-                preexec_fn=child_setup,
-                close_fds=True,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.ttyname(slave), os.O_RDWR, 0),
+                    (os.POSIX_SPAWN_DUP2, 0, 1),
+                    (os.POSIX_SPAWN_DUP2, 0, 2),
+                ],
+                setsid=True,
             )
-        )
-        self.clients = [c for c in self.clients if c.poll() is None]  # reap the gone
-        os.close(slave)
+        finally:
+            os.close(slave)
         try:
             socket.send_fds(fdsock, [struct.pack(">Q", msg.mate)], [master])
         finally:
             os.close(master)
 
 
-async def serve(msg_fd: int, fd_fd: int, directory: str) -> None:
-    outbox: asyncio.Queue[Message] = asyncio.Queue()
-    msock = socket.socket(fileno=msg_fd)
+class RelayLink:
+    """The message socket to the relay: non-blocking both ways, sends queued."""
+
+    def __init__(self, fd: int, sel: selectors.BaseSelector) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self.sel = sel
+        self.out = bytearray()
+        self.reading = True
+        sel.register(self.sock, READ, self)
+
+    def send(self, msg: Message) -> None:
+        if not self.out:
+            data = msg.encode()
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            if n == len(data):
+                return
+            self.out += data[n:]
+            self._watch()
+        else:
+            self.out += msg.encode()
+
+    def flush(self) -> None:
+        try:
+            n = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        del self.out[:n]
+        if not self.out:
+            self._watch()
+
+    def recv(self) -> bytes | None:
+        """What the relay sent; b"" when it is gone, None when nothing is there."""
+        try:
+            return self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return None
+
+    def pause(self, paused: bool) -> None:
+        """Stop (or resume) reading the relay while the panes are behind."""
+        if self.reading == paused:
+            self.reading = not paused
+            self._watch()
+
+    def _watch(self) -> None:
+        events = (READ if self.reading else 0) | (WRITE if self.out else 0)
+        registered = self.sock in self.sel.get_map()
+        if events and registered:
+            self.sel.modify(self.sock, events, self)
+        elif events:
+            self.sel.register(self.sock, events, self)
+        elif registered:  # a selector holds no file without events
+            self.sel.unregister(self.sock)
+
+
+def _reap() -> None:
+    """Collect exited children (mates' tmux clients, the control client)."""
+    for _ in range(1024):
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def serve(msg_fd: int, fd_fd: int, directory: str) -> None:
+    # the relay's sockets must not leak into tmux and its clients
+    os.set_inheritable(msg_fd, False)
+    os.set_inheritable(fd_fd, False)
     fdsock = socket.socket(fileno=fd_fd)
     fdsock.setblocking(True)
-    reader, writer = await asyncio.open_unix_connection(sock=msock, limit=1 << 22)
-    replica = Replica(directory, outbox)
-    await replica.start()
-
-    async def pump_out() -> None:
-        while True:
-            msg = await outbox.get()
-            writer.write(msg.encode())
-            await writer.drain()
-
-    out_task = asyncio.create_task(pump_out())
+    sel = selectors.DefaultSelector()
+    link = RelayLink(msg_fd, sel)
+    replica = Replica(directory, sel, link.send)
+    replica.start()
     decoder = MessageDecoder()
     applied = 0
     acked = 0
     try:
         while True:
-            data = await reader.read(1 << 20)
-            if not data:
-                break
-            for msg in decoder.feed(data):
-                if isinstance(msg, Event):
-                    try:
-                        await replica.apply(msg.body)
-                    except (ValueError, TmuxError) as exc:
-                        outbox.put_nowait(Error(f"replica refused event {msg.seq}: {exc}"))
-                        log.warning("event %d refused: %s", msg.seq, exc)
-                    applied = msg.seq
-                elif isinstance(msg, MateAttach):
-                    await replica.attach(msg, fdsock)
-                elif isinstance(msg, HostPresence):
-                    await replica.presence(msg)
+            link.pause(replica.backlog() > ACK_LAG)
+            for key, mask in sel.select():
+                what = key.data
+                if what is link:
+                    if mask & WRITE and link.out:
+                        link.flush()
+                    if not (mask & READ and link.reading):
+                        continue
+                    data = link.recv()
+                    if data is None:
+                        continue
+                    if not data:
+                        return
+                    for msg in decoder.feed(data):
+                        if isinstance(msg, Event):
+                            try:
+                                replica.apply(msg.body)
+                            except (ValueError, TmuxError) as exc:
+                                link.send(Error(f"replica refused event {msg.seq}: {exc}"))
+                                warn(f"event {msg.seq} refused: {exc}")
+                            applied = msg.seq
+                        elif isinstance(msg, MateAttach):
+                            replica.attach(msg, fdsock)
+                        elif isinstance(msg, HostPresence):
+                            replica.presence(msg)
+                elif isinstance(what, Pane):
+                    if mask & WRITE and what.out:
+                        replica.flush(what)
+                    if mask & READ and what.fd >= 0:
+                        replica.on_keys(what)
+                elif isinstance(what, BlockingTmuxControl):
+                    what.read()
             # ack once the bytes are on their way into tmux, with bounded lag
-            await replica.drained(256 * 1024)
-            if applied != acked:
-                outbox.put_nowait(Ack(applied))
+            if applied != acked and replica.backlog() <= ACK_LAG:
+                link.send(Ack(applied))
                 acked = applied
+            _reap()
     finally:
-        out_task.cancel()
         if replica.tmux is not None:
             with contextlib.suppress(Exception):
-                await replica.tmux.run("kill-server")
+                replica.tmux.run("kill-server", timeout=3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -549,10 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 3:
         print("usage: python -m tether.relay.worker MSG_FD FD_FD DIR", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="worker: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        asyncio.run(serve(int(args[0]), int(args[1]), args[2]))
+        serve(int(args[0]), int(args[1]), args[2])
     except (ConnectionError, OSError) as exc:
         if exc.errno not in (None, errno.EPIPE, errno.ECONNRESET):
             raise

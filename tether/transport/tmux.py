@@ -1,7 +1,7 @@
 """An asyncio connection to a tmux server in control mode.
 
-Used by both the host agent (its user's tmux) and the relay's replica worker
-(the replica tmux). Replies are matched to commands in order, and an optional
+Used by the host agent on its user's tmux (the relay's replica worker has a
+blocking twin, ``tmuxsync``). Replies are matched to commands in order, and an optional
 callback runs *synchronously* when a reply arrives, before any later line is
 parsed: that is how a snapshot is placed at the exact point of the output
 stream that the capture saw.
@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 
 from tether.core.control import ControlParser, Notification, PaneOutput, Reply
 
+from .tmuxsync import TmuxError
+
 EventHandler = Callable[[PaneOutput | Notification], None]
 ReplyCallback = Callable[[Reply], None]
 
-
-class TmuxError(Exception):
-    """A tmux command failed; the message is tmux's own."""
+__all__ = ["TmuxControl", "TmuxError", "tmux_cmd"]
 
 
 class TmuxControl:
