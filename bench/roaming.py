@@ -608,7 +608,7 @@ class Typist:
 
 
 def bench_echo(rig: Rig, samples: int, warmup: int, cell_budget: float,
-               out: dict[str, Series]) -> None:
+               out: dict[str, Series], cells: Sequence[str] | None = None) -> None:
     sides = list(rig.sides.values())
     rng = random.Random(f"{rig.seed}:echo")
     typists = {s.name: Typist(s, rng) for s in sides}
@@ -619,6 +619,8 @@ def bench_echo(rig: Rig, samples: int, warmup: int, cell_budget: float,
         for loss in (0, 10, 30):
             cell += 1
             cell_seed = rig.seed * 100 + cell
+            if cells and f"{rtt}/{loss}" not in cells:
+                continue
             rig.settle(90)
             link.set(delay=f"{rtt / 2:g}ms", loss=f"{loss}%", seed=cell_seed)
             events0 = {s.name: agent_events(s) for s in sides}
@@ -869,6 +871,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, help="netsim seed (default: random, printed)")
     ap.add_argument("--logs", metavar="DIR", help="copy relay/agent logs and netsim events here")
     ap.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
+    ap.add_argument("--cells", nargs="+", metavar="RTT/LOSS",
+                    help="echo: only these cells, e.g. 200/30 (of 50|200 / 0|10|30)")
+    ap.add_argument("--samples", type=int, metavar="N",
+                    help="echo: keystrokes per cell and transport (default 40, quick 10)")
     args = ap.parse_args(argv)
     reason = nsutil.unavailable_reason()
     if reason:
@@ -893,8 +899,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"rig ready in {time.monotonic() - started:.1f}s")
         steps: list[tuple[str, Callable[[], None]]] = [
             ("roam", lambda: bench_roam(rig, 3 if args.quick else 10, series)),
-            ("echo", lambda: bench_echo(rig, 10 if args.quick else 40, 1 if args.quick else 3,
-                                        7.0 if args.quick else 100.0, series)),
+            ("echo", lambda: bench_echo(rig, args.samples or (10 if args.quick else 40),
+                                        1 if args.quick else 3,
+                                        7.0 if args.quick else 100.0 * (args.samples or 40) / 40,
+                                        series, args.cells)),
             ("blackout", lambda: bench_blackout(rig, 1 if args.quick else 3,
                                                 10.0 if args.quick else 60.0, series)),
         ]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tether.core.errors import AuthError
-from tether.core.messages import Hello, Notice, Output, Ping, Pong
+from tether.core.messages import Ack, Hello, InputAck, Notice, Output, Ping, Pong
+from tether.transport import quic as quic_mod
 from tether.transport.link import LinkClosed
 from tether.transport.quic import (
     QuicLink,
@@ -81,6 +82,32 @@ async def test_probe_backoff_is_capped(tmp_path: Path) -> None:
         for _ in range(6):  # six probe timeouts in a row, no ack in between
             loss.on_loss_detection_timeout(now=now)
         assert loss._pto_count == MAX_PTO_BACKOFF  # unbounded, it would be 6
+        client.close()
+    finally:
+        server.close()  # type: ignore[attr-defined]
+
+
+async def test_acks_go_as_datagrams_and_the_last_is_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost ack must not hold up the ordered stream, and the last one is sent again."""
+    monkeypatch.setattr(quic_mod, "ACK_REPEAT", 0.2)
+    server, port, fp, links = await _server(tmp_path / "keys")
+    try:
+        client = await connect_quic("127.0.0.1", port, fp, timeout=5)
+        client.send_nowait(Hello(1, "test"))
+        relay_side = await asyncio.wait_for(links.get(), 5)
+        assert await asyncio.wait_for(relay_side.recv(), 5) == Hello(1, "test")
+        sent_before = relay_side.bytes_sent
+        relay_side.send_ack(Ack(3))
+        relay_side.send_ack(Ack(5))  # supersedes 3: only 5 is repeated
+        relay_side.send_ack(InputAck(1, 2))
+        assert relay_side.bytes_sent == sent_before  # nothing went on the stream
+        got = [await asyncio.wait_for(client.recv(), 5) for _ in range(5)]
+        assert got[:3] == [Ack(3), Ack(5), InputAck(1, 2)]
+        assert sorted(got[3:], key=repr) == [Ack(5), InputAck(1, 2)]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.recv(), 0.5)  # repeated once, not forever
         client.close()
     finally:
         server.close()  # type: ignore[attr-defined]

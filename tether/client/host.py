@@ -805,7 +805,7 @@ class HostAgent:
         ack, self._input_ack = self._input_ack, None
         if ack is not None and link is self.link:
             with contextlib.suppress(LinkClosed):
-                link.send_nowait(ack)
+                link.send_ack(ack)
 
     async def _send_loop(self, link: Link) -> None:
         while True:

@@ -311,7 +311,9 @@ class Relay:
 
     def _flush_ack(self, s: Session) -> None:
         s.ack_timer = None
-        self._to_host(s, Ack(s.acked))
+        if s.host is not None:
+            with contextlib.suppress(LinkClosed):
+                s.host.send_ack(Ack(s.acked))
 
     def _to_host(self, s: Session, msg: Message) -> None:
         if s.host is not None:

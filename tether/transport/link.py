@@ -20,6 +20,10 @@ class Link(Protocol):
     def send_nowait(self, msg: Message) -> None:
         """Queue ``msg`` without waiting (small control messages)."""
 
+    def send_ack(self, msg: Message) -> None:
+        """Send a cumulative ack: any later one supersedes it, so a lost one costs
+        nothing. QUIC sends it as a datagram, outside the ordered stream."""
+
     async def drain(self) -> None:
         """Wait until the transport can take more."""
 

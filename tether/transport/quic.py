@@ -60,6 +60,10 @@ and its echo, a few hundred bytes, and on a lossy link (30% each way at 200 ms
 RTT) unbounded doubling left one echo in ten waiting 5 s. Capped like mosh's
 retransmission timer, a lost keystroke is probed again every ~2 PTOs; the
 bytes this costs are negligible, and the congestion window still reacts."""
+ACK_REPEAT = 1.0
+"""An ack sent as a datagram is sent once more after this long, unless a newer
+one of its kind went meanwhile: the last ack of a burst of activity otherwise
+waits for the next activity when it is lost."""
 SEND_BUFFER = 512 * 1024
 """Unacked stream bytes past which ``drain`` waits: the log stays in the log, where
 it can still be replaced by a snapshot, instead of piling up in QUIC's buffer."""
@@ -137,6 +141,7 @@ class QuicLink(QuicConnectionProtocol):
         self.bytes_sent = 0
         self.last_activity = time.monotonic()
         self._piggyback = False
+        self._ack_repeats: dict[type, asyncio.TimerHandle] = {}
         if hasattr(quic, "_ack_delay"):
             quic._ack_delay = ACK_DELAY
         _cap_probe_backoff(quic)
@@ -158,6 +163,22 @@ class QuicLink(QuicConnectionProtocol):
         # one packet for everything sent in this turn of the event loop
         self._piggyback = True
         self._transmit_soon()
+
+    def send_ack(self, msg: Message) -> None:
+        """A cumulative ack, as a datagram: on the ordered stream, a lost ack would
+        hold up the keystroke or the echo sent after it until it was resent (with
+        30% loss each way, a keystroke's two acks doubled its chance of a wait)."""
+        if self.closed:
+            raise LinkClosed(self.reason or "connection closed")
+        self.send_datagram(msg)
+        old = self._ack_repeats.pop(type(msg), None)
+        if old is not None:
+            old.cancel()
+        self._ack_repeats[type(msg)] = self._loop.call_later(ACK_REPEAT, self._repeat_ack, msg)
+
+    def _repeat_ack(self, msg: Message) -> None:
+        self._ack_repeats.pop(type(msg), None)
+        self.send_datagram(msg)
 
     async def send(self, msg: Message) -> None:
         self.send_nowait(msg)
@@ -199,6 +220,9 @@ class QuicLink(QuicConnectionProtocol):
         return msg
 
     def close(self) -> None:
+        for handle in self._ack_repeats.values():
+            handle.cancel()
+        self._ack_repeats.clear()
         if not self.closed:
             self.closed = True
             with contextlib.suppress(Exception):

@@ -135,6 +135,9 @@ class SSHLink:
         self.bytes_sent += len(data)
         self._writer.write(data)
 
+    def send_ack(self, msg: Message) -> None:
+        self.send_nowait(msg)
+
     async def send(self, msg: Message) -> None:
         self.send_nowait(msg)
         await self.drain()
