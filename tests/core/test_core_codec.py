@@ -71,7 +71,7 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
 
 
 def instances(cls: type) -> st.SearchStrategy[Any]:
-    hints = typing.get_type_hints(cls)
+    hints = m.field_types(cls)
     fields = {f: strategy_for(hints[f]) for f in records.fields(cls)}
     return st.builds(cls, **fields)
 
@@ -91,7 +91,7 @@ def reachable_records(cls: type, seen: set[type]) -> set[type]:
         for a in typing.get_args(tp):
             walk(a)
 
-    for hint in typing.get_type_hints(cls).values():
+    for hint in m.field_types(cls).values():
         walk(hint)
     return seen
 
@@ -595,3 +595,18 @@ def test_compressed_frames_round_trip_and_bombs_are_refused() -> None:
         decompress(compress(screen)[:-10])
     with pytest.raises(RemoteProtocolError, match="bad compressed data"):
         decompress(b"not zlib at all")
+
+
+def test_field_types_agree_with_typing() -> None:
+    """The schema reads its annotations without ``typing``; it must read them alike."""
+    names = {**vars(m), "ClassVar": typing.ClassVar, "Any": typing.Any}
+    for cls in reachable_records_of_all():
+        hints = typing.get_type_hints(cls, globalns=names)
+        assert m.field_types(cls) == {f: hints[f] for f in records.fields(cls)}, cls
+
+
+def reachable_records_of_all() -> set[type]:
+    seen: set[type] = set()
+    for cls in MESSAGE_TYPES:
+        reachable_records(cls, seen)
+    return seen

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Any
 
 import msgpack
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .limits import MAX_DATA, MAX_FRAME, MAX_ITEMS, MAX_STR
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _LEN = struct.Struct(">I")
 

@@ -18,7 +18,9 @@ must be immutable: they are shared, as in a function signature).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 _set = object.__setattr__
 
