@@ -2,6 +2,7 @@
 """Roaming benchmark: tether on a faulty (namespaced) network, measured from a mate's screen.
 
     python3 bench/roaming.py [--quick] [--json FILE] [--seed N] [--logs DIR] [--only PART...]
+                             [--cells RTT/LOSS...] [--samples N]
 
 Needs root and /dev/net/tun (tether netsim).  One ``tether.netsim`` network
 (``host`` with links wifi and lte, ``relay``, ``mate``) carries two sessions
