@@ -4,6 +4,7 @@ leaves with the user's last session."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .helpers import Host, Mate, RelayProcess, wait_for
@@ -26,6 +27,31 @@ def zygotes_of(home: Path) -> list[int]:
     return found
 
 
+def listening(pid: int) -> bool:
+    """``pid`` holds a listening unix socket (the zygote has bound its address).
+
+    The process shows in /proc as soon as it is exec'ed, tens of ms before it
+    listens; a session started in between gets its agent the cold way."""
+    inodes = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed since the listing (the listing's own fd, for one)
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        # Num RefCount Protocol Flags Type St Inode [Path]; __SO_ACCEPTCON = 0x10000
+        if len(fields) >= 7 and fields[6] in inodes and int(fields[3], 16) & 0x10000:
+            return True
+    return False
+
+
 def parent_of(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat[stat.rindex(")") + 2 :].split()[1])
@@ -38,6 +64,7 @@ def test_second_session_is_forked_by_the_zygote_and_shared(
     first = Host(home, relay.conf())
     try:
         zygote = wait_for(lambda: zygotes_of(home), 20, "the first agent to leave a zygote")[0]
+        wait_for(lambda: listening(zygote), 20, "the zygote to listen")
         assert parent_of(first.agent_pid()) != zygote
         second = Host(home, relay.conf(), name="second")
         try:
