@@ -71,7 +71,7 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
 
 
 def instances(cls: type) -> st.SearchStrategy[Any]:
-    hints = m.field_types(cls)
+    hints = records.field_types(cls)
     fields = {f: strategy_for(hints[f]) for f in records.fields(cls)}
     return st.builds(cls, **fields)
 
@@ -91,7 +91,7 @@ def reachable_records(cls: type, seen: set[type]) -> set[type]:
         for a in typing.get_args(tp):
             walk(a)
 
-    for hint in m.field_types(cls).values():
+    for hint in records.field_types(cls).values():
         walk(hint)
     return seen
 
@@ -602,7 +602,7 @@ def test_field_types_agree_with_typing() -> None:
     names = {**vars(m), "ClassVar": typing.ClassVar, "Any": typing.Any}
     for cls in reachable_records_of_all():
         hints = typing.get_type_hints(cls, globalns=names)
-        assert m.field_types(cls) == {f: hints[f] for f in records.fields(cls)}, cls
+        assert records.field_types(cls) == {f: hints[f] for f in records.fields(cls)}, cls
 
 
 def reachable_records_of_all() -> set[type]:

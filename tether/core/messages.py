@@ -9,13 +9,12 @@ speaks another major version is refused with a clear message.
 
 from __future__ import annotations
 
-import sys
 import types
 
 from . import codec
 from .errors import RemoteProtocolError
 from .limits import MAX_DATA, MAX_ITEMS, MAX_STR
-from .records import Record, is_record
+from .records import Record, defaults, field_types, fields, is_record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is 0.5 MiB and 4 ms in every replica worker
@@ -339,13 +338,14 @@ class _Spec:
         self.cls = cls
         self.type_id: int = getattr(cls, "TYPE", -1)
         hints = field_types(cls)
-        fields: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
-        self.names = list(fields)
-        self.required = sum(1 for f in fields if f not in cls._defaults)  # type: ignore[attr-defined]
-        self.wire = [(f, _is_simple(hints[f])) for f in fields]
+        names = fields(cls)
+        optional = defaults(cls)
+        self.names = list(names)
+        self.required = sum(1 for f in names if f not in optional)
+        self.wire = [(f, _is_simple(hints[f])) for f in names]
         self.checkers: list[tuple[str, Checker, str]] = []
         _SPECS[cls] = self  # before the fields: records may nest
-        self.checkers = [(f, _checker(hints[f]), f"{cls.__name__}.{f}") for f in fields]
+        self.checkers = [(f, _checker(hints[f]), f"{cls.__name__}.{f}") for f in names]
 
     def build(self, values: list[Any]) -> Any:
         if not self.required <= len(values) <= len(self.names):
@@ -364,22 +364,6 @@ _CHECKERS: dict[Any, Checker] = {}
 def _spec(cls: type) -> _Spec:
     spec = _SPECS.get(cls)
     return spec if spec is not None else _Spec(cls)
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    """A record's field types, evaluated (annotations are strings in the source).
-
-    Like ``typing.get_type_hints``, without importing ``typing`` (0.5 MiB in
-    every worker); the strings are tether's own source, never input."""
-    types_: dict[str, Any] = {}
-    for name in cls._fields:  # type: ignore[attr-defined]
-        for klass in cls.__mro__:
-            ann = vars(klass).get("__annotations__", {}).get(name)
-            if ann is not None:
-                module = vars(sys.modules[klass.__module__])
-                types_[name] = eval(ann, module) if isinstance(ann, str) else ann
-                break
-    return types_
 
 
 def _is_simple(tp: Any) -> bool:
@@ -557,5 +541,4 @@ __all__ = [
     "Window",
     "decode",
     "event_size",
-    "field_types",
 ]

@@ -18,6 +18,8 @@ must be immutable: they are shared, as in a function signature).
 
 from __future__ import annotations
 
+import sys
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, ClassVar
@@ -131,3 +133,19 @@ def fields(cls: type) -> tuple[str, ...]:
 def defaults(cls: type) -> dict[str, Any]:
     """A record's defaults by field name (the fields that may be left out)."""
     return dict(cls._defaults)  # type: ignore[attr-defined]
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """A record's field types, evaluated (annotations are strings in the source).
+
+    Like ``typing.get_type_hints``, without importing ``typing`` (0.5 MiB in
+    every worker); the strings are tether's own source, never input."""
+    types_: dict[str, Any] = {}
+    for name in cls._fields:  # type: ignore[attr-defined]
+        for klass in cls.__mro__:
+            ann = vars(klass).get("__annotations__", {}).get(name)
+            if ann is not None:
+                module = vars(sys.modules[klass.__module__])
+                types_[name] = eval(ann, module) if isinstance(ann, str) else ann
+                break
+    return types_

@@ -126,7 +126,6 @@ class Replica:
         self.names: dict[int, str] = {}
         self.bindings: list[Binding] = []
         self.bound: list[tuple[str, str]] = []
-        self.status_left = ""
         self.placeholder: str | None = None
 
     def start(self) -> None:
@@ -596,6 +595,22 @@ def _reap() -> None:
             return
 
 
+def _handle(msg: Message, replica: Replica, link: RelayLink, fdsock: socket.socket) -> int | None:
+    """Apply one message from the relay; the sequence number of an event applied."""
+    if isinstance(msg, Event):
+        try:
+            replica.apply(msg.body)
+        except (ValueError, TmuxError) as exc:
+            link.send(Error(f"replica refused event {msg.seq}: {exc}"))
+            warn(f"event {msg.seq} refused: {exc}")
+        return msg.seq
+    if isinstance(msg, MateAttach):
+        replica.attach(msg, fdsock)
+    elif isinstance(msg, HostPresence):
+        replica.presence(msg)
+    return None
+
+
 def serve(msg_fd: int, fd_fd: int, directory: str) -> None:
     # the relay's sockets must not leak into tmux and its clients
     os.set_inheritable(msg_fd, False)
@@ -611,42 +626,31 @@ def serve(msg_fd: int, fd_fd: int, directory: str) -> None:
     acked = 0
     try:
         while True:
-            link.pause(replica.backlog() > ACK_LAG)
             for key, mask in sel.select():
                 what = key.data
-                if what is link:
-                    if mask & WRITE and link.out:
-                        link.flush()
-                    if not (mask & READ and link.reading):
-                        continue
-                    data = link.recv()
-                    if data is None:
-                        continue
-                    if not data:
-                        return
-                    for msg in decoder.feed(data):
-                        if isinstance(msg, Event):
-                            try:
-                                replica.apply(msg.body)
-                            except (ValueError, TmuxError) as exc:
-                                link.send(Error(f"replica refused event {msg.seq}: {exc}"))
-                                warn(f"event {msg.seq} refused: {exc}")
-                            applied = msg.seq
-                        elif isinstance(msg, MateAttach):
-                            replica.attach(msg, fdsock)
-                        elif isinstance(msg, HostPresence):
-                            replica.presence(msg)
-                elif isinstance(what, Pane):
+                if isinstance(what, Pane):
                     if mask & WRITE and what.out:
                         replica.flush(what)
                     if mask & READ and what.fd >= 0:
                         replica.on_keys(what)
                 elif isinstance(what, BlockingTmuxControl):
                     what.read()
-            # ack once the bytes are on their way into tmux, with bounded lag
-            if applied != acked and replica.backlog() <= ACK_LAG:
+                else:  # the relay
+                    if mask & WRITE and link.out:
+                        link.flush()
+                    data = link.recv() if mask & READ and link.reading else None
+                    if data == b"":
+                        return
+                    for msg in decoder.feed(data or b""):
+                        seq = _handle(msg, replica, link, fdsock)
+                        applied = applied if seq is None else seq
+            # ack once the bytes are on their way into tmux, with bounded lag; while
+            # they are not, stop reading the relay
+            behind = replica.backlog() > ACK_LAG
+            if applied != acked and not behind:
                 link.send(Ack(applied))
                 acked = applied
+            link.pause(behind)
             _reap()
     finally:
         if replica.tmux is not None:
