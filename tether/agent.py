@@ -22,8 +22,8 @@ from tether.client.host import HostAgent, discard_link
 from tether.client.paths import messages_path, pid_path, state_dir
 from tether.core.control import quote
 from tether.core.tokens import RedactTokens
+from tether.transport.openssh import RelayAddress, load_public_keys
 from tether.transport.reconnect import Connector
-from tether.transport.ssh import RelayAddress, load_public_keys
 
 log = logging.getLogger("tether.agent")
 
@@ -72,7 +72,12 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
     relay = None
     if cfg.server_host:
         addr = RelayAddress(
-            cfg.server_host, cfg.server_port, cfg.fingerprints, cfg.identities, cfg.known_hosts
+            cfg.server_host,
+            cfg.server_port,
+            cfg.fingerprints,
+            cfg.identities,
+            cfg.known_hosts,
+            str(state_dir() / "host_ed25519"),
         )
     else:
         # the embedded relay only: a host with a relay configured never loads it
@@ -90,7 +95,11 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
         )
         await relay.start()
         addr = RelayAddress(
-            "127.0.0.1", relay.port, [fp for _, fp in relay.fingerprints], cfg.identities
+            "127.0.0.1",
+            relay.port,
+            [fp for _, fp in relay.fingerprints],
+            cfg.identities,
+            fallback_identity=str(state_dir() / "host_ed25519"),
         )
 
     authorized = authorized or (

@@ -195,7 +195,7 @@ def new_session(
         return fail(str(exc))
     authorized = authorized or cfg.authorized_keys
     if authorized:
-        from tether.transport.ssh import load_public_keys
+        from tether.transport.openssh import load_public_keys
 
         try:
             load_public_keys(authorized)

@@ -11,6 +11,8 @@ import os
 import shlex
 from pathlib import Path
 
+from tether.core.pubkeys import FINGERPRINT
+
 KNOWN = {
     "tether-server-host",
     "tether-server-port",
@@ -113,9 +115,10 @@ def parse(text: str, path: Path | None = None) -> TetherConfig:
                 raise ConfigError(f"{path or 'config'}:{n}: bad port {value!r}")
             cfg.server_port = int(value)
         elif name.endswith("-fingerprint"):
-            if not value.startswith("SHA256:"):
+            if not FINGERPRINT.fullmatch(value):
                 raise ConfigError(
-                    f"{path or 'config'}:{n}: {name} must look like SHA256:... (got {value!r})"
+                    f"{path or 'config'}:{n}: {name} must look like SHA256:... as "
+                    f"`ssh-keygen -lf KEY.pub` prints it (got {value!r})"
                 )
             cfg.fingerprints.append(value)
         elif name == "tether-identity":

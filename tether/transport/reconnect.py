@@ -22,7 +22,7 @@ from tether.core.errors import AuthError
 from tether.core.messages import Welcome
 
 from .link import Link, LinkClosed
-from .ssh import RelayAddress, connect_host
+from .openssh import RelayAddress, connect_host
 
 if TYPE_CHECKING:  # QUIC (aioquic, x509) loads only once the SSH bootstrap has worked
     from .quic import QuicLink

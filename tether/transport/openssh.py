@@ -1,0 +1,321 @@
+"""The host's bootstrap connection, through the system's OpenSSH client.
+
+mosh's way: ``ssh`` authenticates the relay (pinned fingerprints, or
+known_hosts) and the host (the user's keys or ssh-agent), and its subsystem
+channel then carries replication as length-prefixed frames. The host never
+imports an SSH library, which keeps ~170 ms of imports off every cold start,
+and the user's agent and hardware-backed keys work as they do for ``ssh``.
+
+``ssh`` runs with ``-F none`` and every option tether relies on spelled out,
+so neither ~/.ssh/config nor /etc/ssh/ssh_config can weaken the check of the
+relay's key. Paths are taken from ``$HOME`` (OpenSSH itself uses the passwd
+entry), so tether's ``~`` means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tether.core.errors import AuthError
+from tether.core.messages import MessageDecoder
+from tether.core.pubkeys import FINGERPRINT, check_public_key_lines
+
+from .link import LinkClosed
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from tether.core.messages import Message
+
+HOST_USER = "tether-host"
+SUBSYSTEM = "tether"
+HOST_KEY_ALGORITHMS = "ssh-ed25519,rsa-sha2-512,rsa-sha2-256"
+DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+AUTHENTICATED = "Authenticated to "
+RECEIVED = "tether: relay host key "
+STDERR_LINES = 12
+MAX_STDERR_LINE = 4096
+
+
+@dataclass
+class RelayAddress:
+    host: str
+    port: int = 22
+    fingerprints: Sequence[str] = ()
+    """Pinned ``SHA256:...`` fingerprints; empty means use known_hosts."""
+    identities: Sequence[str] = ()
+    """Private key files; empty means the user's default keys (and ssh-agent)."""
+    known_hosts: str | None = None
+    """known_hosts file when nothing is pinned (default ~/.ssh/known_hosts)."""
+    fallback_identity: str | None = None
+    """A key of tether's own to use (made if missing) when the user has none."""
+
+
+def load_public_keys(path: str) -> list[str]:
+    """The key lines of an authorized_keys file, checked to hold only public keys."""
+    with open(os.path.expanduser(path)) as f:
+        return check_public_key_lines(f.readlines())
+
+
+def make_identity(path: Path) -> Path:
+    """tether's own key for a host without one (the relay only needs *a* key),
+    made with ``ssh-keygen`` the first time."""
+    if not path.exists():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tether-host", "-f", str(tmp)],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
+        os.replace(f"{tmp}.pub", f"{path}.pub")
+        os.replace(tmp, path)
+    return path
+
+
+def _identities(addr: RelayAddress) -> list[str]:
+    if addr.identities:
+        return [os.path.expanduser(p) for p in addr.identities]
+    ssh_dir = Path.home() / ".ssh"
+    found = [str(ssh_dir / n) for n in DEFAULT_KEYS if (ssh_dir / n).exists()]
+    if not found and addr.fallback_identity:
+        found.append(str(make_identity(Path(addr.fallback_identity))))
+    return found
+
+
+def _pin_command(pins: Sequence[str]) -> str:
+    """A KnownHostsCommand that vouches for the relay's key only if it is pinned.
+
+    OpenSSH splits the command into words before it expands ``%f`` and friends,
+    so a key's text cannot become shell code; the pins are checked to be
+    fingerprints before they are put in.
+    """
+    for pin in pins:
+        if not FINGERPRINT.fullmatch(pin):
+            raise AuthError(f"not a SHA256 fingerprint: {pin!r}")
+    pattern = "|".join(pins)
+    script = (
+        f'case "$0" in {pattern}) echo "* $1 $2";; '
+        f'SHA256:*) echo "{RECEIVED}$0" >&2;; esac'
+    )
+    return f"/bin/sh -c '{script}' %f %t %K"
+
+
+def ssh_command(addr: RelayAddress, timeout: float) -> list[str]:
+    """The ``ssh`` command line that opens the relay's tether subsystem."""
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        raise LinkClosed("tether needs the OpenSSH client (`ssh`): install openssh-client")
+    argv = [
+        ssh, "-F", "none", "-T", "-x", "-a", "-s",
+        "-p", str(addr.port), "-l", HOST_USER,
+        "-o", "BatchMode=yes",
+        "-o", "LogLevel=VERBOSE",
+        "-o", f"ConnectTimeout={max(1, round(timeout))}",
+        "-o", "ServerAliveInterval=10",
+        "-o", "ServerAliveCountMax=3",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", "UpdateHostKeys=no",
+        "-o", "CheckHostIP=no",
+        "-o", "ControlPath=none",
+        "-o", "PasswordAuthentication=no",
+        "-o", "KbdInteractiveAuthentication=no",
+    ]  # fmt: skip
+    if addr.fingerprints:
+        argv += [
+            "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", f"HostKeyAlgorithms={HOST_KEY_ALGORITHMS}",
+            "-o", f"KnownHostsCommand={_pin_command(addr.fingerprints)}",
+        ]  # fmt: skip
+    else:
+        known = addr.known_hosts or str(Path.home() / ".ssh" / "known_hosts")
+        argv += ["-o", f"UserKnownHostsFile={os.path.expanduser(known)}"]
+    if addr.identities:
+        argv += ["-o", "IdentitiesOnly=yes"]
+    for path in _identities(addr):
+        argv += ["-i", path]
+    return [*argv, "--", addr.host, SUBSYSTEM]
+
+
+class _Stderr:
+    """The last lines ``ssh`` printed, and whether it got as far as logging in."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        self.received: str | None = None
+        self.authenticated = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self._read(stream))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                try:
+                    raw = await stream.readline()
+                except ValueError:  # a line over the reader's limit: skip it
+                    raw = await stream.read(64 * 1024)
+                    continue
+                if not raw:
+                    return
+                line = raw[:MAX_STDERR_LINE].decode(errors="replace").strip()
+                if line.startswith(RECEIVED):
+                    self.received = line[len(RECEIVED) :]
+                elif line.startswith(AUTHENTICATED):
+                    self.authenticated.set()
+                elif line:
+                    self.lines.append(line)
+
+    def reason(self) -> str:
+        """ssh's last complaint, without its routine chatter."""
+        for line in reversed(self.lines):
+            if not line.startswith(("Transferred:", "Bytes per second", "Warning:")):
+                return line
+        return "ssh exited"
+
+
+def _failure(addr: RelayAddress, err: _Stderr) -> Exception:
+    where = f"relay {addr.host}:{addr.port}"
+    text = "\n".join(err.lines)
+    if "Host key verification failed" in text:
+        if addr.fingerprints:
+            return AuthError(
+                f"{where} host key fingerprint mismatch: expected "
+                f"{' or '.join(sorted(addr.fingerprints))}, received {err.received or '?'}"
+            )
+        return AuthError(
+            f"{where} host key is not in known_hosts (or has changed); pin it with "
+            "`set -g tether-server-ed25519-fingerprint SHA256:...` in ~/.tether.conf"
+        )
+    if "Permission denied" in text:
+        return AuthError(f"{where} refused our key ({err.reason()})")
+    return LinkClosed(f"ssh: {err.reason()}")
+
+
+class PipeLink:
+    """Messages over an ``ssh`` process's standard input and output."""
+
+    kind = "ssh"
+
+    def __init__(
+        self, proc: asyncio.subprocess.Process, err: _Stderr, description: str
+    ) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self._proc = proc
+        self._stdin = proc.stdin
+        self._stdout = proc.stdout
+        self._err = err
+        self._decoder = MessageDecoder()
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._desc = description
+        self.closed = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @property
+    def description(self) -> str:
+        return self._desc
+
+    def send_nowait(self, msg: Message) -> None:
+        if self.closed or self._stdin.is_closing():
+            raise LinkClosed("connection closed")
+        data = msg.encode()
+        self.bytes_sent += len(data)
+        self._stdin.write(data)
+
+    def send_ack(self, msg: Message) -> None:
+        self.send_nowait(msg)
+
+    async def send(self, msg: Message) -> None:
+        self.send_nowait(msg)
+        await self.drain()
+
+    async def drain(self) -> None:
+        try:
+            await self._stdin.drain()
+        except (ConnectionError, OSError) as exc:
+            raise LinkClosed(str(exc) or "connection closed") from None
+
+    async def recv(self) -> Message:
+        while not self._inbox:
+            if self.closed:
+                raise LinkClosed("connection closed")
+            try:
+                data = await self._stdout.read(256 * 1024)
+            except OSError as exc:
+                raise LinkClosed(str(exc)) from None
+            if not data:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._err.task), 1)
+                raise LinkClosed(f"connection closed by peer ({self._err.reason()})")
+            self.bytes_received += len(data)
+            self._inbox.extend(self._decoder.feed(data))  # RemoteProtocolError propagates
+        return self._inbox.popleft()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _stop(self._proc)
+
+
+def _stop(proc: asyncio.subprocess.Process) -> None:
+    """End ``ssh`` and reap it in the background."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    task = asyncio.get_running_loop().create_task(proc.wait())
+    _reaping.add(task)
+    task.add_done_callback(_reaping.discard)
+
+
+_reaping: set[asyncio.Future[int]] = set()
+
+
+async def connect_host(addr: RelayAddress, timeout: float = 6.0) -> PipeLink:
+    """Run ``ssh`` to the relay's tether subsystem; returns once ssh has logged in.
+
+    Raises ``AuthError`` when either side's key is refused, ``LinkClosed`` when
+    the relay cannot be reached (with ssh's own words).
+    """
+    argv = ssh_command(addr, timeout)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise LinkClosed(f"cannot run ssh: {exc}") from None
+    assert proc.stderr is not None
+    err = _Stderr(proc.stderr)
+    exited = asyncio.ensure_future(proc.wait())
+    logged_in = asyncio.ensure_future(err.authenticated.wait())
+    try:
+        done, _ = await asyncio.wait(
+            [exited, logged_in], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        logged_in.cancel()
+    if logged_in in done or err.authenticated.is_set():
+        exited.cancel()
+        return PipeLink(proc, err, f"ssh {addr.host}:{addr.port}")
+    if exited not in done:
+        exited.cancel()
+        _stop(proc)
+        raise LinkClosed(f"ssh: relay {addr.host}:{addr.port} did not answer within {timeout:g} s")
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(err.task), 1)
+    raise _failure(addr, err)
