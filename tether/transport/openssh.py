@@ -160,8 +160,7 @@ class _Stderr:
             while True:
                 try:
                     raw = await stream.readline()
-                except ValueError:  # a line over the reader's limit: skip it
-                    raw = await stream.read(64 * 1024)
+                except ValueError:  # a line over the reader's limit: it is dropped
                     continue
                 if not raw:
                     return
@@ -305,6 +304,7 @@ async def connect_host(addr: RelayAddress, timeout: float = 6.0) -> PipeLink:
             [exited, logged_in], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
     except BaseException:
+        exited.cancel()
         _stop(proc)
         raise
     finally:
