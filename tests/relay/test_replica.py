@@ -121,6 +121,27 @@ async def test_bytes_render_and_images_replace_the_pane(worker: Worker) -> None:
     assert tmux(worker.sock, "display", "-p", "#{cursor_x},#{cursor_y}").strip() == "4,2"
 
 
+async def test_status_updates_set_only_the_options_that_changed(worker: Worker) -> None:
+    """A host's clock changes its status line once a minute in every session at
+    once: the replica gets one `set` for it, not one per status option."""
+    worker.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1))
+
+    async def status(right: str) -> None:
+        seq = worker.send(Status((("status-style", "bg=red"), ("status-right", right))))
+        await worker.applied(seq)
+
+    def shown(option: str) -> str:
+        return tmux(worker.sock, "show", "-gv", option).strip()
+
+    await status("12:00")
+    assert (shown("status-right"), shown("status-style")) == ("12:00", "bg=red")
+    tmux(worker.sock, "set", "-g", "status-style", "bg=blue")  # a change behind its back
+    await status("12:01")
+    assert (shown("status-right"), shown("status-style")) == ("12:01", "bg=blue")
+    await status("12:00")  # back to an earlier value: still applied
+    assert shown("status-right") == "12:00"
+
+
 async def test_absurd_structures_are_refused_and_the_worker_carries_on(worker: Worker) -> None:
     worker.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1))
     bad = [

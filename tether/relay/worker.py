@@ -127,6 +127,9 @@ class Replica:
         self.bindings: list[Binding] = []
         self.bound: list[tuple[str, str]] = []
         self.placeholder: str | None = None
+        self.status: dict[str, str] = {}
+        """Status options as last set: a host's status line changes one option at
+        a time (its clock, once a minute, in every session at once)."""
 
     def start(self) -> None:
         env = dict(os.environ, TERM="tmux-256color")
@@ -434,8 +437,11 @@ class Replica:
                     value = AWAY + value
             else:
                 value = defuse_format(value)
+            if self.status.get(name) == value:
+                continue
             with contextlib.suppress(TmuxError):
                 self.tmux.run(f"set -g {name} {quote(value)}")
+                self.status[name] = value
 
     def set_bindings(self, b: Bindings) -> None:
         assert self.tmux is not None
