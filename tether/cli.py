@@ -193,6 +193,9 @@ def new_session(
         cfg = config_mod.load(Path(conf) if conf else None)
     except config_mod.ConfigError as exc:
         return fail(str(exc))
+    for identity in cfg.identities:
+        if not os.path.isfile(identity):
+            return fail(f"tether-identity {identity}: no such file")
     authorized = authorized or cfg.authorized_keys
     if authorized:
         from tether.transport.openssh import load_public_keys

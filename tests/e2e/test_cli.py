@@ -73,3 +73,20 @@ def test_relay_help_and_tether_help_explain_flags(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "tether", "-Z"], capture_output=True, text=True,
                        env=env)
     assert p.returncode == 2 and "unknown option -Z" in p.stderr
+
+
+def test_a_missing_identity_or_bad_pin_stops_new_session_with_the_reason(tmp_path: Path) -> None:
+    env = tether_env(tmp_path)
+    conf = tmp_path / ".tether.conf"
+    sock = str(tmp_path / "s.sock")
+    conf.write_text("set -g tether-server-host relay.invalid\n"
+                    f"set -g tether-identity {tmp_path / 'nope'}\n")
+    p = subprocess.run([sys.executable, "-m", "tether", "-S", sock, "new-session", "-d"],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert p.returncode == 2 and f"tether-identity {tmp_path / 'nope'}: no such file" in p.stderr
+    conf.write_text("set -g tether-server-host relay.invalid\n"
+                    "set -g tether-server-ed25519-fingerprint SHA256:short\n")
+    p = subprocess.run([sys.executable, "-m", "tether", "-S", sock, "new-session", "-d"],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert p.returncode == 2 and "must look like SHA256" in p.stderr
+    assert not os.path.exists(sock), "no tmux server was started"

@@ -114,6 +114,13 @@ async def test_wrong_pin_names_both_fingerprints(front: Front) -> None:
     assert front.host_keys == []
 
 
+async def test_a_missing_identity_is_an_auth_error(front: Front, tmp_path: Path) -> None:
+    addr = RelayAddress("127.0.0.1", front.port, front.fingerprints,
+                        identities=[str(tmp_path / "nope")])
+    with pytest.raises(AuthError, match="no such file"):
+        await connect_host(addr)
+
+
 async def test_a_pin_must_be_a_fingerprint(front: Front) -> None:
     """Pins go into a KnownHostsCommand: anything but a fingerprint is refused."""
     for bad in ("SHA256:x'; touch /tmp/owned; '", "MD5:aa:bb", ""):

@@ -83,7 +83,11 @@ def make_identity(path: Path) -> Path:
 
 def _identities(addr: RelayAddress) -> list[str]:
     if addr.identities:
-        return [os.path.expanduser(p) for p in addr.identities]
+        paths = [os.path.expanduser(p) for p in addr.identities]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise AuthError(f"tether-identity {missing[0]}: no such file")
+        return paths
     ssh_dir = Path.home() / ".ssh"
     found = [str(ssh_dir / n) for n in DEFAULT_KEYS if (ssh_dir / n).exists()]
     if not found and addr.fallback_identity:
