@@ -22,6 +22,7 @@ from tether.client.host import HostAgent, discard_link
 from tether.client.paths import messages_path, pid_path, state_dir
 from tether.core.control import quote
 from tether.core.tokens import RedactTokens
+from tether.transport.children import use_pidfd_watcher
 from tether.transport.openssh import RelayAddress, load_public_keys
 from tether.transport.reconnect import Connector
 
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         handlers=[handler],
     )
+    use_pidfd_watcher()
     return asyncio.run(amain(a.socket, a.session, a.config, a.authorized_keys))
 
 

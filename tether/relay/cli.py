@@ -195,11 +195,13 @@ def main(argv: list[str]) -> int:
         logging.FileHandler(a.logfile) if a.logfile else logging.StreamHandler(sys.stderr)
     )
     from tether.relay.server import RedactTokens
+    from tether.transport.children import use_pidfd_watcher
 
     handler.addFilter(RedactTokens())
     logging.basicConfig(
         level=level, handlers=[handler], format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     with contextlib.suppress(KeyboardInterrupt):
+        use_pidfd_watcher()
         return asyncio.run(_run(a))
     return 0
