@@ -113,3 +113,27 @@ def test_host_limits_mates_to_listed_keys(relay: RelayProcess, tmp_path: Path,
         good.wait_text("listed-mate-joined")
     finally:
         h.close()
+
+
+def open_files(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc")
+
+
+def test_relay_raises_its_open_file_limit_and_says_when_it_is_too_low(tmp_path: Path) -> None:
+    """A shell's soft limit of 1,024 descriptors runs out at ~330 idle sessions."""
+    low = RelayProcess(tmp_path / "low", None, prefix=["prlimit", "--nofile=256:4096", "--"])
+    roomy = RelayProcess(tmp_path / "roomy", None, prefix=["prlimit", "--nofile=256:16384", "--"])
+    try:
+        assert open_files(low.proc.pid) == (4096, 4096)
+        banner = "".join(low.banner)
+        assert "open-file limit (4096) leaves room for about 504 sessions" in banner
+        assert "--max-sessions 1000" in banner
+        assert open_files(roomy.proc.pid) == (16384, 16384)
+        assert "open-file limit" not in "".join(roomy.banner)
+    finally:
+        low.close()
+        roomy.close()

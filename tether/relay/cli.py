@@ -152,6 +152,9 @@ async def _run(a: argparse.Namespace) -> int:
             mate_input_rate=a.mate_input_rate,
         )
     )
+    limit_note = _raise_open_files(a.max_sessions)
+    if limit_note:
+        print(f"tether relay: WARNING: {limit_note}", file=sys.stderr)
     if a.no_jail:
         print("tether relay: WARNING: --no-jail: replica workers run unjailed; sessions are "
               "NOT isolated from each other or from this machine", file=sys.stderr)
@@ -179,6 +182,36 @@ async def _run(a: argparse.Namespace) -> int:
     await stop.wait()
     await relay.close()
     return 0
+
+
+FILES_PER_SESSION = 8
+"""Descriptors an idle session holds in the relay (3: its worker's two sockets
+and its pidfd) with room for a mate or two (2 each: the SSH connection and the
+pty master)."""
+FILES_SPARE = 64
+
+
+def _raise_open_files(max_sessions: int) -> str:
+    """Raise the soft open-file limit to the hard one; a warning if even that is
+    too low for ``max_sessions`` (shells and services start at a soft 1,024,
+    which an idle session in three descriptors runs out of at ~330 sessions)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return ""
+    fits = max(0, (soft - FILES_SPARE) // FILES_PER_SESSION)
+    if fits >= max_sessions:
+        return ""
+    return (
+        f"the open-file limit ({soft}) leaves room for about {fits} sessions with a mate or "
+        f"two, not --max-sessions {max_sessions}; raise it (`ulimit -n`, or LimitNOFILE= "
+        "in a systemd unit)"
+    )
 
 
 def _default_keys() -> Path:
