@@ -179,6 +179,20 @@ async def test_a_host_without_keys_gets_one_of_its_own(front: Front, tmp_path: P
     assert front.host_keys[1] == front.host_keys[0]
 
 
+async def test_a_key_behind_a_passphrase_falls_back_to_tethers_own(front: Front,
+                                                                  tmp_path: Path) -> None:
+    """ssh cannot ask for a passphrase here (no agent holds the key)."""
+    locked = Path.home() / ".ssh" / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret words", "-f", str(locked)],
+                   check=True)
+    own = tmp_path / "host_ed25519"
+    addr = RelayAddress("127.0.0.1", front.port, front.fingerprints, fallback_identity=str(own))
+    await round_trip(await connect_host(addr))
+    out = subprocess.run(["ssh-keygen", "-lf", f"{own}.pub"], check=True, capture_output=True,
+                         text=True).stdout
+    assert front.host_keys == [out.split()[1]]
+
+
 async def test_unreachable_relay_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(LinkClosed, match="refused"):

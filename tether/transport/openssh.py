@@ -56,7 +56,7 @@ class RelayAddress:
     known_hosts: str | None = None
     """known_hosts file when nothing is pinned (default ~/.ssh/known_hosts)."""
     fallback_identity: str | None = None
-    """A key of tether's own to use (made if missing) when the user has none."""
+    """A key of tether's own (made if missing), offered after the user's keys."""
 
 
 def load_public_keys(path: str) -> list[str]:
@@ -90,7 +90,10 @@ def _identities(addr: RelayAddress) -> list[str]:
         return paths
     ssh_dir = Path.home() / ".ssh"
     found = [str(ssh_dir / n) for n in DEFAULT_KEYS if (ssh_dir / n).exists()]
-    if not found and addr.fallback_identity:
+    if addr.fallback_identity:
+        # last: after the agent's keys and the user's, one of which a relay that
+        # lists its hosts' keys may want; also what a key behind a passphrase
+        # (which ssh cannot ask for here) falls back to
         found.append(str(make_identity(Path(addr.fallback_identity))))
     return found
 
