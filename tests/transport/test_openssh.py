@@ -179,6 +179,21 @@ async def test_a_host_without_keys_gets_one_of_its_own(front: Front, tmp_path: P
     assert front.host_keys[1] == front.host_keys[0]
 
 
+def test_agents_making_their_key_at_once_agree_on_one_pair(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tether.transport.openssh import make_identity
+
+    own = tmp_path / "host_ed25519"
+    (tmp_path / "host_ed25519.pub").write_text("ssh-ed25519 AAAA stale\n")  # no private key
+    with ThreadPoolExecutor(6) as pool:
+        assert set(pool.map(lambda _: make_identity(own), range(6))) == {own}
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(own)], check=True,
+                             capture_output=True, text=True).stdout.split()[:2]
+    assert (tmp_path / "host_ed25519.pub").read_text().split()[:2] == derived
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["host_ed25519", "host_ed25519.pub"]
+
+
 async def test_a_key_behind_a_passphrase_falls_back_to_tethers_own(front: Front,
                                                                   tmp_path: Path) -> None:
     """ssh cannot ask for a passphrase here (no agent holds the key)."""

@@ -68,16 +68,26 @@ def load_public_keys(path: str) -> list[str]:
 def make_identity(path: Path) -> Path:
     """tether's own key for a host without one (the relay only needs *a* key),
     made with ``ssh-keygen`` the first time."""
-    if not path.exists():
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tether-host", "-f", str(tmp)],
-            check=True,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-        )
+    if path.exists():
+        return path
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tether-host", "-f", str(tmp)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+    )
+    try:
+        # two agents starting at once: the first link wins, and only the winner
+        # writes the .pub, so the pair on disk always matches
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    else:
         os.replace(f"{tmp}.pub", f"{path}.pub")
-        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, Path(f"{tmp}.pub")):
+            leftover.unlink(missing_ok=True)
     return path
 
 
