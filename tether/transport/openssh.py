@@ -25,15 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tether.core.errors import AuthError
-from tether.core.messages import MessageDecoder
 from tether.core.pubkeys import FINGERPRINT, check_public_key_lines
 
-from .link import LinkClosed
+from .link import LinkClosed, StreamLink
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-    from tether.core.messages import Message
 
 HOST_USER = "tether-host"
 SUBSYSTEM = "tether"
@@ -189,6 +186,11 @@ class _Stderr:
                 elif line:
                     self.lines.append(line)
 
+    async def finished(self) -> None:
+        """Until ssh's last words are in (bounded: they come as it exits)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.task), 1)
+
     def reason(self) -> str:
         """ssh's last complaint, without its routine chatter."""
         for line in reversed(self.lines):
@@ -215,70 +217,19 @@ def _failure(addr: RelayAddress, err: _Stderr) -> Exception:
     return LinkClosed(f"ssh: {err.reason()}")
 
 
-class PipeLink:
+class PipeLink(StreamLink):
     """Messages over an ``ssh`` process's standard input and output."""
 
-    kind = "ssh"
-
-    def __init__(
-        self, proc: asyncio.subprocess.Process, err: _Stderr, description: str
-    ) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
+    def __init__(self, proc: asyncio.subprocess.Process, err: _Stderr, description: str) -> None:
+        super().__init__(proc.stdout, proc.stdin, description)
         self._proc = proc
-        self._stdin = proc.stdin
-        self._stdout = proc.stdout
         self._err = err
-        self._decoder = MessageDecoder()
-        self._inbox: collections.deque[Message] = collections.deque()
-        self._desc = description
-        self.closed = False
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
-    @property
-    def description(self) -> str:
-        return self._desc
+    async def _eof_reason(self) -> str:
+        await self._err.finished()
+        return f"connection closed by peer ({self._err.reason()})"
 
-    def send_nowait(self, msg: Message) -> None:
-        if self.closed or self._stdin.is_closing():
-            raise LinkClosed("connection closed")
-        data = msg.encode()
-        self.bytes_sent += len(data)
-        self._stdin.write(data)
-
-    def send_ack(self, msg: Message) -> None:
-        self.send_nowait(msg)
-
-    async def send(self, msg: Message) -> None:
-        self.send_nowait(msg)
-        await self.drain()
-
-    async def drain(self) -> None:
-        try:
-            await self._stdin.drain()
-        except (ConnectionError, OSError) as exc:
-            raise LinkClosed(str(exc) or "connection closed") from None
-
-    async def recv(self) -> Message:
-        while not self._inbox:
-            if self.closed:
-                raise LinkClosed("connection closed")
-            try:
-                data = await self._stdout.read(256 * 1024)
-            except OSError as exc:
-                raise LinkClosed(str(exc)) from None
-            if not data:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._err.task), 1)
-                raise LinkClosed(f"connection closed by peer ({self._err.reason()})")
-            self.bytes_received += len(data)
-            self._inbox.extend(self._decoder.feed(data))  # RemoteProtocolError propagates
-        return self._inbox.popleft()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def _close(self) -> None:
         _stop(self._proc)
 
 
@@ -333,6 +284,5 @@ async def connect_host(addr: RelayAddress, timeout: float = 6.0) -> PipeLink:
         exited.cancel()
         _stop(proc)
         raise LinkClosed(f"ssh: relay {addr.host}:{addr.port} did not answer within {timeout:g} s")
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(err.task), 1)
+    await err.finished()
     raise _failure(addr, err)

@@ -20,9 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether.core.messages import Message, MessageDecoder
-
-from .link import LinkClosed
+from .link import LinkClosed, StreamLink
 from .openssh import HOST_USER, SUBSYSTEM
 
 
@@ -100,10 +98,10 @@ def key_option_name(key: asyncssh.SSHKey) -> str:
 # --- framed link over an SSH channel ---------------------------------------------
 
 
-class SSHLink:
+class SSHLink(StreamLink):
     """Messages over an SSH channel's byte stream."""
 
-    kind = "ssh"
+    ERRORS = (asyncssh.Error, OSError)
 
     def __init__(
         self,
@@ -112,58 +110,13 @@ class SSHLink:
         description: str,
         on_close: Callable[[], None] | None = None,
     ) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._decoder = MessageDecoder()
-        self._inbox: list[Message] = []
-        self._desc = description
+        super().__init__(reader, writer, description)
         self._on_close = on_close
-        self.closed = False
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
-    @property
-    def description(self) -> str:
-        return self._desc
+    def _closing(self) -> bool:
+        return bool(self._writer.channel.is_closing())
 
-    def send_nowait(self, msg: Message) -> None:
-        if self.closed or self._writer.channel.is_closing():
-            raise LinkClosed("connection closed")
-        data = msg.encode()
-        self.bytes_sent += len(data)
-        self._writer.write(data)
-
-    def send_ack(self, msg: Message) -> None:
-        self.send_nowait(msg)
-
-    async def send(self, msg: Message) -> None:
-        self.send_nowait(msg)
-        await self.drain()
-
-    async def drain(self) -> None:
-        try:
-            await self._writer.drain()
-        except (asyncssh.Error, OSError, BrokenPipeError) as exc:
-            raise LinkClosed(str(exc)) from None
-
-    async def recv(self) -> Message:
-        while not self._inbox:
-            if self.closed:
-                raise LinkClosed("connection closed")
-            try:
-                data = await self._reader.read(256 * 1024)
-            except (asyncssh.Error, OSError) as exc:
-                raise LinkClosed(str(exc)) from None
-            if not data:
-                raise LinkClosed("connection closed by peer")
-            self.bytes_received += len(data)
-            self._inbox.extend(self._decoder.feed(data))  # RemoteProtocolError propagates
-        return self._inbox.pop(0)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def _close(self) -> None:
         with contextlib.suppress(Exception):
             self._writer.channel.close()
         if self._on_close is not None:
