@@ -52,15 +52,27 @@ from tether.core.messages import (
     Status,
     Structure,
 )
+from tether.core.queries import QueryFilter
+from tether.core.tmuxtext import (
+    SAFE_PREFIX_KEYS,
+    defuse_format,
+    escape_format,
+    replica_key_policy,
+)
 from tether.transport.tmuxsync import BlockingTmuxControl, TmuxError, spawn
 
 SESSION = "tether"
-PANE_CMD = "exec sleep 2147483647"
+PANE_ARGV = ("sleep", "2147483647")
+"""What a replica pane runs: a process that never reads its tty, started as argv
+(tmux runs a single-string command through a shell, and the jail has none)."""
+PANE_CMD = " ".join(PANE_ARGV)
 MAGIC = b"\x1b_tether:"
 MAGIC_END = b"\x1b\\"
 _KEY = re.compile(
     r"^(?:[CMS]-)*(?:\\[!-~]|[!%&()*+,\-./0-9:<=>?@A-Z\[\]^_`a-z|]|[A-Za-z][A-Za-z0-9]*)$"
 )
+_LISTED = re.compile(r"^bind-key\s+(?:-r\s+)?-T\s+(\S+)\s+(\S+)\s+(.*)$")
+"""A line of ``list-keys``: table, key (escaped for tmux's parser), command."""
 _TABLE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 AWAY = "#{?@tether_notice,#[reverse] #{@tether_notice} #[default] ,}"
 ACK_LAG = 256 * 1024
@@ -70,11 +82,15 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 Send = Callable[[Message], None]
 
 
+_report: Send | None = None
+
+
 def warn(text: str) -> None:
-    """A line for the relay's log (the worker's stderr is the relay's)."""
-    with contextlib.suppress(OSError):
-        sys.stderr.write(f"worker: {text}\n")
-        sys.stderr.flush()
+    """A line for the relay's log, over the message socket: the jail holds
+    nothing else of the relay's (its stdout and stderr are /dev/null)."""
+    if _report is not None:
+        with contextlib.suppress(OSError):
+            _report(Error(f"worker: {text}"[:1000]))
 
 
 def known_terminal(term: str) -> bool:
@@ -87,21 +103,10 @@ def known_terminal(term: str) -> bool:
     )
 
 
-def escape_format(text: str) -> str:
-    """Make host-rendered text literal for the replica's format expander."""
-    return text.replace("#", "##")
-
-
-def defuse_format(text: str) -> str:
-    """Keep a host format's expansions but never its shell commands (``#(...)``)."""
-    return text.replace("#(", "##(")
-
-
-
 class Pane:
     """One replica pane: its tty (opened here, raw) and the bytes not yet taken."""
 
-    __slots__ = ("carry", "fd", "host_id", "out", "replica_id")
+    __slots__ = ("carry", "fd", "host_id", "out", "queries", "replica_id")
 
     def __init__(self, host_id: int, replica_id: str, fd: int) -> None:
         self.host_id = host_id
@@ -109,6 +114,9 @@ class Pane:
         self.fd = fd
         self.out = bytearray()
         self.carry = b""
+        self.queries = QueryFilter()
+        """The host's tmux already answered its programs' terminal queries; the
+        replica's answers would reach the host as mate input, a second reply."""
 
 
 class Replica:
@@ -137,7 +145,7 @@ class Replica:
         try:
             pid = spawn(
                 ["tmux", "-S", self.sock, "-f", "/dev/null", "new-session", "-d",
-                 "-s", SESSION, "-x", "80", "-y", "24", PANE_CMD],
+                 "-s", SESSION, "-x", "80", "-y", "24", *PANE_ARGV],
                 env, null, null, null,
             )  # fmt: skip
         finally:
@@ -166,6 +174,8 @@ class Replica:
             "automatic-rename off",
             "allow-rename off",
             "@tether_notice ''",
+            "mouse off",
+            "copy-command ''",
         ):
             t.run(f"set -g {opt}")
         with contextlib.suppress(TmuxError):
@@ -173,8 +183,36 @@ class Replica:
             # into the mates' scrollback as a copy
             t.run("set -g scroll-on-clear off")
         t.run(f"set -g status-left {quote(AWAY + '[tether] ')}")
+        self._lock_keys()
         lines = t.run(f"list-windows -t {SESSION} -F '#{{window_id}}'")
         self.placeholder = lines[0].strip() if lines else None
+
+    def _lock_keys(self) -> None:
+        """Replace tmux's default key tables with ones that run nothing on the relay.
+
+        The replica starts with ``-f /dev/null``, so a mate's ``C-b :`` would open
+        the replica's command prompt (``run-shell`` in the jail), ``C-b c`` would
+        start a shell there, and copy mode could pipe to a command. Mates' keys
+        either run the host's bindings (``set_bindings``) or the few local ones
+        in ``SAFE_PREFIX_KEYS``.
+        """
+        assert self.tmux is not None
+        t = self.tmux
+        for table in ("prefix", "root"):
+            t.run(f"unbind-key -a -T {table}")
+        for key, command in SAFE_PREFIX_KEYS.items():
+            t.run(f"bind-key -T prefix {key} {command}")
+        for table in ("copy-mode", "copy-mode-vi"):
+            for line in t.run(f"list-keys -T {table}"):
+                m = _LISTED.match(line.strip())
+                if not m:
+                    continue
+                key, command = m.group(2), m.group(3)
+                keep = replica_key_policy(command)
+                if keep is None:
+                    t.run(f"unbind-key -T {table} {key}")
+                elif keep != command.strip():
+                    t.run(f"bind-key -T {table} {key} {keep}")
 
     def _on_tmux(self, item: PaneOutput | Notification) -> None:
         if isinstance(item, Notification) and item.name == "exit":
@@ -229,7 +267,7 @@ class Replica:
             if w.id not in self.windows:
                 line = t.run(
                     f"new-window -d -t {SESSION}: -P "
-                    f"-F '#{{window_id}} #{{pane_id}} #{{pane_tty}}' {quote(PANE_CMD)}"
+                    f"-F '#{{window_id}} #{{pane_id}} #{{pane_tty}}' {PANE_CMD}"
                 )
                 wid, pid, ptty = line[0].split()
                 self.windows[w.id] = wid
@@ -252,7 +290,8 @@ class Replica:
         for (hid, panes, (cols, rows)), w in zip(plans, st.windows, strict=True):
             self._reconcile_window(hid, panes, cols, rows, w.layout)
             if self.names.get(hid) != w.name:
-                t.run(f"rename-window -t {self.windows[hid]} {quote(w.name)}")
+                # rename-window expands formats: the host's name must stay data
+                t.run(f"rename-window -t {self.windows[hid]} {quote(escape_format(w.name))}")
                 self.names[hid] = w.name
             with contextlib.suppress(TmuxError):
                 t.run(f"move-window -d -s {self.windows[hid]} -t {SESSION}:{w.index}")
@@ -286,7 +325,7 @@ class Replica:
                 else:
                     where = f"-b -t {self.panes[current[0]].replica_id}"
                 line = t.run(
-                    f"split-window -d {where} -P -F '#{{pane_id}} #{{pane_tty}}' {quote(PANE_CMD)}"
+                    f"split-window -d {where} -P -F '#{{pane_id}} #{{pane_tty}}' {PANE_CMD}"
                 )
                 pid, ptty = line[0].split()
                 self._add_pane(hp, pid, ptty)
@@ -344,6 +383,9 @@ class Replica:
         pane = self.panes.get(host_pane)
         if pane is None or pane.fd < 0:
             return  # output of a pane the structure has not shown yet; a reset follows
+        data = pane.queries.feed(data)
+        if not data:
+            return
         if not pane.out:
             try:
                 n = os.write(pane.fd, data)
@@ -383,6 +425,7 @@ class Replica:
             self.sel.modify(pane.fd, READ, pane)
         with contextlib.suppress(OSError):
             termios.tcflush(pane.fd, termios.TCOFLUSH)
+        pane.queries = QueryFilter()  # an unfinished sequence is superseded too
         self.tmux.run(f"clear-history -t {pane.replica_id}")
         self.write(image.pane, image.data)
 
@@ -449,6 +492,8 @@ class Replica:
         for table, key in self.bound:
             with contextlib.suppress(TmuxError):
                 t.run(f"unbind-key -T {table} {key}")
+                if table == "prefix" and key in SAFE_PREFIX_KEYS:
+                    t.run(f"bind-key -T prefix {key} {SAFE_PREFIX_KEYS[key]}")
         self.bound = []
         self.bindings = []
         if _KEY.match(b.prefix):
@@ -463,7 +508,7 @@ class Replica:
             action = f"send-keys -H {hexes}"
             if binding.confirm:
                 # ask on the mate's own client, as the host's tmux would ask the host
-                prompt = defuse_format(binding.confirm)[:200]
+                prompt = defuse_format(binding.confirm[:200])
                 action = f"confirm-before -p {quote(prompt)} {quote(action)}"
             try:
                 t.run(f"bind-key -T {binding.table} {binding.key} {action}")
@@ -608,7 +653,6 @@ def _handle(msg: Message, replica: Replica, link: RelayLink, fdsock: socket.sock
             replica.apply(msg.body)
         except (ValueError, TmuxError) as exc:
             link.send(Error(f"replica refused event {msg.seq}: {exc}"))
-            warn(f"event {msg.seq} refused: {exc}")
         return msg.seq
     if isinstance(msg, MateAttach):
         replica.attach(msg, fdsock)
@@ -625,6 +669,8 @@ def serve(msg_fd: int, fd_fd: int, directory: str) -> None:
     fdsock.setblocking(True)
     sel = selectors.DefaultSelector()
     link = RelayLink(msg_fd, sel)
+    global _report
+    _report = link.send
     replica = Replica(directory, sel, link.send)
     replica.start()
     decoder = MessageDecoder()
@@ -674,7 +720,11 @@ def main(argv: list[str] | None = None) -> int:
         serve(int(args[0]), int(args[1]), args[2])
     except (ConnectionError, OSError) as exc:
         if exc.errno not in (None, errno.EPIPE, errno.ECONNRESET):
+            warn(f"stopped: {exc!r}")
             raise
+    except Exception as exc:  # stderr is /dev/null: the relay's log is the only witness
+        warn(f"crashed: {exc!r}")
+        raise
     return 0
 
 
