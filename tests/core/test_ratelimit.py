@@ -53,3 +53,20 @@ def test_bucket_never_lets_more_than_rate_times_time_plus_burst(
         now += wait  # the caller honours the wait before acting
         served += amount
         assert served <= rate * now + burst + 1e-6
+
+
+def test_the_wait_never_overflows_however_many_failures() -> None:
+    """2 ** (over - 1) overflowed a float after ~1030 failures from one address,
+    and from then on wrong tokens got no wait at all."""
+    b = FailureBackoff(free=5, base=1.0, cap=300.0)
+    waits = [b.failure("a", 0.0) for _ in range(5000)]
+    assert waits[-1] == 300.0 and min(waits[20:]) == 300.0
+    assert b.wait("a", 1.0) == 299.0
+
+
+def test_allow_drops_without_debt() -> None:
+    bucket = TokenBucket(1.0, 3.0, 0.0)
+    assert [bucket.allow(1, 0.0) for _ in range(5)] == [True, True, True, False, False]
+    # a flood while empty does not push the next allowed line further away
+    assert not any(bucket.allow(1, 0.5) for _ in range(1000))
+    assert bucket.allow(1, 1.0)

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -93,6 +94,10 @@ class RelayProcess:
         self.port = port or free_port()
         self.log = workdir / "relay.log"
         env = tether_env(workdir)
+        # the relay's own temporary files (the replicas' directories) where a test
+        # can look at them; short, for the tmux sockets in them (108 bytes at most)
+        self.tmp = Path(tempfile.mkdtemp(prefix="tether-test-"))
+        env["TMPDIR"] = str(self.tmp)
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "tether", "relay", "-k", str(workdir / "keys"),
              "-b", bind, "-h", public, "-p", str(self.port), "-l", str(self.log), "-v", *extra],
@@ -110,6 +115,12 @@ class RelayProcess:
                 break
         self.config_lines = [ln.strip() for ln in self.banner if ln.strip().startswith("set -g")]
         self.fingerprint = next(ln.split()[-1] for ln in self.config_lines if "ed25519" in ln)
+
+    def replica_dirs(self) -> list[Path]:
+        """The session directories of this relay's replicas (jailed or not)."""
+        return sorted(self.tmp.glob("tether-relay-*/tether-replica-*")) + sorted(
+            self.tmp.glob("tether-replica-*")
+        )
 
     def conf(self, port: int | None = None) -> str:
         lines = []
@@ -129,6 +140,7 @@ class RelayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class Host:

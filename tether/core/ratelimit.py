@@ -53,7 +53,10 @@ class FailureBackoff:
         rec.last = now
         over = rec.failures - self.free
         if over > 0:
-            rec.blocked_until = now + min(self.cap, self.base * 2 ** (over - 1))
+            # the exponent is capped: 2 ** 1030 overflows a float, and the wait
+            # must never wrap around to nothing however long an address keeps on
+            doubling = min(over - 1, 64)
+            rec.blocked_until = now + min(self.cap, self.base * 2.0**doubling)
         self._records[key] = rec
         self._records.move_to_end(key)
         while len(self._records) > self.max_keys:
@@ -76,3 +79,12 @@ class TokenBucket:
         self._at = now
         self._level -= amount
         return 0.0 if self._level >= 0 else -self._level / self.rate
+
+    def allow(self, amount: float, now: float) -> bool:
+        """Take ``amount`` only if it is there (no debt): for dropping, not delaying."""
+        self._level = min(self.burst, self._level + (now - self._at) * self.rate)
+        self._at = now
+        if self._level < amount:
+            return False
+        self._level -= amount
+        return True

@@ -68,3 +68,29 @@ class RedactTokens(logging.Filter):
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
+
+
+def _token_from(digest: bytes) -> str:
+    n = int.from_bytes(digest, "big")
+    chars = []
+    for _ in range(TOKEN_LEN):
+        n, r = divmod(n, len(ALPHABET))
+        chars.append(ALPHABET[r])
+    return "".join(chars)
+
+
+def derive_session(secret: bytes) -> tuple[str, str, str]:
+    """(session id, read-write token, read-only token), all derived from the
+    session's resume secret.
+
+    Whoever re-creates a session (its host, after a relay restart or once the
+    relay forgot it) gets its tokens back only by knowing the secret: nobody who
+    knows a token can register it first and show its viewers another screen, and
+    the relay needs to remember nothing across a restart. Each is an HMAC of the
+    32-byte secret, so none reveals the secret or another.
+    """
+
+    def mac(label: bytes) -> bytes:
+        return hmac.new(secret, b"tether " + label, hashlib.sha256).digest()
+
+    return mac(b"session").hex()[:16], _token_from(mac(b"rw")), _token_from(mac(b"ro"))

@@ -58,6 +58,26 @@ HOST_SILENCE = 5.0
 """Seconds without a word from a host before its mates are told it is away."""
 ACK_EVERY = 0.03
 """Acks to the host are coalesced: a keystroke's echo then costs one message less."""
+PING_RATE = 10.0
+PING_BURST = 50.0
+"""Pings a host may send a second, and in a burst: hosts ping about once a second
+(more while reconnecting); answering a flood would keep a relay core busy."""
+MAX_HOLD = 10.0
+"""Longest a wrong token's answer is held back (the back-off's wait, capped): a
+guessing address holds its own connections, not the relay's attention."""
+MATE_COLS = 1000
+MATE_ROWS = 500
+"""Largest terminal a mate may have, at attach and on every window change. tmux
+draws a client of its whole size: one 65535x65535 window change pinned a
+replica at 100% CPU and ~1 GB for over a minute, freezing every other mate of
+the session. 1000x500 is past a 4K screen at a small font."""
+
+
+def clamp_size(cols: int, rows: int) -> tuple[int, int]:
+    """A mate's terminal size as the relay lets it count (see MATE_COLS)."""
+    return max(1, min(cols, MATE_COLS)), max(1, min(rows, MATE_ROWS))
+
+
 MATE_WAIT_SCREEN = 10.0
 """How long a mate joining a brand-new session waits for the host's first
 screen before attaching anyway (to a replica that says it is waiting)."""
@@ -120,6 +140,12 @@ class Session:
     ended: bool = False
     ack_timer: asyncio.TimerHandle | None = None
     acked: int = 0
+    worker_log: TokenBucket = field(
+        default_factory=lambda: TokenBucket(1.0, 20.0, time.monotonic())
+    )
+    """Lines the session's worker may put in the relay's log: 20, then 1 a second."""
+    joining: int = 0
+    """Mates past the token check and not yet attached: counted against max_mates."""
     screen: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the host's first snapshot went to the replica: a mate who
     attached before would see a placeholder and type into nothing."""
@@ -229,12 +255,14 @@ class Relay:
             self.config.max_sessions_per_key
         ):
             raise RemoteProtocolError("too many sessions for this host key")
-        sid = secrets.token_hex(8)
-        rw, ro, secret = tokens.new_token(), tokens.new_token(), secrets.token_bytes(32)
+        secret = secrets.token_bytes(32)
         if again is not None and self._can_recreate(again):
-            # a host whose session this relay forgot (it restarted): same tokens
-            assert again.session and again.secret and again.rw_token and again.ro_token
-            sid, rw, ro, secret = again.session, again.rw_token, again.ro_token, again.secret
+            # a host whose session this relay forgot (it restarted, or the host was
+            # away too long): its secret gives back the same id and tokens, and
+            # nothing else does
+            assert again.secret is not None
+            secret = again.secret
+        sid, rw, ro = tokens.derive_session(secret)
         session: Session | None = None
 
         def on_message(msg: Message) -> None:
@@ -263,17 +291,12 @@ class Relay:
         return session
 
     def _can_recreate(self, h: Hello) -> bool:
-        if not (h.session and h.secret and h.rw_token and h.ro_token):
+        """A host's secret re-creates its session unless that session is live (the
+        host then resumes it by id). The tokens a host sends are not trusted:
+        they are derived from the secret again."""
+        if h.secret is None or len(h.secret) != 32:
             return False
-        if len(h.session) != 16 or any(c not in "0123456789abcdef" for c in h.session):
-            return False
-        if len(h.secret) != 32 or h.rw_token == h.ro_token:
-            return False
-        if not (tokens.is_well_formed(h.rw_token) and tokens.is_well_formed(h.ro_token)):
-            return False
-        return h.session not in self.sessions and self.lookup(h.rw_token) is None and (
-            self.lookup(h.ro_token) is None
-        )
+        return tokens.derive_session(h.secret)[0] not in self.sessions
 
     async def _end(self, s: Session) -> None:
         if s.ended:
@@ -307,7 +330,10 @@ class Relay:
         elif isinstance(msg, Input):
             self._to_host(s, s.inputs.push(msg.pane, msg.keys, msg.binding))
         elif isinstance(msg, Error):
-            log.warning("session %s: %s", s.id, msg.message)
+            # the worker is jailed because it may be hostile: its words are data,
+            # and it may not flood the relay's log
+            if s.worker_log.allow(1, time.monotonic()):
+                log.warning("session %s: %s", s.id, ascii(msg.message[:300]))
 
     def _flush_ack(self, s: Session) -> None:
         s.ack_timer = None
@@ -389,6 +415,11 @@ class Relay:
                 await link.send(Error(str(exc)))
         except (LinkClosed, TimeoutError, ConnectionError):
             pass
+        except (ValueError, TypeError) as exc:
+            # a hostile host's message that slipped past the schema: its problem
+            log.warning("host %s: bad message: %s", peer, exc)
+            with contextlib.suppress(Exception):
+                await link.send(Error(f"bad message: {exc}"))
         except ReplicaError as exc:
             log.warning("host %s: %s", peer, exc)
             with contextlib.suppress(Exception):
@@ -404,6 +435,7 @@ class Relay:
     async def _host_loop(self, s: Session, link: Link) -> None:
         silent = False
         heard = time.monotonic()
+        pings = TokenBucket(PING_RATE, PING_BURST, heard)
         while True:
             try:
                 # away, a host is checked on every second; present, every HOST_SILENCE
@@ -441,6 +473,10 @@ class Relay:
                 if msg.stream == s.inputs.stream:
                     s.inputs.on_ack(msg.seq)
             elif isinstance(msg, Ping):
+                if not pings.allow(1, time.monotonic()):
+                    raise RemoteProtocolError(
+                        f"more than {PING_RATE:.0f} pings a second; a host pings once a second"
+                    )
                 link.send_nowait(Pong(msg.token))
             elif isinstance(msg, Pong):
                 pass
@@ -454,24 +490,26 @@ class Relay:
 
     @staticmethod
     def _status_rows(status: Status) -> int:
-        opts = dict(status.options)
-        value = opts.get("status", "on")
+        """Rows the host's status line takes: tmux allows off, on, or 2 to 5."""
+        value = dict(status.options).get("status", "on")
         if value == "off":
             return 0
-        return int(value) if value.isdigit() else 1
+        return int(value) if value in ("2", "3", "4", "5") else 1
 
     # --- mates ---------------------------------------------------------------
 
     async def handle_mate(self, term: ssh.MateTerminal) -> None:
         address = term.peer.rpartition(":")[0]
-        wait = self._backoff.wait(address, time.monotonic())
-        found = self.lookup(term.username) if not wait else None
+        found = self.lookup(term.username)
         if found is None:
-            # every try while held back counts too: hammering only lengthens the wait
+            # A valid token is always served: back-off keyed on the address alone
+            # would lock out everyone behind the same NAT as a guesser. A wrong one
+            # counts (tries while held back too) and its answer is held back, so
+            # one address guesses no faster than its connections allow.
             wait = self._backoff.failure(address, time.monotonic())
             if wait:
                 log.warning("address %s: too many unknown tokens, waits %.0fs", address, wait)
-            await asyncio.sleep(0.05 + secrets.randbelow(150) / 1000)
+            await asyncio.sleep(0.05 + secrets.randbelow(150) / 1000 + min(wait, MAX_HOLD))
             if wait:
                 term.write(
                     f"Too many failed attempts from your address; try again in "
@@ -489,35 +527,19 @@ class Relay:
             term.write(b"tether needs a terminal: connect with `ssh -t`.\r\n")
             term.exit(1)
             return
-        if len(session.mates) >= self.config.max_mates:
+        if len(session.mates) + session.joining >= self.config.max_mates:
             term.write(b"This session has too many mates connected.\r\n")
             term.exit(1)
             return
-        mate = Mate(next(self._mate_ids), readonly, term.cols, term.rows)
-        if not session.screen.is_set():
-            # a session just created: its replica has not shown the host's screen yet
-            try:
-                await asyncio.wait_for(session.screen.wait(), 0.5)
-            except TimeoutError:
-                term.write(b"tether: waiting for the host's screen...\r\n")
-                try:
-                    await asyncio.wait_for(session.screen.wait(), MATE_WAIT_SCREEN)
-                except TimeoutError:
-                    log.warning(
-                        "session %s: no screen from the host after %.0f s; mate joins anyway",
-                        session.id,
-                        MATE_WAIT_SCREEN,
-                    )
+        # counted from here, not once attached: the awaits below let others in
+        session.joining += 1
         try:
-            mate.fd = await session.replica.attach(
-                mate.id, readonly, term.cols, term.rows, term.term
-            )
-        except (ReplicaError, TimeoutError) as exc:
-            term.write(f"tether: cannot attach: {exc}\r\n".encode())
-            term.exit(1)
+            mate = await self._attach(session, term, readonly)
+        finally:
+            session.joining -= 1
+        if mate is None:
             return
-        os.set_blocking(mate.fd, False)
-        session.mates[mate.id] = mate
+        session.mates[mate.id] = mate  # no await since the count above
         log.info(
             "mate %d (%s) joined session %s from %s",
             mate.id,
@@ -538,6 +560,35 @@ class Relay:
                 await term.drain()
             term.exit(0)
             log.info("mate %d left session %s", mate.id, session.id)
+
+    async def _attach(
+        self, session: Session, term: ssh.MateTerminal, readonly: bool
+    ) -> Mate | None:
+        """A tmux client of the replica for a mate, once the host's screen is there."""
+        cols, rows = clamp_size(term.cols, term.rows)
+        mate = Mate(next(self._mate_ids), readonly, cols, rows)
+        if not session.screen.is_set():
+            # a session just created: its replica has not shown the host's screen yet
+            try:
+                await asyncio.wait_for(session.screen.wait(), 0.5)
+            except TimeoutError:
+                term.write(b"tether: waiting for the host's screen...\r\n")
+                try:
+                    await asyncio.wait_for(session.screen.wait(), MATE_WAIT_SCREEN)
+                except TimeoutError:
+                    log.warning(
+                        "session %s: no screen from the host after %.0f s; mate joins anyway",
+                        session.id,
+                        MATE_WAIT_SCREEN,
+                    )
+        try:
+            mate.fd = await session.replica.attach(mate.id, readonly, cols, rows, term.term)
+        except (ReplicaError, TimeoutError) as exc:
+            term.write(f"tether: cannot attach: {exc}\r\n".encode())
+            term.exit(1)
+            return None
+        os.set_blocking(mate.fd, False)
+        return mate
 
     async def _pump_mate(self, term: ssh.MateTerminal, mate: Mate) -> None:
         loop = asyncio.get_running_loop()
@@ -572,7 +623,7 @@ class Relay:
             nonlocal paused
             await term.drain()  # SSH flow control reaches the tmux client
             paused = False
-            if not done.done():
+            if not done.done() and not finished:
                 loop.add_reader(mate.fd, on_output)
 
         rate = self.config.mate_input_rate
@@ -588,7 +639,7 @@ class Relay:
             while True:
                 item = await term.read()
                 if isinstance(item, tuple):
-                    mate.cols, mate.rows = item
+                    mate.cols, mate.rows = clamp_size(*item)
                     with contextlib.suppress(OSError):
                         fcntl.ioctl(
                             mate.fd,
@@ -605,11 +656,17 @@ class Relay:
                 writer.write(item)
                 await writer.drain()
 
+        finished = False
         loop.add_reader(mate.fd, on_output)
         typer = asyncio.create_task(typing())
         try:
             await asyncio.wait([typer, done], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            # a drain still waiting must not watch the fd again once it is closed
+            # (or, worse, another mate's fd given the same number)
+            finished = True
+            for t in tasks:
+                t.cancel()
             typer.cancel()
             writer.close()
             with contextlib.suppress(Exception):
