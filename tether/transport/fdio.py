@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+
+log = logging.getLogger("tether.transport")
+
+MAX_PENDING = 1024 * 1024
+"""Bytes an ``FdWriter`` holds for its fd. The relay drains after each write of a
+mate's input (at most 64 KiB read at a time), so a pty that stops reading holds
+one read back; the bound only stops a caller that forgot to drain from growing
+the buffer with whatever its peer sends."""
 
 
 class FdWriter:
-    """Buffers writes to a non-blocking fd; ``drain`` waits until the buffer is small."""
+    """Buffers writes to a non-blocking fd; ``drain`` waits until the buffer is small.
 
-    def __init__(self, fd: int) -> None:
+    Past ``max_pending`` bytes unwritten (``MAX_PENDING``) the writer closes: the fd's
+    reader has stopped, and what is written to it would otherwise pile up here."""
+
+    def __init__(self, fd: int, max_pending: int = MAX_PENDING) -> None:
         self.fd = fd
+        self.max_pending = max_pending
         self._buf = bytearray()
         self._loop = asyncio.get_running_loop()
         self._waiters: list[asyncio.Future[None]] = []
@@ -32,6 +45,11 @@ class FdWriter:
                 return
             data = data[n:]
             self._loop.add_writer(self.fd, self._flush)
+        elif len(self._buf) + len(data) > self.max_pending:
+            log.warning("fd %d: %d bytes not taken by its reader; writer closed",
+                        self.fd, len(self._buf) + len(data))
+            self.close()
+            return
         self._buf += data
 
     def _flush(self) -> None:

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
+import logging
 from typing import Any, Protocol
 
 from tether.core.messages import Message, MessageDecoder
+
+log = logging.getLogger("tether.transport")
+
+MAX_UNSENT = 8 * 1024 * 1024
+"""Bytes queued for a peer and not yet taken by it, past which its link is closed.
+
+Twice the largest frame (``MAX_FRAME``): a sender that drains after each batch
+(the host's log, at most a frame past its 256 KiB batch) never comes near it,
+and the relay's own messages to a host are small control messages. What passes
+it is a peer that makes the relay answer (Pings) but never reads: without the
+bound every answer would be kept, for ever."""
 
 
 class LinkClosed(Exception):
@@ -60,6 +74,11 @@ class StreamLink:
         self.closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.max_unsent = MAX_UNSENT
+        # what waits for the writer to drain, in one buffer: a flood of small
+        # messages then costs its bytes, not a buffer object per message
+        self._backlog = bytearray()
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def description(self) -> str:
@@ -70,6 +89,16 @@ class StreamLink:
 
     def _close(self) -> None: ...
 
+    def _abort(self) -> None:
+        """Drop what is queued and end the stream now: a peer that does not read
+        would hold a graceful close's queue for ever."""
+        self._close()
+
+    def _unsent(self) -> int:
+        """Bytes the writer holds that the peer has not taken yet."""
+        transport = getattr(self._writer, "transport", None)
+        return transport.get_write_buffer_size() if transport is not None else 0
+
     async def _eof_reason(self) -> str:
         return "connection closed by peer"
 
@@ -77,8 +106,44 @@ class StreamLink:
         if self.closed or self._closing():
             raise LinkClosed("connection closed")
         data = msg.encode()
+        unsent = self._unsent()
+        if unsent + len(self._backlog) + len(data) > self.max_unsent:
+            self._overflow(unsent + len(self._backlog))
         self.bytes_sent += len(data)
-        self._writer.write(data)
+        if self._backlog or unsent:
+            self._backlog += data
+            if self._flusher is None:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        else:
+            self._writer.write(data)
+
+    def _overflow(self, queued: int) -> None:
+        log.warning(
+            "%s: the peer has not taken %d bytes sent to it (bound %d); closing its link",
+            self._desc,
+            queued,
+            self.max_unsent,
+        )
+        self.closed = True
+        self._backlog.clear()
+        self._abort()
+        raise LinkClosed(f"the peer did not read what was sent to it ({queued} bytes queued)")
+
+    async def _flush(self) -> None:
+        """Hand the backlog to the writer each time it has drained."""
+        try:
+            while self._backlog and not self.closed:
+                await self._writer.drain()
+                if self.closed:
+                    break
+                data = bytes(self._backlog)
+                self._backlog.clear()
+                self._writer.write(data)
+        except self.ERRORS:
+            self._backlog.clear()
+            self.close()
+        finally:
+            self._flusher = None
 
     def send_ack(self, msg: Message) -> None:
         self.send_nowait(msg)
@@ -89,9 +154,13 @@ class StreamLink:
 
     async def drain(self) -> None:
         try:
+            while self._flusher is not None and not self.closed:
+                await asyncio.wait([self._flusher])
             await self._writer.drain()
         except self.ERRORS as exc:
             raise LinkClosed(str(exc) or "connection closed") from None
+        if self.closed:
+            raise LinkClosed("connection closed")
 
     async def recv(self) -> Message:
         while not self._inbox:
@@ -108,6 +177,12 @@ class StreamLink:
         return self._inbox.popleft()
 
     def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
         if not self.closed:
             self.closed = True
+            if self._backlog:  # a last word (an Error) leaves before the close, as before
+                with contextlib.suppress(*self.ERRORS):
+                    self._writer.write(bytes(self._backlog))
+                self._backlog.clear()
             self._close()

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
+import logging
 import socket
 import ssl
 import time
@@ -42,7 +43,9 @@ from tether.core.codec import unpack_body
 from tether.core.errors import AuthError
 from tether.core.messages import Message, MessageDecoder, Ping, Pong, decode
 
-from .link import LinkClosed
+from .link import MAX_UNSENT, LinkClosed
+
+log = logging.getLogger("tether.transport")
 
 ALPN = "tether/1"
 SERVER_NAME = "tether-relay"
@@ -67,6 +70,22 @@ waits for the next activity when it is lost."""
 SEND_BUFFER = 512 * 1024
 """Unacked stream bytes past which ``drain`` waits: the log stays in the log, where
 it can still be replaced by a snapshot, instead of piling up in QUIC's buffer."""
+
+
+FIRST_MESSAGE_TIMEOUT = 10.0
+"""Seconds from a QUIC connection's first packet to its first complete message,
+past which the relay closes it. A host sends its Hello in the handshake's round
+trip; before it, nobody is known, and each connection holds the relay's TLS and
+stream state (over a megabyte): unbounded, a few clients could hold a lot."""
+MAX_PENDING_DATAGRAMS = 64
+"""Datagrams (Pongs, acks) queued for a peer that does not acknowledge what it gets
+(its congestion window stays full). They are best effort: past this, new ones are
+dropped instead of queued without end."""
+MAX_INBOX = 16 * 1024 * 1024
+"""Bytes received from a peer and not yet taken by the relay. QUIC acks what arrives
+whether or not the application has read it, so this bounds what a peer can push
+at a busy relay: a host keeps at most ``MAX_BACKLOG_BYTES`` (8 MiB) of its log
+unacked, plus one frame (``MAX_FRAME``) of snapshot; twice that is never honest."""
 
 
 def cert_fingerprint(der: bytes) -> str:
@@ -131,7 +150,9 @@ class QuicLink(QuicConnectionProtocol):
     def __init__(self, quic: QuicConnection, **kwargs: object) -> None:
         super().__init__(quic, **kwargs)  # type: ignore[arg-type]
         self._decoder = MessageDecoder()
-        self._inbox: asyncio.Queue[Message | _Poison | None] = asyncio.Queue()
+        self._inbox: asyncio.Queue[tuple[Message, int] | _Poison | None] = asyncio.Queue()
+        self._inbox_bytes = 0
+        self._undelivered = 0  # bytes of a message not yet complete
         self._stream: int | None = None
         self.closed = False
         self.reason = ""
@@ -158,6 +179,12 @@ class QuicLink(QuicConnectionProtocol):
         if self._stream is None:
             self._stream = self._quic.get_next_available_stream_id()
         data = msg.encode()
+        unacked = self._unacked()
+        if unacked + len(data) > MAX_UNSENT:
+            log.warning("%s: the peer has not taken %d bytes sent to it (bound %d); "
+                        "closing its link", self.description, unacked, MAX_UNSENT)
+            self._fail("the peer did not read what was sent to it")
+            raise LinkClosed(f"the peer did not read what was sent to it ({unacked} bytes)")
         self.bytes_sent += len(data)
         self._quic.send_stream_data(self._stream, data)
         # one packet for everything sent in this turn of the event loop
@@ -203,21 +230,38 @@ class QuicLink(QuicConnectionProtocol):
         if self.closed:
             return
         data = msg.encode()
-        if len(data) <= MAX_DATAGRAM:
+        pending = getattr(self._quic, "_datagrams_pending", ())
+        if len(data) <= MAX_DATAGRAM and len(pending) < MAX_PENDING_DATAGRAMS:
             with contextlib.suppress(Exception):
                 self._quic.send_datagram_frame(data[4:])
                 self._piggyback = True
                 self._transmit_soon()
 
     async def recv(self) -> Message:
-        msg = await self._inbox.get()
-        if msg is None:
+        item = await self._inbox.get()
+        if item is None:
             self._inbox.put_nowait(None)
             raise LinkClosed(self.reason or "connection closed")
-        if isinstance(msg, _Poison):
+        if isinstance(item, _Poison):
             self.close()
-            raise msg.exc
+            raise item.exc
+        msg, size = item
+        self._inbox_bytes -= size
         return msg
+
+    def _fail(self, reason: str) -> None:
+        """Close with ``reason`` for the peer, dropping what is queued for it."""
+        if self.closed:
+            return
+        self.reason = reason
+        self.closed = True
+        for handle in self._ack_repeats.values():
+            handle.cancel()
+        self._ack_repeats.clear()
+        with contextlib.suppress(Exception):
+            self._quic.close(error_code=0, reason_phrase=reason)
+            self.transmit()
+        self._inbox.put_nowait(None)
 
     def close(self) -> None:
         for handle in self._ack_repeats.values():
@@ -268,9 +312,14 @@ class QuicLink(QuicConnectionProtocol):
                 self._stream = event.stream_id
             if event.stream_id != self._stream:
                 return
+            self._undelivered += len(event.data)
+            if not self._room():
+                return
             try:
                 for msg in self._decoder.feed(event.data):
-                    self._deliver(msg)
+                    # a chunk's bytes count with the first message it completes
+                    self._deliver(msg, self._undelivered)
+                    self._undelivered = 0
             except Exception as exc:  # a RemoteProtocolError: surfaces through recv
                 self._inbox.put_nowait(_Poison(exc))
         elif isinstance(event, DatagramFrameReceived):
@@ -278,8 +327,8 @@ class QuicLink(QuicConnectionProtocol):
                 msg = decode(unpack_body(event.data))
                 if isinstance(msg, Ping):
                     self.send_datagram(Pong(msg.token))  # answered here, at once
-                else:
-                    self._deliver(msg)
+                elif self._room(len(event.data)):
+                    self._deliver(msg, len(event.data))
         elif isinstance(event, ConnectionTerminated):
             self.reason = event.reason_phrase or "connection closed"
             if not self.closed:
@@ -288,8 +337,22 @@ class QuicLink(QuicConnectionProtocol):
         elif isinstance(event, HandshakeCompleted):
             pass
 
-    def _deliver(self, msg: Message) -> None:
-        self._inbox.put_nowait(msg)
+    def _room(self, more: int = 0) -> bool:
+        """Whether what the peer sent ahead (``more`` included) stays in MAX_INBOX;
+        closes the link if not."""
+        if self.closed:
+            return False
+        ahead = self._inbox_bytes + self._undelivered + more
+        if ahead <= MAX_INBOX:
+            return True
+        log.warning("%s: sent %d bytes not read yet (bound %d); closing its link",
+                    self.description, ahead, MAX_INBOX)
+        self._fail("too much data sent ahead")
+        return False
+
+    def _deliver(self, msg: Message, size: int) -> None:
+        self._inbox_bytes += size
+        self._inbox.put_nowait((msg, size))
         if not self._got_any:
             self._got_any = True
             if self.on_first is not None:
@@ -326,16 +389,38 @@ async def start_quic_server(
     cert: Path,
     key: Path,
     on_host: Callable[[QuicLink], Awaitable[None]],
+    *,
+    first_message_timeout: float = FIRST_MESSAGE_TIMEOUT,
+    retry: bool = True,
 ) -> QuicServer:
-    """Listen for hosts resuming over QUIC; each connection's link goes to ``on_host``."""
+    """Listen for hosts resuming over QUIC; each connection's link goes to ``on_host``.
+
+    A connection that has not delivered a complete message ``first_message_timeout``
+    (``FIRST_MESSAGE_TIMEOUT``) seconds after its first packet is closed. With
+    ``retry``, a new connection must first echo a Retry token (one round trip more),
+    which proves it owns its source address: a spoofed one makes the relay hold
+    no state and send no more than it received.
+    """
     config = _config(is_client=False)
     config.load_cert_chain(str(cert), str(key))
     tasks: set[asyncio.Task[None]] = set()
 
     def create(quic: QuicConnection, **kwargs: object) -> QuicLink:
         link = QuicLink(quic, **kwargs)
+        loop = asyncio.get_running_loop()
+
+        def too_slow() -> None:
+            if not link._got_any and not link.closed:
+                paths = link._quic._network_paths
+                addr = paths[0].addr if paths else ("?", 0)
+                log.warning("quic %s:%s: no complete message within %g s; closed",
+                            addr[0], addr[1], first_message_timeout)
+                link._fail(f"no message within {first_message_timeout:g} s")
+
+        timer = loop.call_later(first_message_timeout, too_slow)
 
         def first(lk: QuicLink) -> None:
+            timer.cancel()
             addr = lk._quic._network_paths[0].addr if lk._quic._network_paths else ("?", 0)
             lk.peer = f"{addr[0]}:{addr[1]}"
             task = asyncio.get_running_loop().create_task(on_host(lk))
@@ -345,7 +430,9 @@ async def start_quic_server(
         link.on_first = first
         return link
 
-    return await serve(bind or "::", port, configuration=config, create_protocol=create)
+    return await serve(
+        bind or "::", port, configuration=config, create_protocol=create, retry=retry
+    )
 
 
 async def connect_quic(host: str, port: int, fingerprint: str, timeout: float = 5.0) -> QuicLink:

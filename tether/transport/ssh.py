@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .link import LinkClosed, StreamLink
+from tether.core.ratelimit import TokenBucket
+
+from .link import MAX_UNSENT, LinkClosed, StreamLink
 from .openssh import HOST_USER, SUBSYSTEM
+
+log = logging.getLogger("tether.transport")
 
 
 def _import_asyncssh() -> None:
@@ -54,6 +62,38 @@ _import_asyncssh()
 import asyncssh  # noqa: E402
 
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
+
+# --- bounds on what a peer may make the SSH front hold --------------------------
+# Anyone may connect and log in as a mate (any user name: the token is checked
+# once the session starts), so nothing a connection can pile up may wait for a token.
+
+MAX_CONNECTIONS_PER_ADDRESS = 32
+"""Concurrent connections from one IPv4 address (or IPv6 /64). The host's agent
+holds one or two, a mate one per terminal: a classroom behind one NAT fits, one
+machine cannot hold the relay's memory or descriptors with thousands."""
+MAX_CONNECTIONS = 4096
+"""Concurrent connections in all. A full relay (``max_sessions`` 1000, each with
+its host and a mate or two) stays under it; a swarm of addresses hits it before
+the process's descriptors or memory run out."""
+SESSION_IDLE_TIMEOUT = 30.0
+"""Seconds a logged-in connection may go without a running session (its host
+subsystem or mate terminal) before it is disconnected: OpenSSH starts its session
+within a round trip of logging in, so only an idle or hostile client waits longer.
+``login_timeout`` covers the time before login."""
+MAX_CHANNELS = 8
+"""Channels open at once on one connection: OpenSSH opens one per session (a few
+with connection sharing); each costs the relay its buffers."""
+MAX_ENV_REQUESTS = 64
+"""``env`` requests one connection may send. tether passes no environment on (the
+terminal type comes with the pty request), so every one is refused and none is
+stored; past this many the client is flooding and is disconnected. OpenSSH sends
+one per ``SendEnv`` match (Debian's default: LANG and LC_*)."""
+REQUEST_BURST = 256
+REQUEST_RATE = 32.0
+"""Window-change, signal and break requests a channel may send in a burst, and per
+second after it. asyncssh queues each one for the session's reader, also before
+the session starts (nobody reads then): unbounded, a client could queue millions.
+Dragging a terminal's corner sends tens a second, for a moment."""
 
 
 # --- keys -----------------------------------------------------------------------
@@ -101,7 +141,9 @@ def key_option_name(key: asyncssh.SSHKey) -> str:
 class SSHLink(StreamLink):
     """Messages over an SSH channel's byte stream."""
 
-    ERRORS = (asyncssh.Error, OSError)
+    # a break, signal or resize on a host's channel is not tether's protocol
+    ERRORS = (asyncssh.Error, OSError, asyncssh.BreakReceived, asyncssh.SignalReceived,
+              asyncssh.TerminalSizeChanged)
 
     def __init__(
         self,
@@ -122,6 +164,25 @@ class SSHLink(StreamLink):
         if self._on_close is not None:
             self._on_close()
 
+    def _unsent(self) -> int:
+        # the channel's own buffer (the peer's window is full), then the socket's:
+        # asyncssh never pauses for the latter, so a peer that opens a huge window
+        # and stops reading TCP would otherwise grow it without end
+        chan = self._writer.channel
+        return int(chan.get_write_buffer_size()) + _socket_backlog(chan.get_connection())
+
+    def _abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.channel.get_connection().abort()
+        if self._on_close is not None:
+            self._on_close()
+
+
+def _socket_backlog(conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection) -> int:
+    """Bytes an SSH connection has written that its socket has not sent yet."""
+    transport = getattr(conn, "_transport", None)  # asyncssh keeps it private
+    return int(transport.get_write_buffer_size()) if transport is not None else 0
+
 
 # --- relay side: the SSH front ------------------------------------------------------
 
@@ -139,15 +200,28 @@ class MateTerminal:
 
     async def read(self) -> bytes | tuple[int, int]:
         """Typed bytes, a new ``(cols, rows)`` on resize, or b'' at the end."""
-        try:
-            return await self.process.stdin.read(65536)
-        except asyncssh.TerminalSizeChanged as exc:
-            self.cols, self.rows = exc.width, exc.height
-            return (exc.width, exc.height)
-        except (asyncssh.Error, OSError):
-            return b""
+        while True:
+            try:
+                return await self.process.stdin.read(65536)
+            except asyncssh.TerminalSizeChanged as exc:
+                self.cols, self.rows = exc.width, exc.height
+                return (exc.width, exc.height)
+            except (asyncssh.BreakReceived, asyncssh.SignalReceived):
+                continue  # nothing to do with them; they must not end the reader
+            except (asyncssh.Error, OSError):
+                return b""
 
     def write(self, data: bytes) -> None:
+        chan = self.process.channel
+        conn = chan.get_connection()
+        unsent = chan.get_write_buffer_size() + _socket_backlog(conn)
+        if unsent + len(data) > MAX_UNSENT:
+            # drain() waits only for the SSH window: a client that grants a huge
+            # one and stops reading TCP is cut off here
+            log.warning("mate %s: has not taken %d bytes sent to it; disconnected",
+                        self.peer, unsent)
+            conn.abort()
+            return
         with contextlib.suppress(OSError, asyncssh.Error):  # the mate is gone
             self.process.stdout.write(data)
 
@@ -220,19 +294,190 @@ def _quick_acks(conn: asyncssh.SSHServerConnection, on: bool) -> None:
     conn.data_received = data_received  # type: ignore[method-assign]
 
 
+def address_key(address: str) -> str:
+    """What per-address limits count by: an IPv4 address (also when IPv4-mapped),
+    or an IPv6 address's /64, which one subscriber usually has whole."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class _Admission:
+    """Counts the SSH front's open connections, per address and in all."""
+
+    def __init__(self, per_address: int, total: int) -> None:
+        self.per_address = per_address
+        self.total = total
+        self.count = 0
+        self.by_address: dict[str, int] = {}
+
+    def admit(self, key: str) -> str | None:
+        """Count a new connection from ``key``; or say why it is refused."""
+        if self.by_address.get(key, 0) >= self.per_address:
+            return f"too many connections from your address (at most {self.per_address})"
+        if self.count >= self.total:
+            return f"this relay has too many connections (at most {self.total})"
+        self.count += 1
+        self.by_address[key] = self.by_address.get(key, 0) + 1
+        return None
+
+    def release(self, key: str) -> None:
+        self.count -= 1
+        left = self.by_address.pop(key, 1) - 1
+        if left > 0:
+            self.by_address[key] = left
+
+
+_HOOKED_REQUESTS = ("window_change", "signal", "break")
+
+
+def _check_asyncssh() -> None:
+    """The request bounds hook asyncssh's per-request handlers (it has no public
+    hook); refuse to serve, rather than serve unbounded, if a release renamed them."""
+    for name in ("env", *_HOOKED_REQUESTS):
+        if not hasattr(asyncssh.SSHServerChannel, f"_process_{name}_request"):
+            raise RuntimeError(f"asyncssh {asyncssh.__version__} has no {name} request "
+                               "handler to bound; tether needs a compatible asyncssh")
+
+
 class _RelaySSHServer(asyncssh.SSHServer):
-    def __init__(self, key_check: KeyCheck | None, mate_keys: MateKeys | None) -> None:
+    def __init__(
+        self,
+        key_check: KeyCheck | None,
+        mate_keys: MateKeys | None,
+        admission: _Admission,
+        idle_timeout: float,
+    ) -> None:
         self._key_check = key_check
         self._mate_keys = mate_keys
+        self._admission = admission
+        self._idle_timeout = idle_timeout
         self.conn: asyncssh.SSHServerConnection | None = None
+        self._counted: str | None = None
+        self._peer = "?"
+        self._channels = 0
+        self._sessions = 0
+        self._idle: asyncio.TimerHandle | None = None
+        self._env_requests = 0
+        self._leaving = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        peer = conn.get_extra_info("peername") or ("?", 0)
+        self._peer = f"{peer[0]}:{peer[1]}"
+        key = address_key(str(peer[0]))
+        refusal = self._admission.admit(key)
+        if refusal is not None:
+            log.warning("ssh %s: refused: %s", self._peer, refusal)
+            # after asyncssh has sent its version line, so the client can read why
+            asyncio.get_running_loop().call_soon(
+                conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS, refusal
+            )
+            return
+        self._counted = key
+        self._hook_channels(conn)
         _quick_acks(conn, True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self._counted is not None:
+            self._admission.release(self._counted)
+            self._counted = None
 
     def auth_completed(self) -> None:
         if self.conn is not None:
             _quick_acks(self.conn, False)
+            self._arm_idle()
+
+    # --- sessions, channels and their requests ------------------------------------
+
+    def session_began(self) -> None:
+        self._sessions += 1
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def session_ended(self) -> None:
+        self._sessions -= 1
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self._sessions == 0 and self._idle is None and not self._leaving:
+            self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self._idled)
+
+    def _idled(self) -> None:
+        self._idle = None
+        if self._sessions == 0:
+            self._disconnect(f"no session started within {self._idle_timeout:g} s")
+
+    def _disconnect(self, why: str) -> None:
+        if self._counted is None or self._leaving:
+            return  # refused, or already on its way out
+        self._leaving = True
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        log.warning("ssh %s: %s; disconnected", self._peer, why)
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, why)
+
+    def _hook_channels(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Bound the channels of ``conn`` and the requests each may queue."""
+        create, add, remove = conn.create_server_channel, conn.add_channel, conn.remove_channel
+
+        def create_channel(*args: Any, **kwargs: Any) -> asyncssh.SSHServerChannel[Any]:
+            if self._channels >= MAX_CHANNELS:
+                log.warning("ssh %s: more than %d channels refused", self._peer, MAX_CHANNELS)
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_RESOURCE_SHORTAGE, f"at most {MAX_CHANNELS} channels"
+                )
+            chan = create(*args, **kwargs)
+            chan._process_env_request = self._env_request  # type: ignore[method-assign]
+            bucket = TokenBucket(REQUEST_RATE, REQUEST_BURST, time.monotonic())
+            for name in _HOOKED_REQUESTS:
+                attr = f"_process_{name}_request"
+                setattr(chan, attr, self._rate_limited(getattr(chan, attr), bucket))
+            return chan
+
+        def add_channel(chan: Any) -> int:
+            number = add(chan)
+            self._channels += 1
+            return number
+
+        def remove_channel(number: int) -> None:
+            self._channels -= 1
+            remove(number)
+
+        conn.create_server_channel = create_channel  # type: ignore[method-assign]
+        conn.add_channel = add_channel  # type: ignore[method-assign]
+        conn.remove_channel = remove_channel  # type: ignore[method-assign]
+
+    def _env_request(self, packet: object) -> bool:
+        self._env_requests += 1
+        if self._env_requests == MAX_ENV_REQUESTS + 1:
+            self._disconnect(f"more than {MAX_ENV_REQUESTS} env requests")
+        return False  # refused, and nothing stored
+
+    def _rate_limited(
+        self, handler: Callable[[Any], bool], bucket: TokenBucket
+    ) -> Callable[[Any], bool]:
+        def bounded(packet: Any) -> bool:
+            if bucket.take(1, time.monotonic()):
+                self._disconnect("channel requests faster than "
+                                 f"{REQUEST_RATE:g}/s after a burst of {REQUEST_BURST}")
+                return False
+            return handler(packet)
+
+        return bounded
 
     def begin_auth(self, username: str) -> bool:
         # Mates need no key unless the host listed some: the token is the credential.
@@ -265,10 +510,34 @@ async def start_ssh_server(
     on_mate: MateHandler,
     key_check: KeyCheck | None = None,
     mate_keys: MateKeys | None = None,
+    *,
+    max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
+    max_connections: int = MAX_CONNECTIONS,
+    idle_timeout: float = SESSION_IDLE_TIMEOUT,
+    login_timeout: float = 30.0,
 ) -> asyncssh.SSHAcceptor:
-    """Listen for hosts and mates; returns the acceptor (``get_port()``, ``close()``)."""
+    """Listen for hosts and mates; returns the acceptor (``get_port()``, ``close()``).
+
+    ``max_per_address`` (``MAX_CONNECTIONS_PER_ADDRESS``) and ``max_connections``
+    (``MAX_CONNECTIONS``) bound concurrent connections; ``idle_timeout``
+    (``SESSION_IDLE_TIMEOUT``) disconnects a logged-in connection that runs no
+    session, ``login_timeout`` one that does not log in.
+    """
+    _check_asyncssh()
+    admission = _Admission(max_per_address, max_connections)
 
     async def handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
+        owner = process.channel.get_connection().get_owner()
+        server = owner if isinstance(owner, _RelaySSHServer) else None
+        if server is not None:
+            server.session_began()
+        try:
+            await _serve(process)
+        finally:
+            if server is not None:
+                server.session_ended()
+
+    async def _serve(process: asyncssh.SSHServerProcess[bytes]) -> None:
         user = process.get_extra_info("username") or ""
         peer = process.get_extra_info("peername") or ("?", 0)
         peer_s = f"{peer[0]}:{peer[1]}"
@@ -294,7 +563,7 @@ async def start_ssh_server(
                 process.exit(0)
 
     return await asyncssh.create_server(
-        lambda: _RelaySSHServer(key_check, mate_keys),
+        lambda: _RelaySSHServer(key_check, mate_keys, admission, idle_timeout),
         bind or None,
         port,
         server_host_keys=list(host_keys),
@@ -307,7 +576,7 @@ async def start_ssh_server(
         allow_pty=True,
         keepalive_interval=15,
         keepalive_count_max=4,
-        login_timeout=30,
+        login_timeout=login_timeout,
         reuse_address=True,
     )
 
