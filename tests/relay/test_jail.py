@@ -134,12 +134,8 @@ def run_jailed(code: str, *args: str) -> dict[str, Any]:
     """Run Python ``code`` in a fresh jail; it prints one JSON object."""
     directory = jail.jail_directory()
     try:
-        r = subprocess.run(
-            [*jail.jail_command(directory), sys.executable, "-c", textwrap.dedent(code), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
+        r = jail.jail_command(directory).run(
+            [sys.executable, "-c", textwrap.dedent(code), *args], timeout=60, capture_output=True
         )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -245,10 +241,17 @@ async def test_sessions_cannot_see_each_other(session: Session) -> None:
 
 
 async def test_close_ends_the_jail() -> None:
+    """Even a worker that would not end by itself (stopped here): the jail's
+    processes, the bwraps around them and its directory are gone."""
     s = await start_session()
-    pids = [s.worker, *descendants(s.worker)]
+    assert s.handle.proc is not None
+    pids = [s.handle.proc.pid, *descendants(s.handle.proc.pid)]
+    assert s.worker in pids and len(pids) >= 6
     directory = s.handle.dir
+    os.kill(s.worker, signal.SIGSTOP)
+    start = time.monotonic()
     await s.handle.close()
+    assert time.monotonic() - start < 3
     for _ in range(100):
         if all(gone(p) for p in pids):
             break
@@ -257,21 +260,78 @@ async def test_close_ends_the_jail() -> None:
     assert not os.path.exists(directory)
 
 
+async def test_close_never_follows_the_jails_tmux_socket(tmp_path: Path) -> None:
+    """The jail owns its directory: a tmux.sock it replaced by a symlink to some
+    other tmux server (root's, say) is not used by the relay ending the session."""
+    other = str(tmp_path / "other.sock")
+    subprocess.run(
+        ["tmux", "-S", other, "-f", "/dev/null", "new-session", "-d", "sleep", "600"], check=True
+    )
+    try:
+        s = await start_session()
+        tree = [s.handle.proc.pid, *descendants(s.handle.proc.pid)]  # type: ignore[union-attr]
+        sock = os.path.join(s.handle.dir, "tmux.sock")
+        os.rename(sock, sock + ".moved")  # as the jail could: the directory is its own
+        os.symlink(other, sock)
+        await s.handle.close()
+        alive = subprocess.run(["tmux", "-S", other, "has-session"], capture_output=True)
+        assert alive.returncode == 0, "the relay killed a tmux server outside the jail"
+        assert all(gone(p) for p in tree)
+        assert not os.path.lexists(s.handle.dir)
+    finally:
+        subprocess.run(["tmux", "-S", other, "kill-server"], capture_output=True)
+
+
+RELAY_SCRIPT = """
+import asyncio, sys
+sys.path.insert(0, {tests!r})
+from test_jail import start_session
+async def main():
+    s = await start_session()
+    print(s.worker, s.handle.dir, flush=True)
+    await asyncio.sleep(600)
+asyncio.run(main())
+"""
+
+
+def test_jail_holds_nothing_of_the_relays_but_its_sockets(tmp_path: Path) -> None:
+    """No jailed process has the relay's stdout or stderr open (whose log or
+    terminal it could write to, or take with pidfd_getfd)."""
+    log = tmp_path / "relay-stderr"
+    script = RELAY_SCRIPT.format(tests=os.path.dirname(__file__))
+    with open(log, "w") as err:
+        relay = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=err, text=True
+        )
+    directory = ""
+    try:
+        assert relay.stdout is not None
+        pid, directory = relay.stdout.readline().split()
+        out_pipe = f"pipe:[{os.fstat(relay.stdout.fileno()).st_ino}]"
+        worker = int(pid)
+        pidns = os.readlink(f"/proc/{worker}/ns/pid")
+        tree = descendants(relay.pid)
+        jailed = [p for p in tree if os.readlink(f"/proc/{p}/ns/pid") == pidns]
+        assert len(jailed) >= 4, jailed  # bwrap's pid 1, the worker, tmux server and client
+        for p in tree:  # the jail and the bwrap processes around it
+            fds = {fd: os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")}
+            assert str(log) not in fds.values(), (p, cmdline(p), fds)
+            assert out_pipe not in fds.values(), (p, cmdline(p), fds)
+        worker_fds = {fd: os.readlink(f"/proc/{worker}/fd/{fd}") for fd in ("0", "1", "2")}
+        assert set(worker_fds.values()) == {"/dev/null"}, worker_fds
+    finally:
+        relay.kill()
+        relay.wait()
+        if directory:  # the killed relay could not clean up
+            shutil.rmtree(directory, ignore_errors=True)
+            if os.path.basename(os.path.dirname(directory)).startswith("tether-relay-"):
+                shutil.rmtree(os.path.dirname(directory), ignore_errors=True)
+
+
 def test_relay_death_ends_the_jail() -> None:
     """--die-with-parent holds across setpriv (which clears the parent-death
     signal): a SIGKILLed relay leaves no jailed process behind."""
-    script = textwrap.dedent(
-        f"""
-        import asyncio, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_jail import start_session
-        async def main():
-            s = await start_session()
-            print(s.worker, s.handle.dir, flush=True)
-            await asyncio.sleep(600)
-        asyncio.run(main())
-        """
-    )
+    script = RELAY_SCRIPT.format(tests=os.path.dirname(__file__))
     relay = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     directory = ""
     try:
@@ -343,6 +403,44 @@ def test_cannot_read_the_relays_files(tmp_path: Path) -> None:
     }  # fmt: skip
 
 
+def test_no_shell_in_the_jail() -> None:
+    """tmux runs ``#()`` and ``run-shell`` through /bin/sh: there is none, nor
+    any other program but what the jail runs."""
+    seen = run_jailed(
+        """
+        import json, os, sys
+        def run(argv):
+            pid = os.fork()
+            if pid == 0:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+                try:
+                    os.execv(argv[0], argv)
+                except OSError as exc:
+                    os._exit(100 + exc.errno)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        shells = ["/bin/sh", "/usr/bin/sh", "/usr/bin/dash", "/usr/bin/bash", "/usr/bin/perl",
+                  "/bin/bash", "/usr/local/bin/bash", "/usr/sbin/nologin"]
+        print(json.dumps({
+            "exists": [p for p in shells if os.path.lexists(p)],
+            "exec": {p: run([p, "-c", "exit 0"]) for p in shells},
+            "tmux": run(["/usr/bin/tmux", "-V"]),
+            "sleep": run(["/usr/bin/sleep", "0"]),
+            "python": run([sys.executable, "-c", "pass"]),
+            "bin": sorted(os.listdir("/usr/bin")),
+            "usr_local": os.listdir("/usr/local") if os.path.isdir("/usr/local") else [],
+            "write": os.access("/usr/bin", os.W_OK),
+        }))
+        """
+    )
+    assert seen["exists"] == []
+    assert set(seen["exec"].values()) == {100 + 2}, seen["exec"]  # ENOENT
+    assert seen["tmux"] == seen["sleep"] == seen["python"] == 0
+    assert {"tmux", "sleep", "prlimit"} <= set(seen["bin"])
+    assert not {"sh", "dash", "bash", "perl", "env", "busybox"} & set(seen["bin"]), seen["bin"]
+    assert len(seen["bin"]) <= 6, seen["bin"]  # the three tools and Python's links at most
+    assert not seen["write"]
+
+
 def test_cannot_reach_the_network() -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("0.0.0.0", 0))
@@ -408,16 +506,24 @@ async def test_cannot_see_other_processes(session: Session) -> None:
 def test_runs_unprivileged() -> None:
     seen = run_jailed(
         """
-        import ctypes, json, os
+        import ctypes, json, os, platform
         st = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
         libc = ctypes.CDLL(None, use_errno=True)
         nested = libc.unshare(0x10000000)  # CLONE_NEWUSER
+        unshare_errno = ctypes.get_errno()
+        # clone itself is not filtered: a child in a new user namespace
+        nr = {"x86_64": 56, "aarch64": 220}[platform.machine()]
+        pid = libc.syscall(nr, 0x10000000 | 17, 0, 0, 0, 0)  # CLONE_NEWUSER | SIGCHLD
+        if pid == 0:
+            os._exit(0)
+        cloned = pid if pid < 0 else os.waitpid(pid, 0)[0] and 0
         print(json.dumps({
             "uid": [os.getuid(), os.geteuid(), os.getgid(), os.getegid()],
             "groups": os.getgroups(),
             "capeff": st["CapEff"].strip(), "capbnd": st["CapBnd"].strip(),
             "nnp": st["NoNewPrivs"].strip(),
-            "nested_userns": nested if nested == 0 else ctypes.get_errno(),
+            "nested_userns": nested if nested == 0 else unshare_errno,
+            "cloned_userns": cloned if cloned == 0 else ctypes.get_errno(),
             "pty": os.ttyname(os.openpty()[1]),
         }))
         """
@@ -426,7 +532,8 @@ def test_runs_unprivileged() -> None:
     assert seen["groups"] == []
     assert seen["capeff"] == seen["capbnd"] == "0" * 16
     assert seen["nnp"] == "1"
-    assert seen["nested_userns"] == 28  # ENOSPC: user.max_user_namespaces is 0 in there
+    assert seen["nested_userns"] == 1  # EPERM: the seccomp filter
+    assert seen["cloned_userns"] == 28  # ENOSPC: user.max_user_namespaces is 0 in there
     assert str(seen["pty"]).startswith("/dev/pts/")
 
 

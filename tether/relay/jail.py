@@ -1,13 +1,16 @@
-"""The jail around a session's replica worker: bubblewrap namespaces plus rlimits.
+"""The jail around a session's replica worker: bubblewrap namespaces, a seccomp
+filter, rlimits and, where the machine allows, a cgroup.
 
 A hostile host controls every byte its replica renders, so the worker and its
 tmux are treated as compromised-on-arrival. In the jail they see read-only /usr
-and Python, their own session directory (for the tmux socket) and nothing else;
+without its programs (only tmux, sleep, prlimit and Python: no shell) and
+Python, their own session directory (for the tmux socket) and nothing else;
 they have no network; their own PID, IPC, UTS, user and cgroup namespaces, in
 which they cannot create further user namespaces; uid 65534 with no
-capabilities and no_new_privs; and resource limits. One session can then
-neither read the relay's files, reach the network, see other sessions, nor
-starve the relay.
+capabilities and no_new_privs; a seccomp filter (``tether.relay.seccomp``);
+and resource limits. One session can then neither read the relay's files,
+reach the network, see other sessions, nor starve the relay. They hold nothing
+of the relay's but their two sockets: stdin, stdout and stderr are /dev/null.
 
 Two ways to run it, picked once by a probe (``jail_unavailable``):
 
@@ -25,19 +28,37 @@ Two ways to run it, picked once by a probe (``jail_unavailable``):
 The rlimits are set by ``prlimit`` *inside* the jail, after bwrap made the user
 namespace: the kernel counts RLIMIT_NPROC per (user namespace, uid), so the
 limit is per session instead of shared by every process of one uid.
+
+A root relay also puts each jail in its own cgroup (``tether.relay.cgroup``),
+bounding memory, processes and CPU of the session as a whole. The outermost
+bwrap waits on ``--block-fd`` until the relay has moved it into the cgroup, so
+no process of the jail ever runs outside it.
+
+The relay never acts on a path inside the session directory while a jail runs
+(the jail may have replaced any of it with a symlink): it ends a jail by its
+processes (``Jail.kill``), SIGKILLing the jail's PID namespace through a pidfd
+(``tether.relay.proctree``), and only then removes the directory with
+``shutil.rmtree``, which follows no symlink.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
 
 import tether
+
+from . import proctree, seccomp
+from .cgroup import SessionCgroup, relay_cgroups
 
 JAIL_UID = 65534
 JAIL_GID = 65534
@@ -61,26 +82,100 @@ TMPFS_SIZE = 16 * 1024 * 1024
 """Size of the jail's private /tmp (tmpfs is RAM)."""
 
 PATH = "/usr/local/bin:/usr/bin:/bin"
-_PROBE = "import os, shutil, tether.relay.worker; os.openpty(); assert shutil.which('tmux')"
+HIDDEN = ("/usr/bin", "/usr/sbin", "/usr/libexec", "/usr/local")
+"""Replaced by empty read-only tmpfs in the jail, so it has no shell (tmux runs
+``#()`` and ``run-shell`` through /bin/sh) nor any other program but
+``JAIL_TOOLS`` and the Python interpreter."""
+JAIL_TOOLS = ("tmux", "sleep", "prlimit")
+"""The programs run inside the jail: the replica tmux, its panes' command and
+the rlimit setter."""
+SHELLS = ("/bin/sh", "/usr/bin/sh", "/usr/bin/dash", "/usr/bin/bash", "/usr/bin/perl")
+
+_PROBE = "; ".join(
+    [
+        "import os, shutil, tether.relay.worker",
+        "os.openpty()",
+        "assert shutil.which('tmux') and shutil.which('sleep'), 'no tmux or sleep in the jail'",
+        f"assert not any(os.path.lexists(p) for p in {SHELLS!r}), 'a shell in the jail'",
+        "status = open('/proc/self/status').read()",
+        f"assert {not seccomp.supported()} or '\\nSeccomp:\\t2' in status, 'no seccomp filter'",
+    ]
+)
+"""What a jail must allow (the worker's imports, a pty, tmux and its panes'
+program) and what it must not have (a shell, an unfiltered kernel)."""
 
 
 class JailError(Exception):
-    pass
+    """Why a jail cannot be built or started here."""
 
 
 def _tool(name: str) -> str:
     return shutil.which(name, path=PATH) or name
 
 
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _hidden(path: str) -> bool:
+    return any(_within(path, h) for h in _hidden_dirs())
+
+
+@functools.cache
+def _hidden_dirs() -> tuple[str, ...]:
+    return tuple(h for h in HIDDEN if os.path.isdir(h) and not os.path.islink(h))
+
+
 def _python_roots() -> list[str]:
-    """Directories the worker's interpreter and imports need, beyond /usr."""
+    """Directories the worker's interpreter and imports need, beyond /usr: a
+    prefix that is one of the hidden directories (Python in /usr/local) brings
+    back only its lib."""
     roots: list[str] = []
-    for p in (sys.base_prefix, sys.prefix, os.path.dirname(tether.__file__)):
+    candidates = []
+    for p in (sys.base_prefix, sys.prefix):
         p = os.path.realpath(p)
-        inside = [r for r in ["/usr", *roots] if p == r or p.startswith(r + "/")]
-        if not inside:
-            roots.append(p)
+        candidates.append(os.path.join(p, "lib") if p in _hidden_dirs() else p)
+    candidates.append(os.path.realpath(os.path.dirname(tether.__file__)))
+    for p in candidates:
+        if any(_within(p, r) for r in roots) or (_within(p, "/usr") and not _hidden(p)):
+            continue
+        roots = [r for r in roots if not _within(r, p)] + [p]
     return roots
+
+
+def _chain(path: str) -> list[tuple[str, str | None]]:
+    """Every path of ``path``'s symlink chain as (path, link target or None for
+    the file at its end), with directory symlinks resolved as the jail has them."""
+    out: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+    path = os.path.abspath(path)
+    while path not in seen and len(seen) < 40:
+        seen.add(path)
+        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        if not os.path.islink(path):
+            out.append((path, None))
+            break
+        target = os.readlink(path)
+        out.append((path, target))
+        path = os.path.join(os.path.dirname(path), target)
+    return out
+
+
+def _exposed() -> list[str]:
+    """bwrap arguments putting back, into the hidden directories, exactly the
+    programs the jail runs (and every symlink leading to them)."""
+    args: list[str] = []
+    done: set[str] = set()
+    for program in [sys.executable, *(_tool(t) for t in JAIL_TOOLS)]:
+        for path, target in _chain(program):
+            if path in done or not _hidden(path):
+                continue
+            done.add(path)
+            if target is None:
+                args += ["--ro-bind", path, path]
+            else:
+                args += ["--symlink", target, path]
+    return args
 
 
 def _stage_dir() -> str:
@@ -91,7 +186,9 @@ def _stage_dir() -> str:
     raise JailError("no /mnt, /media, /srv or /run to stage the jail's binds in")
 
 
-def _inner(directory: str, binds: list[tuple[str, str]], dir_source: str) -> list[str]:
+def _inner(
+    directory: str, binds: list[tuple[str, str]], dir_source: str, seccomp_fd: int | None
+) -> list[str]:
     """The jail proper: bwrap, then prlimit, as whoever runs it."""
     argv = [
         _tool("bwrap"),
@@ -101,6 +198,10 @@ def _inner(directory: str, binds: list[tuple[str, str]], dir_source: str) -> lis
         "--die-with-parent",
         "--new-session",
         "--ro-bind", "/usr", "/usr",
+    ]  # fmt: skip
+    for h in _hidden_dirs():
+        argv += ["--size", "4096", "--perms", "0755", "--tmpfs", h]
+    argv += [
         "--symlink", "usr/lib", "/lib",
         "--symlink", "usr/lib64", "/lib64",
         "--symlink", "usr/bin", "/bin",
@@ -112,6 +213,11 @@ def _inner(directory: str, binds: list[tuple[str, str]], dir_source: str) -> lis
     ]  # fmt: skip
     for source, dest in binds:
         argv += ["--ro-bind", source, dest]
+    argv += _exposed()
+    for h in _hidden_dirs():
+        argv += ["--remount-ro", h]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     pkg_parent = os.path.dirname(os.path.dirname(os.path.realpath(tether.__file__)))
     argv += [
         "--bind", dir_source, directory,
@@ -141,13 +247,16 @@ def _inner(directory: str, binds: list[tuple[str, str]], dir_source: str) -> lis
     return argv
 
 
-def _command(mode: str, directory: str) -> list[str]:
+def _command(mode: str, directory: str, seccomp_fd: int | None, block_fd: int | None) -> list[str]:
     directory = os.path.realpath(directory)
     roots = _python_roots()
+    block = [] if block_fd is None else ["--block-fd", str(block_fd)]
     if mode == "self":
-        return _inner(directory, [(r, r) for r in roots], directory)
+        inner = _inner(directory, [(r, r) for r in roots], directory, seccomp_fd)
+        return [inner[0], *block, *inner[1:]]
     stage = _stage_dir()
-    outer = [_tool("bwrap"), "--die-with-parent", "--dev-bind", "/", "/", "--tmpfs", stage]
+    outer = [_tool("bwrap"), *block, "--die-with-parent", "--dev-bind", "/", "/"]
+    outer += ["--tmpfs", stage]
     binds = []
     for i, root in enumerate(roots):
         outer += ["--ro-bind", root, f"{stage}/{i}"]
@@ -159,8 +268,153 @@ def _command(mode: str, directory: str) -> list[str]:
         _tool("setpriv"), "--reuid", str(JAIL_UID), "--regid", str(JAIL_GID), "--clear-groups",
         "--",
     ]  # fmt: skip
-    return outer + _inner(directory, binds, f"{stage}/dir")
+    return outer + _inner(directory, binds, f"{stage}/dir", seccomp_fd)
 
+
+# --- the jail --------------------------------------------------------------------
+
+
+class Jail:
+    """One jailed command: how to start it and how to end it.
+
+    Spawn ``[*jail.argv, program, ...]`` with ``pass_fds`` including
+    ``jail.pass_fds`` (and stdin, stdout, stderr not the relay's), then call
+    ``started(pid)`` at once: the jail waits for it. End it with ``kill()``,
+    wait until ``gone()`` (or ``wait()``), then ``close()``.
+    """
+
+    def __init__(self, mode: str, directory: str) -> None:
+        self._pidfds: list[int] = []
+        self._pid: int | None = None
+        self._root: int | None = None
+        """A pidfd of the spawned process: its pid is not trusted once it exited
+        (the relay reaps it, and the number may be reused)."""
+        self._block: tuple[int, int] | None = None
+        self._seccomp: int | None = None
+        self.cgroup: SessionCgroup | None = None
+        hierarchies, _ = relay_cgroups()
+        try:
+            if hierarchies:
+                self.cgroup = SessionCgroup(hierarchies, os.path.basename(directory))
+                self._block = os.pipe()
+            if seccomp.supported():
+                self._seccomp = _program_fd()
+            block = self._block[0] if self._block else None
+            self.argv = _command(mode, directory, self._seccomp, block)
+        except BaseException:
+            self.close()
+            raise
+        self.pass_fds = tuple(fd for fd in (self._seccomp, block) if fd is not None)
+
+    def started(self, pid: int) -> None:
+        """Let the jail spawned as ``pid`` run, inside its cgroup. Race-free: its
+        outermost bwrap blocks before starting anything, so moving ``pid`` and
+        then every process below it moves every process there will be."""
+        self._pid = pid
+        self._root = proctree.pidfd(pid, os.getpid())
+        if self._seccomp is not None:
+            os.close(self._seccomp)
+            self._seccomp = None
+        if self._block is None:
+            return
+        try:
+            if self.cgroup is not None:
+                self.cgroup.add(pid)
+                for child, _ in proctree.descendants(pid):
+                    self.cgroup.add(child)
+        except OSError as exc:
+            self.kill()
+            raise JailError(f"cannot put the jail in its cgroup: {exc}") from None
+        os.write(self._block[1], b"x")
+        for fd in self._block:
+            os.close(fd)
+        self._block = None
+
+    def kill(self) -> None:
+        """SIGKILL every process of the jail, touching nothing it can write: its
+        PID namespace's init first (the kernel then kills the namespace), then
+        the bwrap and setpriv processes above it, then anything left in its
+        cgroup."""
+        if self._pid is not None and self._root is not None and proctree.alive(self._root):
+            self._pidfds += proctree.kill_tree(self._pid, self._root)
+            self._root = None
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        if self._block is not None:  # never released: closing it now lets a dead jail go
+            for fd in self._block:
+                os.close(fd)
+            self._block = None
+
+    def gone(self) -> bool:
+        """Whether every process ``kill`` found has exited and the cgroup is empty."""
+        if any(proctree.alive(fd) for fd in self._pidfds):
+            return False
+        return self.cgroup is None or not self.cgroup.pids()
+
+    def wait(self, timeout: float = 5) -> bool:
+        """Block until ``gone()``, at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.gone():
+            if time.monotonic() > deadline:
+                return False
+            if self.cgroup is not None:
+                self.cgroup.kill()
+            time.sleep(0.01)
+        return True
+
+    def close(self) -> None:
+        """Release the jail's file descriptors and remove its cgroup (call once
+        its processes are gone; a cgroup still in use stays until the relay exits)."""
+        fds = [*self._pidfds, *(self._block or ())]
+        fds += [] if self._root is None else [self._root]
+        fds += [] if self._seccomp is None else [self._seccomp]
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._pidfds = []
+        self._root = None
+        self._block = None
+        self._seccomp = None
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
+    def run(
+        self, cmd: Sequence[str], timeout: float, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """``subprocess.run`` of ``cmd`` in this jail (text mode), ending it after."""
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        if kwargs.pop("capture_output", False):
+            kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
+        pass_fds = (*kwargs.pop("pass_fds", ()), *self.pass_fds)
+        try:
+            with subprocess.Popen([*self.argv, *cmd], text=True, pass_fds=pass_fds, **kwargs) as p:
+                try:
+                    self.started(p.pid)
+                    out, err = p.communicate(timeout=timeout)
+                except BaseException:
+                    self.kill()
+                    p.kill()
+                    p.communicate()
+                    raise
+            return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        finally:
+            self.kill()
+            self.wait()
+            self.close()
+
+
+def _program_fd() -> int:
+    """A pipe holding the seccomp program, read to EOF by bwrap."""
+    data = seccomp.program()
+    r, w = os.pipe()
+    try:
+        os.write(w, data)  # a few hundred bytes: well within a pipe's buffer
+    finally:
+        os.close(w)
+    return r
+
+
+# --- directories and the probe -----------------------------------------------------
 
 _parent: str | None = None
 
@@ -192,12 +446,10 @@ def _try(mode: str) -> str | None:
     except (OSError, JailError) as exc:
         return str(exc)
     try:
-        r = subprocess.run(
-            [*_command(mode, directory), sys.executable, "-c", _PROBE],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
+        r = Jail(mode, directory).run(
+            [sys.executable, "-c", _PROBE],
             timeout=30,
+            capture_output=True,
             env={"PATH": PATH, "LANG": "C.UTF-8"},
         )
     except (OSError, JailError, subprocess.TimeoutExpired) as exc:
@@ -213,7 +465,7 @@ def _try(mode: str) -> str | None:
 @functools.cache
 def _probe() -> tuple[str | None, str | None]:
     """(mode that works, why the better mode did not) or (None, why none does)."""
-    for tool in ("bwrap", "prlimit"):
+    for tool in ("bwrap", "prlimit", *JAIL_TOOLS):
         if not shutil.which(tool, path=PATH):
             return None, f"{tool} is not installed (Debian: apt install bubblewrap util-linux)"
     if os.geteuid() != 0:
@@ -237,7 +489,8 @@ def jail_unavailable() -> str | None:
 def jail_warning() -> str | None:
     """Why the jail is weaker than intended, or None: a root relay whose workers
     could not run as real uid 65534 runs them as root without capabilities,
-    where RLIMIT_NPROC does not apply."""
+    where RLIMIT_NPROC does not apply; a machine without a seccomp table here
+    runs them unfiltered."""
     mode, why = _probe()
     if mode == "self" and os.geteuid() == 0:
         return (
@@ -245,6 +498,8 @@ def jail_warning() -> str | None:
             f"capabilities and without a process limit, because uid {JAIL_UID} could not "
             f"run the jail: {why}"
         )
+    if mode is not None and not seccomp.supported():
+        return "jailed replica workers run without a seccomp filter (no table for this CPU)"
     return None
 
 
@@ -257,14 +512,15 @@ def _mode() -> str:
 
 def jail_directory() -> str:
     """A new empty session directory the jailed worker can write (mode 0700, owned
-    by the uid the jail really runs as); remove it with ``shutil.rmtree``."""
+    by the uid the jail really runs as); remove it with ``shutil.rmtree`` once
+    the jail is gone."""
     return _make_directory(_mode())
 
 
-def jail_command(directory: str) -> list[str]:
-    """The argv prefix running a command jailed, with ``directory`` (made by
-    ``jail_directory``) as its only writable path, at the same path inside.
+def jail_command(directory: str) -> Jail:
+    """A ``Jail`` running a command with ``directory`` (made by ``jail_directory``)
+    as its only writable path, at the same path inside.
 
     Inherited file descriptors (``pass_fds``) stay open across it.
     """
-    return _command(_mode(), directory)
+    return Jail(_mode(), directory)

@@ -2,7 +2,9 @@
 
 The worker is a separate process with a narrow interface: one socket of
 framed messages, one socket that passes back mates' pty masters, and a private
-directory. That is all a jail has to let through (``tether.relay.jail``).
+directory. That is all a jail has to let through (``tether.relay.jail``): its
+stdin, stdout and stderr are /dev/null, and a jailed replica is ended by its
+processes, never through anything in its directory.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 
 from tether.core.messages import HostPresence, MateAttach, Message, MessageDecoder
 
-from .jail import jail_command, jail_directory
+from .jail import Jail, jail_command, jail_directory
 
 log = logging.getLogger("tether.relay")
 
@@ -70,14 +72,21 @@ class ReplicaHandle:
     ) -> None:
         self.name = name
         self._on_message = on_message
+        self._jail: Jail | None = None
+        self._jailed = jail is True
         if jail is True:
             # made for the jail: owned by the uid the jail really runs as
             self.dir = jail_directory()
-            self._jail = jail_command(self.dir)
+            try:
+                self._jail = jail_command(self.dir)
+            except BaseException:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise
+            self._prefix = self._jail.argv
         else:
             self.dir = tempfile.mkdtemp(prefix="tether-replica-")
             os.chmod(self.dir, 0o700)
-            self._jail = list(jail or [])
+            self._prefix = list(jail or [])
         self.proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._fdsock: socket.socket | None = None
@@ -91,7 +100,7 @@ class ReplicaHandle:
         fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         # worker sockets are inherited as fds 3 and 4 whatever their numbers here
         cmd = [
-            *self._jail,
+            *self._prefix,
             sys.executable,
             "-c",
             WORKER_MAIN,
@@ -104,14 +113,31 @@ class ReplicaHandle:
             "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
             "LANG": "C.UTF-8",
         }
-        self.proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            pass_fds=(msg_child.fileno(), fd_child.fileno()),
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-        msg_child.close()
-        fd_child.close()
+        try:
+            # nothing of the relay's but the two sockets: not even its log on stderr
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                pass_fds=(
+                    msg_child.fileno(),
+                    fd_child.fileno(),
+                    *(self._jail.pass_fds if self._jail else ()),
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
+            if self._jail is not None:
+                self._jail.started(self.proc.pid)
+        except BaseException:
+            msg_parent.close()
+            fd_parent.close()
+            if self._jail is not None:
+                await self._end_jail(self._jail)
+            raise
+        finally:
+            msg_child.close()
+            fd_child.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=msg_parent, limit=1 << 22)
         fd_parent.setblocking(False)
         self._fdsock = fd_parent
@@ -181,6 +207,20 @@ class ReplicaHandle:
         with contextlib.suppress(ReplicaError):
             self.send(HostPresence(present, text))
 
+    async def _end_jail(self, jail: Jail, timeout: float = 5) -> None:
+        """Kill the jail's processes and wait (bounded) until they are gone."""
+        jail.kill()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not jail.gone() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        if not jail.gone():
+            log.warning("replica %s: jailed processes outlived SIGKILL for %ss", self.name, timeout)
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 1)
+        jail.close()
+        self._jail = None
+
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
@@ -190,6 +230,13 @@ class ReplicaHandle:
             self._fdsock.close()
         if self._writer is not None:
             self._writer.close()
+        if self._jailed:
+            # nothing in the directory is trusted: no tmux -S, no path at all
+            # until its processes are gone, then rmtree (which follows no symlink)
+            if self._jail is not None:
+                await self._end_jail(self._jail)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
         if self.proc is not None and self.proc.returncode is None:
             try:
                 await asyncio.wait_for(self.proc.wait(), 3)
@@ -212,8 +259,7 @@ class ReplicaHandle:
                 await p.wait()
         # a tmux server that missed both (busy shutting 40 panes down while its
         # control client lingers) would outlive its directory, out of reach of
-        # any socket; a jail's PID namespace dies with the worker, unjailed it
-        # is found by the directory its command line names
-        if not self._jail:
+        # any socket; unjailed it is found by the directory its command line names
+        if not self._prefix:
             _kill_named(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)

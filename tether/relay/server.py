@@ -48,6 +48,7 @@ from tether.transport import quic, ssh
 from tether.transport.fdio import FdWriter
 from tether.transport.link import Link, LinkClosed
 
+from .cgroup import cgroup_warning
 from .jail import jail_unavailable, jail_warning
 from .replica import ReplicaError, ReplicaHandle
 
@@ -188,6 +189,8 @@ class Relay:
                     "(`tether relay --no-jail` runs them unjailed)"
                 )
             if warning := jail_warning():
+                log.warning("%s", warning)
+            if warning := cgroup_warning():
                 log.warning("%s", warning)
         else:
             log.warning("replica workers are NOT jailed: sessions are not isolated from each "

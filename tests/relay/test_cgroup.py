@@ -1,0 +1,131 @@
+"""A root relay's per-session cgroup: every process of a jail in it from the
+start, its limits set, and a session that hits them stopped alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_jail import descendants, start_session  # tests/relay is on sys.path
+
+from tether.relay import cgroup, jail
+
+WHY = jail.jail_unavailable()
+HIERARCHIES = cgroup.relay_cgroups()[0] if WHY is None else ()
+pytestmark = pytest.mark.skipif(
+    not HIERARCHIES, reason=f"no cgroup here: {WHY or cgroup.relay_cgroups()[1]}"
+)
+
+
+def session_dirs(directory: str) -> list[tuple[Any, str]]:
+    return [(h, os.path.join(h.path, os.path.basename(directory))) for h in HIERARCHIES]
+
+
+def procs(path: str) -> set[int]:
+    return {int(p) for p in Path(path, "cgroup.procs").read_text().split()}
+
+
+def read(path: str, name: str) -> str:
+    return Path(path, name).read_text().strip()
+
+
+async def test_the_whole_jail_is_in_its_cgroup_with_limits() -> None:
+    s = await start_session()
+    try:
+        assert s.handle.proc is not None
+        tree = {s.handle.proc.pid, *descendants(s.handle.proc.pid)}
+        assert s.worker in tree and len(tree) >= 6  # bwraps, pid 1, worker, tmux x2
+        for h, path in session_dirs(s.handle.dir):
+            assert procs(path) == tree, (path, procs(path), tree)  # all of it, nothing else
+            assert os.getpid() not in procs(path)
+            if h.v2:
+                assert read(path, "memory.max") == str(cgroup.CGROUP_MEMORY)
+                assert read(path, "pids.max") == str(cgroup.CGROUP_PIDS)
+                assert (
+                    read(path, "cpu.max") == f"{cgroup.CGROUP_CPU_QUOTA} {cgroup.CGROUP_CPU_PERIOD}"
+                )
+            if "memory" in h.controllers and not h.v2:
+                assert read(path, "memory.limit_in_bytes") == str(cgroup.CGROUP_MEMORY)
+            if "pids" in h.controllers and not h.v2:
+                assert read(path, "pids.max") == str(cgroup.CGROUP_PIDS)
+            if "cpu" in h.controllers and not h.v2:
+                assert read(path, "cpu.cfs_quota_us") == str(cgroup.CGROUP_CPU_QUOTA)
+                assert read(path, "cpu.cfs_period_us") == str(cgroup.CGROUP_CPU_PERIOD)
+            # root's, outside the jail; the jail's own view is its cgroup namespace
+            assert os.stat(path).st_uid == 0
+    finally:
+        directory = s.handle.dir
+        await s.handle.close()
+    for _, path in session_dirs(directory):
+        assert not os.path.exists(path)  # removed with the session
+
+
+def run_limited(limits: dict[str, int], code: str) -> tuple[int, list[Any]]:
+    """Run ``code`` in a jail whose cgroup has these (lowered) limits: its exit
+    status and the JSON lines it printed."""
+    directory = jail.jail_directory()
+    try:
+        j = jail.jail_command(directory)
+        assert j.cgroup is not None
+        for _, path in j.cgroup.dirs:
+            for name, value in limits.items():
+                if os.path.exists(os.path.join(path, name)):
+                    Path(path, name).write_text(str(value))
+        r = j.run([sys.executable, "-c", textwrap.dedent(code)], timeout=60, capture_output=True)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return r.returncode, [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def test_a_fork_bomb_stops_at_the_session_limit() -> None:
+    status, out = run_limited(
+        {"pids.max": 32},
+        """
+        import errno, json, os, time
+        kids, err = [], None
+        for _ in range(200):  # far below RLIMIT_NPROC (1024): the cgroup stops it
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                err = exc.errno
+                break
+            if pid == 0:
+                try:
+                    os.fork()  # and every child tries again
+                except OSError:
+                    pass
+                time.sleep(3)
+                os._exit(0)
+            kids.append(pid)
+        print(json.dumps({"forked": len(kids), "err": err}))
+        """,
+    )
+    assert status == 0
+    assert out[-1]["err"] == 11 and out[-1]["forked"] < 32, out  # EAGAIN
+
+
+def test_memory_beyond_the_session_limit_is_stopped() -> None:
+    limit = 64 * 1024 * 1024
+    status, out = run_limited(
+        {
+            "memory.limit_in_bytes": limit,
+            "memory.memsw.limit_in_bytes": limit,
+            "memory.max": limit,
+            "memory.swap.max": 0,
+        },
+        """
+        import json, sys
+        chunks = []
+        for i in range(1, 33):  # 512 MiB, within RLIMIT_AS (1 GiB)
+            chunks.append(bytearray(b"x" * (16 << 20)))
+            print(json.dumps(i * 16), flush=True)
+        """,
+    )
+    assert status != 0  # killed by the OOM killer, in its own cgroup only
+    assert out and out[-1] < 96, out
