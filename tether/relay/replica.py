@@ -128,7 +128,10 @@ class ReplicaHandle:
                 env=env,
             )
             if self._jail is not None:
-                self._jail.started(self.proc.pid)
+                # off the event loop: the first move of a process into a new memory
+                # cgroup waits on the kernel for 5-15 ms (cgroup v1 here), and other
+                # sessions' traffic must not wait with it
+                await asyncio.to_thread(self._jail.started, self.proc.pid)
         except BaseException:
             msg_parent.close()
             fd_parent.close()
