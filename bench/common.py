@@ -394,11 +394,12 @@ class Relay:
         self.log = self.dir / "relay.log"
         env = wd.env(self.dir)
         self.proc = subprocess.Popen(
-            # the benchmarks' hosts share one account, so one host key: lift the
-            # relay's per-key limit (50) for the 100-session runs
+            # the benchmarks' hosts share one account, so one host key, and one
+            # address: lift the relay's per-key (50) and per-address (32) limits
+            # for the 100-session runs
             tether_cmd("relay", "-k", str(self.dir / "keys"), "-b", "127.0.0.1", "-p",
                        str(self.port), "-l", str(self.log), "--max-sessions-per-key",
-                       "100000", *extra),
+                       "100000", "--max-connections-per-address", "100000", *extra),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         wd.on_close(self.close)

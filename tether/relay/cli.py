@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
         help="sessions one host key may hold at once (default 50)",
     )
     p.add_argument(
+        "--max-connections-per-address",
+        type=int,
+        default=32,
+        metavar="N",
+        help="SSH connections one IPv4 address (or IPv6 /64) may hold at once; more are "
+        "refused with a message (default 32; raise it when many users share one address)",
+    )
+    p.add_argument(
         "--failed-tokens-free",
         type=int,
         default=5,
@@ -148,6 +156,7 @@ async def _run(a: argparse.Namespace) -> int:
             authorized_keys=authorized,
             max_mates=a.max_mates,
             max_sessions_per_key=a.max_sessions_per_key,
+            max_connections_per_address=a.max_connections_per_address,
             failed_tokens_free=a.failed_tokens_free,
             mate_input_rate=a.mate_input_rate,
         )

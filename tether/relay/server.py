@@ -98,6 +98,8 @@ class RelayConfig:
     max_sessions: int = 1000
     max_sessions_per_key: int = 50
     max_mates: int = 32
+    max_connections_per_address: int = ssh.MAX_CONNECTIONS_PER_ADDRESS
+    """SSH connections at once from one IPv4 address or IPv6 /64 (a NAT shares one)."""
     host_away_timeout: float = 3600.0
     """How long a session waits for its host to come back."""
     hello_timeout: float = 15.0
@@ -204,6 +206,7 @@ class Relay:
             self.handle_mate,
             key_check=(lambda key: key.public_data in allowed) if allowed is not None else None,
             mate_keys=self._mate_keys_for,
+            max_per_address=self.config.max_connections_per_address,
         )
         self._acceptor = acceptor
         self.port = acceptor.get_port()
