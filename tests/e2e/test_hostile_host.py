@@ -34,19 +34,9 @@ from .test_share import join
 
 
 async def _raw_host(port: int, payloads: list[bytes]) -> list[object]:
-    """Speak to the relay as a host would, but send ``payloads`` verbatim."""
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    async with asyncssh.connect("127.0.0.1", port, username="tether-host", client_keys=[key],
-                                known_hosts=None, agent_path=None) as conn:
-        writer, reader, _ = await conn.open_session(subsystem="tether", encoding=None)
-        for p in payloads:
-            writer.write(p)
-        decoder = MessageDecoder()
-        got: list[object] = []
-        async with asyncio.timeout(15):
-            while data := await reader.read(65536):
-                got.extend(decoder.feed(data))
-        return got  # the relay closed the channel
+    """Speak to the relay as a host would, but send ``payloads`` verbatim; what the
+    relay said until it closed the channel."""
+    return await _host_until(port, payloads, None)
 
 
 def test_garbage_frame_gets_an_error_and_other_sessions_carry_on(
@@ -76,9 +66,10 @@ def test_garbage_frame_gets_an_error_and_other_sessions_carry_on(
 
 
 
-async def _host_until(port: int, payloads: list[bytes], want: type,
+async def _host_until(port: int, payloads: list[bytes], want: type | None,
                       key: asyncssh.SSHKey | None = None) -> list[object]:
-    """Like ``_raw_host``, but hang up once a message of type ``want`` arrives."""
+    """Send ``payloads`` as a host; what the relay said until a message of type
+    ``want`` arrived (None: until it closed the channel)."""
     key = key or asyncssh.generate_private_key("ssh-ed25519")
     async with asyncssh.connect("127.0.0.1", port, username="tether-host", client_keys=[key],
                                 known_hosts=None, agent_path=None) as conn:
@@ -88,7 +79,7 @@ async def _host_until(port: int, payloads: list[bytes], want: type,
         decoder = MessageDecoder()
         got: list[object] = []
         async with asyncio.timeout(15):
-            while not any(isinstance(m, want) for m in got):
+            while want is None or not any(isinstance(m, want) for m in got):
                 data = await reader.read(65536)
                 if not data:
                     break

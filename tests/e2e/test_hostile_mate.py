@@ -170,3 +170,4 @@ def test_a_mates_huge_terminal_is_clamped(tmp_path: Path, mates: list[Mate]) -> 
     finally:
         h.close()
         relay.close()
+

@@ -130,6 +130,13 @@ async def session() -> AsyncIterator[Session]:
     await s.handle.close()
 
 
+def remove_session_dir(directory: str) -> None:
+    """What a killed relay left: a session directory and its private parent."""
+    shutil.rmtree(directory, ignore_errors=True)
+    if os.path.basename(os.path.dirname(directory)).startswith("tether-relay-"):
+        shutil.rmtree(os.path.dirname(directory), ignore_errors=True)
+
+
 def run_jailed(code: str, *args: str) -> dict[str, Any]:
     """Run Python ``code`` in a fresh jail; it prints one JSON object."""
     directory = jail.jail_directory()
@@ -323,9 +330,7 @@ def test_jail_holds_nothing_of_the_relays_but_its_sockets(tmp_path: Path) -> Non
         relay.kill()
         relay.wait()
         if directory:  # the killed relay could not clean up
-            shutil.rmtree(directory, ignore_errors=True)
-            if os.path.basename(os.path.dirname(directory)).startswith("tether-relay-"):
-                shutil.rmtree(os.path.dirname(directory), ignore_errors=True)
+            remove_session_dir(directory)
 
 
 def test_relay_death_ends_the_jail() -> None:
@@ -351,9 +356,7 @@ def test_relay_death_ends_the_jail() -> None:
             relay.kill()
             relay.wait()
         if directory:  # the killed relay could not clean up
-            shutil.rmtree(directory, ignore_errors=True)
-            if os.path.basename(os.path.dirname(directory)).startswith("tether-relay-"):
-                shutil.rmtree(os.path.dirname(directory), ignore_errors=True)
+            remove_session_dir(directory)
 
 
 # --- probes: what a compromised worker could try ------------------------------

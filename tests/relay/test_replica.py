@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -60,14 +59,6 @@ class Worker:
 
     async def applied(self, seq: int) -> None:
         await until(lambda: any(getattr(m, "seq", -1) >= seq for m in self.got))
-
-
-@pytest.fixture
-async def worker() -> AsyncIterator[Worker]:
-    w = Worker()
-    await w.handle.start()
-    yield w
-    await w.handle.close()
 
 
 def layout(body: str) -> str:

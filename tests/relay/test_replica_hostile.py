@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterator
 
-import pytest
 from test_replica import Worker, layout, snapshot, tmux, until
 
 from tether.core.messages import (
@@ -26,14 +24,6 @@ from tether.core.messages import (
     Structure,
     Window,
 )
-
-
-@pytest.fixture
-async def worker() -> AsyncIterator[Worker]:
-    w = Worker()
-    await w.handle.start()
-    yield w
-    await w.handle.close()
 
 
 def planted(w: Worker) -> list[str]:
