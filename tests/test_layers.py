@@ -1,7 +1,8 @@
 """The dependency direction of DESIGN.md, checked on the source (no import side effects).
 
 core: standard library only (plus msgpack), never asyncio, socket or subprocess;
-transport: core; relay and client: core and transport, never each other;
+transport: core; mirror: core and transport, never relay or client;
+relay and client: core, transport and mirror, never each other;
 netsim: nothing of tether.
 """
 
@@ -17,8 +18,9 @@ IO_MODULES = {"asyncio", "socket", "subprocess", "selectors", "asyncssh", "aioqu
 ALLOWED = {
     "core": {"core"},
     "transport": {"core", "transport"},
-    "relay": {"core", "transport", "relay"},
-    "client": {"core", "transport", "client"},
+    "mirror": {"core", "transport", "mirror"},
+    "relay": {"core", "transport", "mirror", "relay"},
+    "client": {"core", "transport", "mirror", "client"},
     "netsim": {"netsim"},
 }
 
@@ -50,3 +52,20 @@ def test_layers(package: str) -> None:
             elif package == "core" and parts[0] in IO_MODULES:
                 bad.append(f"{path.relative_to(ROOT)} imports {name} (core stays sans-I/O)")
     assert not bad, "\n".join(bad)
+
+
+HEAVY = {
+    "asyncio", "dataclasses", "typing", "shlex",
+    "tether.core.screen", "tether.transport.tmux", "tether.mirror.capture",
+    "tether.mirror.run_async",
+}  # fmt: skip
+"""What the jailed worker must not import through the mirror: it runs once per
+session, and each of these costs it memory (``dataclasses`` pulls in ``inspect``)."""
+
+
+def test_mirror_apply_stays_light() -> None:
+    for name in ("__init__", "plan", "apply", "run_sync"):
+        path = ROOT / "mirror" / f"{name}.py"
+        heavy = imports(path) & HEAVY
+        assert not heavy, f"mirror/{name}.py imports {sorted(heavy)}"
+

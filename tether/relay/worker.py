@@ -4,10 +4,11 @@ It is started by the relay with two inherited sockets (messages, and fd
 passing) and a private directory, and needs nothing else, so a jail can wrap it
 (no network, no view of the relay's files). It applies the replication log to
 a replica tmux server: windows and panes are reconciled to the host's
-structure, pane bytes are written into the replica panes' ttys so tmux renders
-them, and keys mates type into a replica pane are read back from that tty and
-sent to the relay for the host. Mates' tmux clients are started here too, and
-their pty masters are handed to the relay.
+structure (``tether.mirror`` decides how), pane bytes are written into the
+replica panes' ttys so tmux renders them, and keys mates type into a replica
+pane are read back from that tty and sent to the relay for the host. Mates'
+tmux clients are started here too, and their pty masters are handed to the
+relay.
 
 Run as ``python -m tether.relay.worker MSG_FD FD_FD DIR``.
 """
@@ -29,13 +30,11 @@ import tty
 from collections.abc import Callable
 
 from tether.core.codec import decompress
-from tether.core.control import Notification, PaneOutput, layout_panes, layout_size, quote
+from tether.core.control import Notification, PaneOutput
 from tether.core.errors import RemoteProtocolError
-from tether.core.limits import MAX_DIMENSION, MAX_PANES, MAX_WINDOWS
+from tether.core.limits import MAX_DIMENSION
 from tether.core.messages import (
-    STATUS_OPTIONS,
     Ack,
-    Binding,
     Bindings,
     Error,
     Event,
@@ -53,28 +52,11 @@ from tether.core.messages import (
     Structure,
 )
 from tether.core.queries import QueryFilter
-from tether.core.tmuxtext import (
-    SAFE_PREFIX_KEYS,
-    defuse_format,
-    escape_format,
-    replica_key_policy,
-)
+from tether.mirror.apply import MAGIC, MAGIC_END, PANE_ARGV, SESSION, Mirror
+from tether.mirror.plan import PaneOwner, Plan
+from tether.mirror.run_sync import run_plan
 from tether.transport.tmuxsync import BlockingTmuxControl, TmuxError, spawn
 
-SESSION = "tether"
-PANE_ARGV = ("sleep", "2147483647")
-"""What a replica pane runs: a process that never reads its tty, started as argv
-(tmux runs a single-string command through a shell, and the jail has none)."""
-PANE_CMD = " ".join(PANE_ARGV)
-MAGIC = b"\x1b_tether:"
-MAGIC_END = b"\x1b\\"
-_KEY = re.compile(
-    r"^(?:[CMS]-)*(?:\\[!-~]|[!%&()*+,\-./0-9:<=>?@A-Z\[\]^_`a-z|]|[A-Za-z][A-Za-z0-9]*)$"
-)
-_LISTED = re.compile(r"^bind-key\s+(?:-r\s+)?-T\s+(\S+)\s+(\S+)\s+(.*)$")
-"""A line of ``list-keys``: table, key (escaped for tmux's parser), command."""
-_TABLE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-AWAY = "#{?@tether_notice,#[reverse] #{@tether_notice} #[default] ,}"
 ACK_LAG = 256 * 1024
 """Bytes queued for the replica's panes before the worker stops reading the
 relay: the relay's acks (and so the host's backlog) follow what tmux took."""
@@ -119,8 +101,8 @@ class Pane:
         replica's answers would reach the host as mate input, a second reply."""
 
 
-class Replica:
-    """Applies events to the replica tmux; all tmux work happens in order."""
+class Replica(PaneOwner):
+    """The replica tmux server and its panes' ttys; ``Mirror`` decides what tmux runs."""
 
     def __init__(self, directory: str, sel: selectors.BaseSelector, send: Send) -> None:
         self.dir = directory
@@ -128,16 +110,8 @@ class Replica:
         self.sel = sel
         self.send = send
         self.tmux: BlockingTmuxControl | None = None
-        self.windows: dict[int, str] = {}  # host window id -> replica "@N"
-        self.window_panes: dict[int, list[int]] = {}  # host window -> host panes in order
+        self.mirror = Mirror()
         self.panes: dict[int, Pane] = {}  # host pane id -> replica pane
-        self.names: dict[int, str] = {}
-        self.bindings: list[Binding] = []
-        self.bound: list[tuple[str, str]] = []
-        self.placeholder: str | None = None
-        self.status: dict[str, str] = {}
-        """Status options as last set: a host's status line changes one option at
-        a time (its clock, once a minute, in every session at once)."""
 
     def start(self) -> None:
         env = dict(os.environ, TERM="tmux-256color")
@@ -156,63 +130,12 @@ class Replica:
         t.start(["attach", "-t", SESSION], env)
         self.sel.register(t.fd, READ, t)
         t.run("refresh-client -f no-output")
-        for opt in (
-            # not "window-size manual" globally: tmux 3.3a crashes creating windows
-            # with a control client attached then; resize-window makes each window
-            # manual instead
-            "exit-empty off",
-            "destroy-unattached off",
-            "history-limit 5000",
-            "escape-time 10",
-            "status-interval 0",
-            "remain-on-exit off",
-            "set-titles off",
-            "default-terminal tmux-256color",
-            "focus-events off",
-            "terminal-features[99] '*:RGB'",
-            "status-left-length 40",
-            "automatic-rename off",
-            "allow-rename off",
-            "@tether_notice ''",
-            "mouse off",
-            "copy-command ''",
-        ):
-            t.run(f"set -g {opt}")
-        with contextlib.suppress(TmuxError):
-            # a pane redraw (a host frame, a reset) must not push the old screen
-            # into the mates' scrollback as a copy
-            t.run("set -g scroll-on-clear off")
-        t.run(f"set -g status-left {quote(AWAY + '[tether] ')}")
-        self._lock_keys()
-        lines = t.run(f"list-windows -t {SESSION} -F '#{{window_id}}'")
-        self.placeholder = lines[0].strip() if lines else None
+        self.run(self.mirror.setup())
 
-    def _lock_keys(self) -> None:
-        """Replace tmux's default key tables with ones that run nothing on the relay.
-
-        The replica starts with ``-f /dev/null``, so a mate's ``C-b :`` would open
-        the replica's command prompt (``run-shell`` in the jail), ``C-b c`` would
-        start a shell there, and copy mode could pipe to a command. Mates' keys
-        either run the host's bindings (``set_bindings``) or the few local ones
-        in ``SAFE_PREFIX_KEYS``.
-        """
+    def run(self, plan: Plan) -> None:
+        """Carry out one of the mirror's plans on the replica tmux."""
         assert self.tmux is not None
-        t = self.tmux
-        for table in ("prefix", "root"):
-            t.run(f"unbind-key -a -T {table}")
-        for key, command in SAFE_PREFIX_KEYS.items():
-            t.run(f"bind-key -T prefix {key} {command}")
-        for table in ("copy-mode", "copy-mode-vi"):
-            for line in t.run(f"list-keys -T {table}"):
-                m = _LISTED.match(line.strip())
-                if not m:
-                    continue
-                key, command = m.group(2), m.group(3)
-                keep = replica_key_policy(command)
-                if keep is None:
-                    t.run(f"unbind-key -T {table} {key}")
-                elif keep != command.strip():
-                    t.run(f"bind-key -T {table} {key} {keep}")
+        run_plan(plan, self.tmux, self)
 
     def _on_tmux(self, item: PaneOutput | Notification) -> None:
         if isinstance(item, Notification) and item.name == "exit":
@@ -224,6 +147,7 @@ class Replica:
     # --- applying events ---------------------------------------------------
 
     def apply(self, body: object) -> None:
+        m = self.mirror
         if isinstance(body, Output):
             self.write(body.pane, body.data)
         elif isinstance(body, Frame):
@@ -232,140 +156,33 @@ class Replica:
             except RemoteProtocolError as exc:
                 raise ValueError(str(exc)) from None
         elif isinstance(body, Structure):
-            self.reconcile(body)
+            self.run(m.reconcile(body))
         elif isinstance(body, PaneReset):
             self.reset_pane(body.image)
         elif isinstance(body, Status):
-            self.set_status(body)
+            self.run(m.set_status(body))
         elif isinstance(body, Bindings):
-            self.set_bindings(body)
+            self.run(m.set_bindings(body))
         elif isinstance(body, Snapshot):
-            self.reconcile(body.structure)
-            self.set_status(body.status)
-            self.set_bindings(body.bindings)
+            self.run(m.reconcile(body.structure))
+            self.run(m.set_status(body.status))
+            self.run(m.set_bindings(body.bindings))
 
-    def reconcile(self, st: Structure) -> None:
-        assert self.tmux is not None
-        t = self.tmux
-        if len(st.windows) > MAX_WINDOWS:
-            raise ValueError(f"more than {MAX_WINDOWS} windows")
-        total = 0
-        plans: list[tuple[int, list[int], tuple[int, int]]] = []
-        for w in st.windows:
-            panes = layout_panes(w.layout)
-            if not panes or len(set(panes)) != len(panes):
-                raise ValueError(f"bad layout for window {w.id}")
-            cols, rows = layout_size(w.layout)
-            if not (1 <= cols <= MAX_DIMENSION and 1 <= rows <= MAX_DIMENSION):
-                raise ValueError("window size out of range")
-            total += len(panes)
-            plans.append((w.id, panes, (cols, rows)))
-        if total > MAX_PANES:
-            raise ValueError(f"more than {MAX_PANES} panes")
-        wanted = {w.id for w in st.windows}
-        for w in st.windows:
-            if w.id not in self.windows:
-                line = t.run(
-                    f"new-window -d -t {SESSION}: -P "
-                    f"-F '#{{window_id}} #{{pane_id}} #{{pane_tty}}' {PANE_CMD}"
-                )
-                wid, pid, ptty = line[0].split()
-                self.windows[w.id] = wid
-                first = layout_panes(w.layout)[0]
-                self._add_pane(first, pid, ptty)
-                self.window_panes[w.id] = [first]
-        if self.placeholder is not None and st.windows:
-            with contextlib.suppress(TmuxError):
-                t.run(f"kill-window -t {self.placeholder}")
-            self.placeholder = None
-        for hid in [h for h in self.windows if h not in wanted]:
-            if len(self.windows) <= 1:
-                break
-            wid = self.windows.pop(hid)
-            for hp in self.window_panes.pop(hid, []):
-                self._drop_pane(hp)
-            self.names.pop(hid, None)
-            with contextlib.suppress(TmuxError):
-                t.run(f"kill-window -t {wid}")
-        for (hid, panes, (cols, rows)), w in zip(plans, st.windows, strict=True):
-            self._reconcile_window(hid, panes, cols, rows, w.layout)
-            if self.names.get(hid) != w.name:
-                # rename-window expands formats: the host's name must stay data
-                t.run(f"rename-window -t {self.windows[hid]} {quote(escape_format(w.name))}")
-                self.names[hid] = w.name
-            with contextlib.suppress(TmuxError):
-                t.run(f"move-window -d -s {self.windows[hid]} -t {SESSION}:{w.index}")
-            active = self.panes.get(w.active_pane)
-            if active is not None:
-                t.run(f"select-pane -t {active.replica_id}")
-        target = self.windows.get(st.active_window)
-        if target is not None:
-            t.run(f"select-window -t {target}")
-
-    def _reconcile_window(
-        self, hid: int, desired: list[int], cols: int, rows: int, layout: str
-    ) -> None:
-        assert self.tmux is not None
-        t = self.tmux
-        wid = self.windows[hid]
-        current = self.window_panes.get(hid, [])
-        if current != desired:
-            # room to split however many panes arrive, then the real size below
-            t.run(f"resize-window -t {wid} -x 1000 -y 1000")
-            for i, hp in enumerate(desired):
-                if hp in current:
-                    continue
-                if hp in self.panes:  # moved from another window (join-pane/break-pane)
-                    self._drop_pane(hp, kill=True)
-                    for other in self.window_panes.values():
-                        if hp in other:
-                            other.remove(hp)
-                if i:
-                    where = f"-t {self.panes[desired[i - 1]].replica_id}"
-                else:
-                    where = f"-b -t {self.panes[current[0]].replica_id}"
-                line = t.run(
-                    f"split-window -d {where} -P -F '#{{pane_id}} #{{pane_tty}}' {PANE_CMD}"
-                )
-                pid, ptty = line[0].split()
-                self._add_pane(hp, pid, ptty)
-                current.insert(current.index(desired[i - 1]) + 1 if i else 0, hp)
-                # share the room out again, or repeated splits halve one pane to nothing
-                t.run(f"select-layout -t {wid} tiled")
-            for hp in [p for p in current if p not in desired]:
-                self._drop_pane(hp, kill=True)
-                current.remove(hp)
-            # same set, maybe another order (swap-pane on the host): swap into place
-            for i, hp in enumerate(desired):
-                if current[i] != hp:
-                    j = current.index(hp)
-                    t.run(
-                        f"swap-pane -d -s {self.panes[hp].replica_id} "
-                        f"-t {self.panes[current[i]].replica_id}"
-                    )
-                    current[i], current[j] = current[j], current[i]
-            self.window_panes[hid] = current
-        t.run(f"resize-window -t {wid} -x {cols} -y {rows}")
-        t.run(f"select-layout -t {wid} {quote(layout)}")
-
-    def _add_pane(self, host_id: int, replica_id: str, tty_path: str) -> None:
+    def open_pane(self, host: int, replica: str, tty_path: str) -> None:
+        """A new replica pane: its tty opened raw, without echo, and watched for keys."""
         fd = os.open(tty_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         tty.setraw(fd)
         attrs = termios.tcgetattr(fd)
         attrs[3] &= ~termios.ECHO
         termios.tcsetattr(fd, termios.TCSANOW, attrs)
-        pane = Pane(host_id, replica_id, fd)
-        self.panes[host_id] = pane
+        pane = Pane(host, replica, fd)
+        self.panes[host] = pane
         self.sel.register(fd, READ, pane)
 
-    def _drop_pane(self, host_id: int, kill: bool = False) -> None:
-        pane = self.panes.pop(host_id, None)
-        if pane is None:
-            return
-        self._close_pane(pane)
-        if kill and self.tmux is not None:
-            with contextlib.suppress(TmuxError):
-                self.tmux.send(f"kill-pane -t {pane.replica_id}")
+    def close_pane(self, host: int) -> None:
+        pane = self.panes.pop(host, None)
+        if pane is not None:
+            self._close_pane(pane)
 
     def _close_pane(self, pane: Pane) -> None:
         if pane.fd < 0:
@@ -426,7 +243,7 @@ class Replica:
         with contextlib.suppress(OSError):
             termios.tcflush(pane.fd, termios.TCOFLUSH)
         pane.queries = QueryFilter()  # an unfinished sequence is superseded too
-        self.tmux.run(f"clear-history -t {pane.replica_id}")
+        self.run(self.mirror.reset(image.pane))
         self.write(image.pane, image.data)
 
     def on_keys(self, pane: Pane) -> None:
@@ -464,78 +281,12 @@ class Replica:
                 return
             body = data[i + len(MAGIC) : j]
             data = data[j + len(MAGIC_END) :]
-            if body.isdigit() and int(body) < len(self.bindings):
-                self.send(Input(0, 0, pane.host_id, b"", self.bindings[int(body)]))
-
-    # --- status line and key bindings -----------------------------------------
-
-    def set_status(self, status: Status) -> None:
-        assert self.tmux is not None
-        for name, value in status.options:
-            if name not in STATUS_OPTIONS:
-                continue
-            if name in ("status-left", "status-right"):
-                value = escape_format(value)
-                if name == "status-left":
-                    value = AWAY + value
-            else:
-                value = defuse_format(value)
-            if self.status.get(name) == value:
-                continue
-            with contextlib.suppress(TmuxError):
-                self.tmux.run(f"set -g {name} {quote(value)}")
-                self.status[name] = value
-
-    def set_bindings(self, b: Bindings) -> None:
-        assert self.tmux is not None
-        t = self.tmux
-        for table, key in self.bound:
-            with contextlib.suppress(TmuxError):
-                t.run(f"unbind-key -T {table} {key}")
-                if table == "prefix" and key in SAFE_PREFIX_KEYS:
-                    t.run(f"bind-key -T prefix {key} {SAFE_PREFIX_KEYS[key]}")
-        self.bound = []
-        self.bindings = []
-        if _KEY.match(b.prefix):
-            with contextlib.suppress(TmuxError):
-                t.run(f"set -g prefix {b.prefix}")
-        for binding in b.keys:
-            if not (_TABLE.match(binding.table) and _KEY.match(binding.key)):
-                continue
-            index = len(self.bindings)
-            magic = MAGIC + str(index).encode() + MAGIC_END
-            hexes = " ".join(f"{c:02x}" for c in magic)
-            action = f"send-keys -H {hexes}"
-            if binding.confirm:
-                # ask on the mate's own client, as the host's tmux would ask the host
-                prompt = defuse_format(binding.confirm[:200])
-                action = f"confirm-before -p {quote(prompt)} {quote(action)}"
-            try:
-                t.run(f"bind-key -T {binding.table} {binding.key} {action}")
-            except TmuxError:
-                continue
-            self.bindings.append(binding)
-            self.bound.append((binding.table, binding.key))
+            bindings = self.mirror.bindings
+            if body.isdigit() and int(body) < len(bindings):
+                self.send(Input(0, 0, pane.host_id, b"", bindings[int(body)]))
 
     def presence(self, msg: HostPresence) -> None:
-        assert self.tmux is not None
-        note = "" if msg.present else msg.text
-        self.tmux.run(f"set -g @tether_notice {quote(escape_format(note))}")
-        if msg.present:
-            # the notice leaves the status line; a message would freeze the mates'
-            # screens for display-time just as the host's output comes back
-            with contextlib.suppress(TmuxError):
-                self.tmux.run("refresh-client -S")
-            return
-        with contextlib.suppress(TmuxError):
-            clients = self.tmux.run("list-clients -F '#{client_name}'")
-            for c in clients:
-                if c.strip():
-                    self.tmux.send(
-                        f"display-message -c {quote(c.strip())} {quote(escape_format(msg.text))}"
-                    )
-        with contextlib.suppress(TmuxError):
-            self.tmux.run("refresh-client -S")
+        self.run(self.mirror.presence(msg.present, msg.text))
 
     # --- mates -----------------------------------------------------------------
 
