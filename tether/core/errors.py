@@ -3,6 +3,13 @@
 A ``LocalProtocolError`` means our own code misused the protocol; a
 ``RemoteProtocolError`` means the peer sent something invalid, and the
 connection to that peer (only that one) must be closed with a clear message.
+
+Every exception class tether defines and raises on purpose derives from
+``TetherError`` (``tests/core/test_core_errors.py`` checks it), so a caller can
+tell tether's refusals from a bug with one ``except``. The classes stay next to
+the code that raises them (``LinkClosed`` in ``transport/link.py``, ``JailError``
+in ``relay/jail.py``...). ``tether.netsim`` imports nothing of tether and has its
+own base, ``tether.netsim.errors.NetsimError``.
 """
 
 

@@ -9,23 +9,21 @@ speaks another major version is refused with a clear message.
 
 from __future__ import annotations
 
-import types
-
 from . import codec
 from .errors import RemoteProtocolError
-from .limits import MAX_DATA, MAX_ITEMS, MAX_STR
-from .records import Record, defaults, field_types, fields, is_record
+from .limits import MAX_DATA
+from .records import Record
+from .schema import INT_MAX as INT_MAX
+from .schema import INT_MIN as INT_MIN
+from .schema import spec as _spec
+from .schema import to_wire as _to_wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is 0.5 MiB and 4 ms in every replica worker
-    from collections.abc import Callable
     from typing import Any, ClassVar
-
-    Checker = Callable[[Any, str], Any]
 
 PROTOCOL_VERSION = 2
 """2: ``Frame`` events (a flooding pane sent as compressed screens)."""
-INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
 class Message(Record):
@@ -303,181 +301,6 @@ class HostPresence(Message):
 
 
 EventBody = Output | Frame | Structure | PaneReset | Status | Bindings | Snapshot
-
-
-# --- encoding -------------------------------------------------------------------
-#
-# Every message goes through here (a keystroke is several messages), so each
-# record type is compiled once, on first use, into a list of field names and a
-# checker per field; the annotations are not walked again per message.
-
-_SIMPLE = (int, str, bytes, bool, type(None))
-
-
-def _to_wire(obj: Any) -> Any:
-    if type(obj) in _SIMPLE:
-        return obj
-    spec = _spec(type(obj)) if isinstance(obj, Record) else None
-    if spec is not None:
-        values = [
-            getattr(obj, n) if simple else _to_wire(getattr(obj, n))
-            for n, simple in spec.wire
-        ]
-        return [spec.type_id, *values] if spec.type_id >= 0 else values
-    if isinstance(obj, tuple | list):
-        return [_to_wire(x) for x in obj]
-    return obj
-
-
-class _Spec:
-    """A record type, compiled: field names, per-field checkers, defaults."""
-
-    __slots__ = ("checkers", "cls", "names", "required", "type_id", "wire")
-
-    def __init__(self, cls: type) -> None:
-        self.cls = cls
-        self.type_id: int = getattr(cls, "TYPE", -1)
-        hints = field_types(cls)
-        names = fields(cls)
-        optional = defaults(cls)
-        self.names = list(names)
-        self.required = sum(1 for f in names if f not in optional)
-        self.wire = [(f, _is_simple(hints[f])) for f in names]
-        self.checkers: list[tuple[str, Checker, str]] = []
-        _SPECS[cls] = self  # before the fields: records may nest
-        self.checkers = [(f, _checker(hints[f]), f"{cls.__name__}.{f}") for f in names]
-
-    def build(self, values: list[Any]) -> Any:
-        if not self.required <= len(values) <= len(self.names):
-            raise RemoteProtocolError(f"{self.cls.__name__}: wrong number of fields")
-        kwargs = {
-            name: check(v, where)
-            for (name, check, where), v in zip(self.checkers, values, strict=False)
-        }
-        return self.cls(**kwargs)
-
-
-_SPECS: dict[type, _Spec] = {}
-_CHECKERS: dict[Any, Checker] = {}
-
-
-def _spec(cls: type) -> _Spec:
-    spec = _SPECS.get(cls)
-    return spec if spec is not None else _Spec(cls)
-
-
-def _is_simple(tp: Any) -> bool:
-    """A field whose value goes on the wire as it is."""
-    if tp in _SIMPLE:
-        return True
-    if isinstance(tp, types.UnionType):
-        return all(a in _SIMPLE for a in tp.__args__)
-    return False
-
-
-def _checker(tp: Any) -> Checker:
-    check = _CHECKERS.get(tp)
-    if check is None:
-        check = _CHECKERS[tp] = _make_checker(tp)
-    return check
-
-
-def _make_checker(tp: Any) -> Checker:
-    origin = getattr(tp, "__origin__", None)
-    if isinstance(tp, types.UnionType):
-        args = tp.__args__
-        optional = type(None) in args
-        members = [a for a in args if a is not type(None)]
-        if len(members) == 1:
-            inner = _checker(members[0])
-
-            def check_optional(value: Any, where: str) -> Any:
-                if value is None and optional:
-                    return None
-                return inner(value, where)
-
-            return check_optional
-        by_id = {getattr(m, "TYPE", -1): m for m in members}
-
-        def check_union(value: Any, where: str) -> Any:
-            if value is None and optional:
-                return None
-            # a union of messages: the type id picks the member
-            if isinstance(value, list) and value and type(value[0]) is int:
-                cls = by_id.get(value[0])
-                if cls is not None:
-                    return _spec(cls).build(value[1:])
-            raise RemoteProtocolError(f"{where}: unexpected value")
-
-        return check_union
-    if origin is tuple:
-        args = tp.__args__
-        if len(args) == 2 and args[1] is Ellipsis:
-            item = _checker(args[0])
-
-            def check_list(value: Any, where: str) -> Any:
-                if not isinstance(value, list) or len(value) > MAX_ITEMS:
-                    raise RemoteProtocolError(f"{where}: expected a list of at most {MAX_ITEMS}")
-                return tuple([item(v, where) for v in value])
-
-            return check_list
-        items = [_checker(a) for a in args]
-
-        def check_tuple(value: Any, where: str) -> Any:
-            if not isinstance(value, list) or len(value) > MAX_ITEMS:
-                raise RemoteProtocolError(f"{where}: expected a list of at most {MAX_ITEMS}")
-            if len(value) != len(items):
-                raise RemoteProtocolError(f"{where}: expected {len(items)} items")
-            return tuple([c(v, where) for v, c in zip(value, items, strict=True)])
-
-        return check_tuple
-    if tp is bool:
-        return _check_bool
-    if tp is int:
-        return _check_int
-    if tp is str:
-        return _check_str
-    if tp is bytes:
-        return _check_bytes
-    if is_record(tp):
-        type_id = getattr(tp, "TYPE", -1)
-        cls = tp
-
-        def check_record(value: Any, where: str) -> Any:
-            if not isinstance(value, list):
-                raise RemoteProtocolError(f"{where}: expected a record")
-            if type_id >= 0:
-                if not value or type(value[0]) is not int or value[0] != type_id:
-                    raise RemoteProtocolError(f"{where}: expected a {cls.__name__}")
-                value = value[1:]
-            return _spec(cls).build(value)
-
-        return check_record
-    raise TypeError(f"unsupported annotation {tp!r}")  # a bug in this module
-
-
-def _check_bool(value: Any, where: str) -> Any:
-    if not isinstance(value, bool):
-        raise RemoteProtocolError(f"{where}: expected a boolean")
-    return value
-
-
-def _check_int(value: Any, where: str) -> Any:
-    if type(value) is not int or not INT_MIN <= value <= INT_MAX:
-        raise RemoteProtocolError(f"{where}: expected an integer")
-    return value
-
-
-def _check_str(value: Any, where: str) -> Any:
-    if type(value) is not str or len(value) > MAX_STR:
-        raise RemoteProtocolError(f"{where}: expected text of at most {MAX_STR}")
-    return value
-
-
-def _check_bytes(value: Any, where: str) -> Any:
-    if type(value) is not bytes or len(value) > MAX_DATA:
-        raise RemoteProtocolError(f"{where}: expected bytes of at most {MAX_DATA}")
-    return value
 
 
 def decode(obj: Any) -> Message:

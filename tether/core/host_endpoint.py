@@ -1,0 +1,322 @@
+"""The host's end of the session protocol, sans-I/O.
+
+It owns what happens on the link to the relay: the handshake and version
+check, the replication log and where it resumes, the exactly-once input
+streams and their coalesced acks, pings, RTT and the dead-link check, and the
+batches of events. Its adapter, ``tether/client/relay_side.py``, moves
+messages and runs the timer; ``tether/client/tmux_side.py`` turns tmux into
+``append`` and ``push_snapshot`` calls and this endpoint's events into tmux
+commands.
+"""
+
+from __future__ import annotations
+
+from .errors import RemoteProtocolError
+from .inputs import InputReceiver
+from .messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    End,
+    Error,
+    EventBody,
+    Hello,
+    Input,
+    InputAck,
+    Message,
+    Notice,
+    Output,
+    Ping,
+    Pong,
+    Resize,
+    Snapshot,
+    Welcome,
+)
+from .replog import LogSender
+from .session import (
+    ACK_EVERY,
+    DEAD_AFTER,
+    HANDSHAKE_TIMEOUT,
+    IDLE_AFTER,
+    PING_EVERY,
+    PING_IDLE,
+    PINGS_KEPT,
+    RTT_WEIGHT,
+    SEND_CHUNK,
+    Channel,
+    InputReceived,
+    LinkDead,
+    Machine,
+    Outgoing,
+    PeerClosed,
+    ProtocolFailed,
+    ResizeRequested,
+    SnapshotNeeded,
+    State,
+    Table,
+    Welcomed,
+    earliest,
+)
+
+_I, H, C, X, E = State.IDLE, State.HANDSHAKE, State.CONNECTED, State.CLOSING, State.ENDED
+
+HOST_TABLE: Table = {
+    (_I, "connect"): H,
+    (H, "welcome"): C,
+    (H, "fail"): X,
+    (C, "fail"): X,
+    (H, "lost"): _I,
+    (C, "lost"): _I,
+    (X, "lost"): _I,
+    (E, "lost"): E,
+    (_I, "end"): E,
+    (H, "end"): E,
+    (C, "end"): E,
+    (X, "end"): E,
+}
+"""The host's connection states: one connection at a time, any number in turn."""
+
+
+class HostEndpoint(Machine):
+    """The host agent's end of the link to the relay; outlives its connections."""
+
+    TABLE = HOST_TABLE
+
+    def __init__(
+        self,
+        client: str = "tether-host",
+        mate_keys: tuple[str, ...] = (),
+        log: LogSender | None = None,
+    ) -> None:
+        super().__init__()
+        self.client = client
+        self.mate_keys = mate_keys
+        self.log = log if log is not None else LogSender()
+        self.inputs = InputReceiver()
+        self.shared: Welcome | None = None
+        """The relay's last ``Welcome``: session, secret, tokens (host.py ``Shared``)."""
+        self.rtt: float | None = None
+        self.last_contact = 0.0
+        self.last_busy: float | None = None
+        self._activity: float | None = None
+        self._handshake_deadline: float | None = None
+        self._next_ping: float | None = None
+        self._token = 0
+        self._pings: dict[int, float] = {}
+        self._input_ack: InputAck | None = None
+        self._ack_at: float | None = None
+        self._snapshot_asked = False
+
+    # --- connections ---------------------------------------------------------------
+
+    def connect(self, now: float) -> None:
+        """A new link is up: say ``Hello``, resuming our session if we have one."""
+        self._go("connect")
+        s = self.shared
+        self._send(
+            Hello(
+                PROTOCOL_VERSION,
+                self.client,
+                s.session if s else None,
+                s.secret if s else None,
+                s.rw_token if s else None,
+                s.ro_token if s else None,
+                self.mate_keys,
+            )
+        )
+        self._handshake_deadline = now + HANDSHAKE_TIMEOUT
+        self._activity = None
+
+    def connection_lost(self, now: float) -> None:
+        """The link is gone (closed by us or the peer): replay unacked events next time."""
+        self._go("lost")
+        self.log.on_disconnect()
+        self._handshake_deadline = self._next_ping = self._ack_at = None
+        self._input_ack = None
+        self._pings.clear()
+        self._snapshot_asked = False
+        self._outbox.clear()
+
+    def end(self, reason: str, now: float) -> None:
+        """The host's tmux session ended: tell the relay (if connected), then stop."""
+        if self.state is State.CONNECTED:
+            for ev in self.log.to_send():
+                self._send(ev)
+            self._send(End(reason))
+        self._go("end")
+        self._handshake_deadline = self._next_ping = self._ack_at = None
+
+    # --- the replication log ----------------------------------------------------------
+
+    def append(self, body: EventBody, now: float) -> int | None:
+        """Log one event (None: dropped, a snapshot is owed and will carry it)."""
+        if isinstance(body, Output):
+            self.last_busy = now
+        seq = self.log.append(body)
+        self._ask_snapshot()
+        return seq
+
+    def push_snapshot(self, snapshot: Snapshot, now: float) -> int:
+        """Log a snapshot; pane images follow it as ``PaneReset`` appends."""
+        self._snapshot_asked = False
+        return self.log.push_snapshot(snapshot)
+
+    def snapshot_failed(self) -> None:
+        """The capture failed: ask again (host.py retries on the next append)."""
+        self._snapshot_asked = False
+        self._ask_snapshot()
+
+    def resync(self, now: float) -> None:
+        """The capture lost continuity (tmux gave the agent a new control client, and
+        what panes printed in between is gone): the log starts over from a snapshot.
+        Events already handed out stay valid; those logged meanwhile are dropped."""
+        self.log.need_snapshot = True
+        self._snapshot_asked = False
+        self._ask_snapshot()
+
+    def note_busy(self, now: float) -> None:
+        """Output or typing the log did not see (e.g. a muted pane): pings stay fast."""
+        self.last_busy = now
+
+    def note_activity(self, now: float) -> None:
+        """The transport heard the relay outside ``receive`` (QUIC ``last_activity``)."""
+        self._activity = now
+
+    @property
+    def need_snapshot(self) -> bool:
+        return self.log.need_snapshot
+
+    def _ask_snapshot(self) -> None:
+        if self.log.need_snapshot and self.state is State.CONNECTED and not self._snapshot_asked:
+            self._snapshot_asked = True
+            self._emit(SnapshotNeeded())
+
+    # --- sending ------------------------------------------------------------------------
+
+    def messages_to_send(
+        self, now: float, limit_bytes: int | None = SEND_CHUNK, events: bool = True
+    ) -> list[Outgoing]:
+        """What to send now, in order; call again (after draining) until empty.
+        ``events=False``: only the control messages (pongs, acks, pings), which an
+        adapter sends at once while its sender waits for the link to drain."""
+        out = self._take_outbox()
+        if events and self.state is State.CONNECTED:
+            out += [Outgoing(ev) for ev in self.log.to_send(limit_bytes=limit_bytes)]
+        return out
+
+    # --- receiving ----------------------------------------------------------------------
+
+    def receive(self, msg: Message, now: float) -> None:
+        """One message from the relay. A protocol violation never raises: the
+        endpoint moves to CLOSING and emits ``ProtocolFailed``."""
+        if self.state is State.HANDSHAKE:
+            self._on_handshake(msg, now)
+        elif self.state is State.CONNECTED:
+            self.last_contact = now
+            try:
+                self._dispatch(msg, now)
+            except RemoteProtocolError as exc:
+                self._fail(str(exc))
+        # IDLE, CLOSING, ENDED: a straggler from a link being closed; ignore it
+
+    def _on_handshake(self, msg: Message, now: float) -> None:
+        """host.py ``_handshake``: Error, anything but Welcome, or another version fail."""
+        if isinstance(msg, Error):
+            return self._fail(f"relay: {msg.message}")
+        if not isinstance(msg, Welcome):
+            return self._fail(f"expected Welcome, got {type(msg).__name__}")
+        if msg.version != PROTOCOL_VERSION:
+            return self._fail(
+                f"relay speaks protocol {msg.version}, we speak {PROTOCOL_VERSION}"
+            )
+        self._welcome(msg, now)
+
+    def _welcome(self, welcome: Welcome, now: float) -> None:
+        """host.py ``_session``: where the log resumes, then liveness starts."""
+        announce = self.shared is None
+        new_session = self.shared is not None and self.shared.session != welcome.session
+        self.shared = welcome
+        self.log.on_connect(None if new_session else welcome.next_seq)
+        if new_session:
+            self.inputs = InputReceiver()  # its input streams start over at 1
+        self._go("welcome")
+        self._handshake_deadline = None
+        self.last_contact = now
+        self.rtt = None
+        self._token = 0
+        self._pings.clear()
+        self._next_ping = now + self._ping_interval(now)
+        self._emit(Welcomed(welcome, announce or new_session, new_session))
+        self._ask_snapshot()
+
+    def _dispatch(self, msg: Message, now: float) -> None:
+        """host.py ``_handle``, message by message."""
+        if isinstance(msg, Ack):
+            self.log.on_ack(msg.seq)
+        elif isinstance(msg, Input):
+            self.last_busy = now
+            if self.inputs.accept(msg):
+                self._emit(InputReceived(msg))
+            self._input_ack = InputAck(msg.stream, msg.seq)  # a resend is acked again
+            if self._ack_at is None:
+                self._ack_at = now + ACK_EVERY
+        elif isinstance(msg, Resize):
+            self._emit(ResizeRequested(msg.cols, msg.rows))
+        elif isinstance(msg, Ping):
+            self._send(Pong(msg.token))
+        elif isinstance(msg, Pong):
+            sent = self._pings.pop(msg.token, None)
+            if sent is not None:
+                sample = now - sent
+                old = self.rtt
+                self.rtt = sample if old is None else (1 - RTT_WEIGHT) * old + RTT_WEIGHT * sample
+        elif isinstance(msg, Notice):
+            pass
+        elif isinstance(msg, Error):
+            self._go("fail")
+            self._emit(PeerClosed(f"relay: {msg.message}"))
+        else:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the relay")
+
+    def _fail(self, text: str) -> None:
+        self._go("fail")
+        self._handshake_deadline = self._next_ping = self._ack_at = None
+        self._emit(ProtocolFailed(text))
+
+    # --- timers ---------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        """When ``handle_timer`` must next run (None: nothing armed)."""
+        return earliest(self._handshake_deadline, self._ack_at, self._next_ping)
+
+    def handle_timer(self, now: float) -> None:
+        """Fire whatever is due: handshake timeout, coalesced input ack, ping."""
+        if self._handshake_deadline is not None and now >= self._handshake_deadline:
+            self._handshake_deadline = None
+            self._go("fail")
+            self._emit(LinkDead(HANDSHAKE_TIMEOUT))
+            return
+        if self._ack_at is not None and now >= self._ack_at:
+            self._ack_at = None
+            ack, self._input_ack = self._input_ack, None
+            if ack is not None and self.state is State.CONNECTED:
+                self._send(ack, Channel.ACK)
+        if self._next_ping is not None and now >= self._next_ping:
+            self._ping(now)
+
+    def _ping(self, now: float) -> None:
+        """host.py ``_liveness``: ping, then give up a link silent for DEAD_AFTER."""
+        self._token += 1
+        self._pings[self._token] = now
+        self._pings.pop(self._token - PINGS_KEPT, None)
+        self._send(Ping(self._token), Channel.DATAGRAM)
+        heard = max(self.last_contact, self._activity or 0.0)
+        if now - heard > DEAD_AFTER:
+            self._next_ping = self._ack_at = None
+            self._go("fail")
+            self._emit(LinkDead(now - heard))
+            return
+        self._next_ping = now + self._ping_interval(now)
+
+    def _ping_interval(self, now: float) -> float:
+        idle = self.last_busy is None or now - self.last_busy > IDLE_AFTER
+        return PING_IDLE if idle else PING_EVERY

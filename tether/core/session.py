@@ -1,0 +1,249 @@
+"""The session protocol as sans-I/O endpoints, one per role (aioquic's shape).
+
+An endpoint never touches a socket, a task or a clock. Its adapter feeds it
+what arrived (``receive(message, now)``), tells it when a connection came or
+went, sends what ``messages_to_send(now)`` returns, calls ``handle_timer(now)``
+at ``next_timer()``, and acts on ``next_event()`` (apply an event to tmux, type
+mate input, tell the mates the host is away...). Time only comes in as ``now``,
+so a test drives a whole session with a fake clock (``tether.core.testing``).
+
+This module holds what the roles share: the timer values (today's, from
+``tether/client/host.py`` and ``tether/relay/server.py``, so the wire behaviour
+does not change when the adapters switch over), the outgoing-message record,
+the events, and the state machinery. The roles live in ``host_endpoint``
+(the host agent's end) and ``relay_endpoint`` (the relay's end of a host);
+a mate role (``tether join``) will be a third, on the same base.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import LocalProtocolError
+from .messages import Event, Input, Message, Welcome
+
+# --- timer values: today's, so the wire does not change ------------------------
+
+PING_EVERY = 0.5
+"""Host ping interval while busy (host.py ``PING_EVERY``)."""
+PING_IDLE = 1.0
+"""Host ping interval once idle (host.py ``PING_IDLE``)."""
+IDLE_AFTER = 5.0
+"""Seconds without typing or output before the host pings at ``PING_IDLE``."""
+DEAD_AFTER = 8.0
+"""Seconds without a word from the relay before the host gives the link up."""
+PINGS_KEPT = 20
+"""Outstanding ping tokens the host remembers for RTT (host.py ``_liveness``)."""
+HANDSHAKE_TIMEOUT = 20.0
+"""How long the host waits for ``Welcome`` (host.py ``_handshake``)."""
+ACK_EVERY = 0.03
+"""Acks are coalesced on both ends (host.py and server.py ``ACK_EVERY``)."""
+RTT_WEIGHT = 0.2
+"""Weight of a new RTT sample in the smoothed RTT (host.py ``_handle``)."""
+SEND_CHUNK = 256 * 1024
+"""Event bytes the host hands out per batch before draining (host.py ``_send_loop``)."""
+HOST_SILENCE = 5.0
+"""Seconds without a word from a host before its mates are told it is away."""
+AWAY_CHECK = 1.0
+"""While a host is away, the relay re-checks its link this often (server.py)."""
+MIN_WAIT = 0.05
+"""Shortest silence wait the relay arms (server.py ``_host_loop``)."""
+PING_RATE = 10.0
+PING_BURST = 50.0
+"""Pings a host may send a second, and in a burst (server.py)."""
+HELLO_TIMEOUT = 15.0
+"""How long the relay waits for a new link's ``Hello`` (``RelayConfig.hello_timeout``)."""
+HOST_AWAY_TIMEOUT = 3600.0
+"""How long a session waits for its host (``RelayConfig.host_away_timeout``)."""
+
+AWAY_TEXT = "tether: the host is away; waiting for it"
+BACK_TEXT = "tether: the host is back"
+
+
+# --- what goes out --------------------------------------------------------------
+
+
+class Channel(Enum):
+    """How the adapter sends a message; the endpoint does not know the transport."""
+
+    STREAM = "stream"
+    """In order and reliable: ``link.send_nowait``."""
+    ACK = "ack"
+    """A cumulative ack a later one supersedes: ``link.send_ack`` (a QUIC datagram)."""
+    DATAGRAM = "datagram"
+    """May be lost: ``link.send_datagram`` over QUIC, ``send_nowait`` otherwise."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    message: Message
+    channel: Channel = Channel.STREAM
+
+
+# --- events for the adapter -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Welcomed:
+    """Host: the relay accepted us. ``announce``: first session or a new one (the
+    connection strings changed: publish them, as host.py ``_publish(True)``)."""
+
+    welcome: Welcome
+    announce: bool
+    new_session: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotNeeded:
+    """Host: capture the session and call ``push_snapshot`` (the relay is behind)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InputReceived:
+    """Host: mate input to type into the host's tmux, exactly once and in order."""
+
+    input: Input
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeRequested:
+    """Host: the smallest read-write mate terminal (0, 0: none)."""
+
+    cols: int
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDead:
+    """Host: no word from the relay for ``DEAD_AFTER``; close the link, reconnect."""
+
+    quiet: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClosed:
+    """The peer said why it closes (an ``Error`` after the handshake); reconnect."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolFailed:
+    """The peer broke the protocol (or refused ours): ``text`` says how. Send what
+    is queued (the relay queues an ``Error``), close the link, then report."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventReceived:
+    """Relay: a new replication event for the replica; ack it with ``applied``."""
+
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Relay: tell the mates whether the host is there (``replica.presence``)."""
+
+    present: bool
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostEnded:
+    """Relay: the host ended the session (``End``); end it and let the mates go."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionExpired:
+    """Relay: the host stayed away past ``host_away_timeout``; end the session."""
+
+
+SessionEvent = (
+    Welcomed
+    | SnapshotNeeded
+    | InputReceived
+    | ResizeRequested
+    | LinkDead
+    | PeerClosed
+    | ProtocolFailed
+    | EventReceived
+    | Presence
+    | HostEnded
+    | SessionExpired
+)
+
+
+# --- state ----------------------------------------------------------------------
+
+
+class State(Enum):
+    IDLE = "idle"
+    """No connection (before the first, or between two)."""
+    HANDSHAKE = "handshake"
+    """Host: ``Hello`` sent, waiting for ``Welcome``."""
+    CONNECTED = "connected"
+    """Replicating; the relay hears the host."""
+    SILENT = "silent"
+    """Relay: connected, but the host said nothing for ``HOST_SILENCE``: away."""
+    CLOSING = "closing"
+    """This connection failed (dead, error, refused): the adapter closes it."""
+    ENDED = "ended"
+    """The session is over; nothing more happens."""
+
+
+Table = dict[tuple[State, str], State]
+
+
+class Machine:
+    """Shared plumbing: a transition table, an outbox, an event queue."""
+
+    TABLE: Table = {}
+
+    def __init__(self) -> None:
+        self.state = State.IDLE
+        self._outbox: list[Outgoing] = []
+        self._events: deque[SessionEvent] = deque()
+
+    def _go(self, trigger: str) -> None:
+        """Take the transition ``trigger`` from the current state, or refuse it:
+        a move the table does not list is a bug in the adapter, not the peer."""
+        new = self.TABLE.get((self.state, trigger))
+        if new is None:
+            raise LocalProtocolError(f"{trigger!r} in state {self.state.value}")
+        self.state = new
+
+    def _can(self, trigger: str) -> bool:
+        return (self.state, trigger) in self.TABLE
+
+    def _send(self, msg: Message, channel: Channel = Channel.STREAM) -> None:
+        self._outbox.append(Outgoing(msg, channel))
+
+    def _emit(self, event: SessionEvent) -> None:
+        self._events.append(event)
+
+    def next_event(self) -> SessionEvent | None:
+        """The next thing the adapter must act on, oldest first; None when done."""
+        return self._events.popleft() if self._events else None
+
+    def _take_outbox(self) -> list[Outgoing]:
+        out, self._outbox = self._outbox, []
+        return out
+
+
+def earliest(*times: float | None) -> float | None:
+    """The first of some deadlines, ignoring the unarmed ones."""
+    armed = [t for t in times if t is not None]
+    return min(armed) if armed else None
+
+
+def describe_table(table: Table) -> str:
+    """The table as text lines, ``state --trigger--> state``: for docs and reviews."""
+    return "\n".join(
+        f"{a.value:>9} --{trigger}--> {b.value}" for (a, trigger), b in table.items()
+    )
