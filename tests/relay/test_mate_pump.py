@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
-from tether.relay.server import Mate, Relay, RelayConfig
+from tether.relay.mates import Pump
+from tether.relay.session import Mate
 
 
 class StalledTerminal:
@@ -28,15 +28,15 @@ class StalledTerminal:
         await self.drained.wait()
 
 
-async def test_a_mate_leaving_mid_drain_watches_no_fd_again(tmp_path: Path) -> None:
+async def test_a_mate_leaving_mid_drain_watches_no_fd_again() -> None:
     """A mate who left while its output waited for SSH flow control made the relay
     watch its descriptor again once the drain ended: EBADF, or, with the number
     reused, another pty's output sent to the departed mate."""
-    relay = Relay(RelayConfig(keys_dir=tmp_path / "keys", jail=False))
     master, slave = os.openpty()
     os.set_blocking(master, False)
     term = StalledTerminal()
-    pump = asyncio.create_task(relay._pump_mate(term, Mate(1, True, 80, 24, master)))  # type: ignore[arg-type]
+    mate = Mate(1, True, 80, 24, master)
+    pump = asyncio.create_task(Pump(term, mate, 256 * 1024, lambda: None).run())  # type: ignore[arg-type]
     os.write(slave, b"first screen")
     for _ in range(200):  # the output is read and sent; the drain now waits
         if term.written:

@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tether.core.errors import TetherError
+
 from . import proctree
 
 CGROUP_MEMORY = 512 * 1024 * 1024
@@ -36,7 +38,7 @@ spinning session leaves the relay's other cores to everyone else."""
 V1_CONTROLLERS = ("memory", "pids", "cpu")
 
 
-class CgroupError(Exception):
+class CgroupError(TetherError):
     """Why this machine gives the relay no usable cgroup."""
 
 

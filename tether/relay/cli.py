@@ -9,6 +9,10 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tether.relay.server import Relay, RelayConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,36 +135,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(a: argparse.Namespace) -> int:
-    from tether.relay.server import Relay, RelayConfig
+    from tether.relay.server import Relay
 
     keys = a.keys_dir or _default_keys()
-    authorized = None
-    if a.authorized_keys is not None:
-        from tether.transport.ssh import load_public_keys
-
-        try:
-            authorized = load_public_keys(str(a.authorized_keys))
-        except (OSError, ValueError) as exc:
-            print(f"tether relay: cannot use {a.authorized_keys}: {exc}", file=sys.stderr)
-            return 1
-    relay = Relay(
-        RelayConfig(
-            keys_dir=keys,
-            bind=a.bind,
-            port=a.port,
-            public_host=a.host,
-            host_away_timeout=a.host_away_timeout,
-            max_sessions=a.max_sessions,
-            quic_port=-1 if a.no_quic else a.quic_port,
-            jail=not a.no_jail,
-            authorized_keys=authorized,
-            max_mates=a.max_mates,
-            max_sessions_per_key=a.max_sessions_per_key,
-            max_connections_per_address=a.max_connections_per_address,
-            failed_tokens_free=a.failed_tokens_free,
-            mate_input_rate=a.mate_input_rate,
-        )
-    )
+    config = _config(a, keys)
+    if config is None:
+        return 1
+    relay = Relay(config)
     limit_note = _raise_open_files(a.max_sessions)
     if limit_note:
         print(f"tether relay: WARNING: {limit_note}", file=sys.stderr)
@@ -175,6 +156,50 @@ async def _run(a: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"tether relay: {exc}", file=sys.stderr)
         return 1
+    _announce(a, relay, keys)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await relay.close()
+    return 0
+
+
+def _config(a: argparse.Namespace, keys: Path) -> RelayConfig | None:
+    """The relay's configuration from the command line; None (said why) if the
+    authorized keys file cannot be used."""
+    from tether.relay.server import RelayConfig
+
+    authorized = None
+    if a.authorized_keys is not None:
+        from tether.transport.openssh import load_public_keys
+
+        try:
+            authorized = load_public_keys(str(a.authorized_keys))
+        except (OSError, ValueError) as exc:
+            print(f"tether relay: cannot use {a.authorized_keys}: {exc}", file=sys.stderr)
+            return None
+    return RelayConfig(
+        keys_dir=keys,
+        bind=a.bind,
+        port=a.port,
+        public_host=a.host,
+        host_away_timeout=a.host_away_timeout,
+        max_sessions=a.max_sessions,
+        quic_port=-1 if a.no_quic else a.quic_port,
+        jail=not a.no_jail,
+        authorized_keys=authorized,
+        max_mates=a.max_mates,
+        max_sessions_per_key=a.max_sessions_per_key,
+        max_connections_per_address=a.max_connections_per_address,
+        failed_tokens_free=a.failed_tokens_free,
+        mate_input_rate=a.mate_input_rate,
+    )
+
+
+def _announce(a: argparse.Namespace, relay: Relay, keys: Path) -> None:
+    """Say where the relay listens and the lines hosts put in ~/.tether.conf."""
     host = a.host or (a.bind if a.bind not in ("0.0.0.0", "::") else "THIS-HOST")
     quic_note = f", QUIC on UDP {relay.quic_port}" if relay.quic_port else ", no QUIC"
     print(f"tether relay listening on {a.bind}:{relay.port}{quic_note} (keys in {keys})")
@@ -184,13 +209,6 @@ async def _run(a: argparse.Namespace) -> int:
     for option, fp in relay.fingerprints:
         print(f"  set -g {option} {fp}")
     sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await relay.close()
-    return 0
 
 
 FILES_PER_SESSION = 8

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+from tether.core.errors import TetherError
 from tether.core.messages import HostPresence, MateAttach, Message, MessageDecoder
 
 from .jail import Jail, jail_command, jail_directory
@@ -31,7 +32,7 @@ log = logging.getLogger("tether.relay")
 OnMessage = Callable[[Message], None]
 
 
-class ReplicaError(Exception):
+class ReplicaError(TetherError):
     pass
 
 

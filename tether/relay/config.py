@@ -1,0 +1,37 @@
+"""The relay's settings, in their own module so every role can read them
+without importing the server that wires the roles together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tether.transport import ssh
+
+
+@dataclass
+class RelayConfig:
+    keys_dir: Path
+    bind: str = "0.0.0.0"
+    port: int = 2222
+    public_host: str = ""
+    """Host name put in connection strings; defaults to the bind address."""
+    public_port: int | None = None
+    max_sessions: int = 1000
+    max_sessions_per_key: int = 50
+    max_mates: int = 32
+    max_connections_per_address: int = ssh.MAX_CONNECTIONS_PER_ADDRESS
+    """SSH connections at once from one IPv4 address or IPv6 /64 (a NAT shares one)."""
+    host_away_timeout: float = 3600.0
+    """How long a session waits for its host to come back."""
+    hello_timeout: float = 15.0
+    jail: bool = True
+    """Run each replica worker in a bubblewrap jail (see SECURITY.md)."""
+    quic_port: int | None = None
+    """UDP port for QUIC; None: the SSH port's number; -1: no QUIC."""
+    authorized_keys: list[str] | None = None
+    """Host keys allowed to open sessions (authorized_keys lines); None: any key."""
+    failed_tokens_free: int = 5
+    """Unknown tokens an address may try before each further try doubles its wait."""
+    mate_input_rate: float = 256 * 1024
+    """Bytes per second one mate may type or paste (bursts up to 4x)."""
