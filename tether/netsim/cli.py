@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Any
 
 from . import nsutil
+from .errors import NetsimError
 from .network import PARAM_HELP, Network, Topology, normalize_params
 from .scenario import Scenario, ScenarioRunner, resolve_links, resume_all
 
@@ -148,81 +149,91 @@ def _impairment_args(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-class _Interrupted(Exception):
-    pass
+class _Interrupted(NetsimError):
+    """A terminating signal arrived: tear the network down, then exit 128+signal."""
+
+
+class _Plan:
+    """What ``run`` and ``shell`` were asked for, checked before anything is built."""
+
+    def __init__(self, args: argparse.Namespace, host: str | None) -> None:
+        self.topology = Topology.load(args.topology) if args.topology else Topology.default()
+        self.scenario = Scenario.load(args.scenario) if args.scenario else None
+        if self.scenario:
+            self.scenario.check(self.topology)
+        hosts = self.topology.hosts
+        self.host = host or next(iter(hosts))
+        if self.host not in hosts:
+            raise ValueError(f"unknown host {self.host!r}; hosts: {', '.join(hosts)}")
+        self.params = _impairment_args(args)
+        self.link_keys = [
+            k for spec in (args.link or [self.host]) for k in resolve_links(self.topology, spec)
+        ]
+        self.bg: list[tuple[str, list[str]]] = []
+        for spec in args.bg:
+            h, sep, c = spec.partition(":")
+            if not sep or h not in hosts or not c.strip():
+                raise ValueError(f"--bg wants HOST:CMD with a known host, got {spec!r}")
+            self.bg.append((h, shlex.split(c)))
+        scenario_seed = self.scenario.seed if self.scenario else None
+        self.seed = args.seed if args.seed is not None else scenario_seed
+
+
+class _Signals:
+    """SIGINT counted (the command got it too: we wait for it, to report its
+    counters and status); SIGTERM and SIGHUP raise ``_Interrupted``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.at = 0.0
+        self.forwarded = False
+        self._old: dict[int, Any] = {}
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        self.at = time.monotonic()
+
+    @staticmethod
+    def _on_term(signum: int, frame: FrameType | None) -> None:
+        raise _Interrupted(signum)
+
+    def install(self) -> None:
+        for sig, fn in (
+            (signal.SIGINT, self._on_sigint),
+            (signal.SIGTERM, self._on_term),
+            (signal.SIGHUP, self._on_term),
+        ):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[sig] = signal.signal(sig, fn)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def _run(args: argparse.Namespace, cmd: list[str], host: str | None, interactive: bool) -> int:
-    topology = Topology.load(args.topology) if args.topology else Topology.default()
-    scenario = Scenario.load(args.scenario) if args.scenario else None
-    if scenario:
-        scenario.check(topology)
-    host = host or next(iter(topology.hosts))
-    if host not in topology.hosts:
-        raise ValueError(f"unknown host {host!r}; hosts: {', '.join(topology.hosts)}")
-    params = _impairment_args(args)
-    link_keys = [k for spec in (args.link or [host]) for k in resolve_links(topology, spec)]
-    bg: list[tuple[str, list[str]]] = []
-    for spec in args.bg:
-        h, sep, c = spec.partition(":")
-        if not sep or h not in topology.hosts or not c.strip():
-            raise ValueError(f"--bg wants HOST:CMD with a known host, got {spec!r}")
-        bg.append((h, shlex.split(c)))
-    seed = args.seed if args.seed is not None else (scenario.seed if scenario else None)
-
-    sigint = {"count": 0, "at": 0.0, "forwarded": 0}
-
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
-        # The child shares our terminal and got the SIGINT too; we wait for it so
-        # the counters and exit status are reported, then tear down.
-        sigint["count"] += 1
-        sigint["at"] = time.monotonic()
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise _Interrupted(signum)
-
-    old = {}
-    for sig, fn in (
-        (signal.SIGINT, on_sigint),
-        (signal.SIGTERM, on_term),
-        (signal.SIGHUP, on_term),
-    ):
-        with contextlib.suppress(ValueError):  # not the main thread
-            old[sig] = signal.signal(sig, fn)
-    net = Network(topology, seed=seed, pcap_dir=args.pcap)
+    plan = _Plan(args, host)
+    signals = _Signals()
+    signals.install()
+    net = Network(plan.topology, seed=plan.seed, pcap_dir=args.pcap)
     status = 1
     runner: ScenarioRunner | None = None
     proc: subprocess.Popen[bytes] | None = None
     try:
         _err(f"seed {net.seed} (replay with --seed {net.seed})")
         net.start()
-        for key in link_keys:
-            if params:
-                net.link(key).set(direction=args.direction, **params)
-        env = {**os.environ, **net.env(), "NETSIM_HOST": host}
-        for h, c in bg:
+        for key in plan.link_keys:
+            if plan.params:
+                net.link(key).set(direction=args.direction, **plan.params)
+        env = {**os.environ, **net.env(), "NETSIM_HOST": plan.host}
+        for h, c in plan.bg:
             net.popen(h, c, env=env)
         addrs = " ".join(f"{h}={net.addr(h)}" for h in net.hosts)
-        _err(f"run {net.run_id}: {addrs}; CMD in {host}")
-        proc = net.popen(host, cmd, env=env)
-        if scenario:
-            runner = ScenarioRunner(net, scenario, {"cmd": proc.pid}, report=_err).start()
-        deadline = time.monotonic() + args.timeout if getattr(args, "timeout", 0) else None
-        while True:
-            try:
-                rc = proc.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if deadline is not None and time.monotonic() > deadline:
-                _err(f"timeout after {args.timeout:g}s, killing CMD")
-                proc.terminate()
-            if sigint["count"] and not interactive:
-                if sigint["count"] > 1 or time.monotonic() - sigint["at"] > 5.0:
-                    proc.kill()  # second Ctrl-C, or CMD ignores it
-                elif not sigint["forwarded"]:
-                    sigint["forwarded"] = 1
-                    proc.send_signal(signal.SIGINT)  # in case CMD is not in our group
+        _err(f"run {net.run_id}: {addrs}; CMD in {plan.host}")
+        proc = net.popen(plan.host, cmd, env=env)
+        if plan.scenario:
+            runner = ScenarioRunner(net, plan.scenario, {"cmd": proc.pid}, report=_err).start()
+        rc = _wait(proc, args, signals, interactive)
         status = 128 - rc if rc < 0 else rc
     except _Interrupted as e:
         status = 128 + int(e.args[0])
@@ -233,16 +244,41 @@ def _run(args: argparse.Namespace, cmd: list[str], host: str | None, interactive
         if proc is not None:
             resume_all([proc.pid])
         net.close()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        signals.restore()
     if not args.quiet:
-        print(f"netsim: seed {net.seed}", file=sys.stderr)
-        if net.final_stats:
-            print(net.format_stats(net.final_stats), file=sys.stderr)
-        print("netsim: events", file=sys.stderr)
-        for ev in net.events:
-            print(f"  {ev}", file=sys.stderr)
+        _report(net)
     return status
+
+
+def _wait(
+    proc: subprocess.Popen[bytes], args: argparse.Namespace, signals: _Signals, interactive: bool
+) -> int:
+    """Wait for the command; end it at ``--timeout``, or on Ctrl-C if it ignores one."""
+    deadline = time.monotonic() + args.timeout if getattr(args, "timeout", 0) else None
+    while True:
+        try:
+            return proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        if deadline is not None and time.monotonic() > deadline:
+            _err(f"timeout after {args.timeout:g}s, killing CMD")
+            proc.terminate()
+        if signals.count and not interactive:
+            if signals.count > 1 or time.monotonic() - signals.at > 5.0:
+                proc.kill()  # second Ctrl-C, or CMD ignores it
+            elif not signals.forwarded:
+                signals.forwarded = True
+                proc.send_signal(signal.SIGINT)  # in case CMD is not in our group
+
+
+def _report(net: Network) -> None:
+    """The seed, the final counters and the event log, on stderr."""
+    print(f"netsim: seed {net.seed}", file=sys.stderr)
+    if net.final_stats:
+        print(net.format_stats(net.final_stats), file=sys.stderr)
+    print("netsim: events", file=sys.stderr)
+    for ev in net.events:
+        print(f"  {ev}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

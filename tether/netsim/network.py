@@ -14,269 +14,26 @@ import ipaddress
 import json
 import os
 import random
-import re
-import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 
 from . import forwarder as _fwd
+from . import links as _links
 from . import nsutil
-from .forwarder import COUNTERS, Impairment
-from .units import parse_burst, parse_duration, parse_probability, parse_rate
+from .links import Control, HostInfo, Link, LinkInfo
+from .topology import PARAM_HELP as PARAM_HELP
+from .topology import V4_BASE, V6_PREFIX, Event, Topology
+from .topology import normalize_params as normalize_params
 
 T = TypeVar("T")
-
-V4_BASE = ipaddress.IPv4Network("198.18.0.0/15")
-V6_PREFIX = "fd74:6e73:0"  # ULA; "tns"
-MAX_LINKS = 512  # /24s in 198.18.0.0/15
-IFA_F_NODAD = 0x02
-DIRECTIONS = ("up", "down")
-_HOST_RE = re.compile(r"[a-z][a-z0-9_]{0,23}")
-_LINK_RE = re.compile(r"[a-z][a-z0-9_]{0,14}")
-
-PARAM_HELP = {
-    "delay": "one-way delay added per direction (duration, e.g. 100ms)",
-    "jitter": "uniform +/- spread around delay; packet order is kept (duration)",
-    "loss": "i.i.d. drop probability (e.g. 20% or 0.2)",
-    "burst_loss": "Gilbert-Elliott bursty loss as (P_ENTER, P_EXIT) per packet",
-    "burst_bad_loss": "drop probability while in the bad state (default 100%)",
-    "reorder": "probability a packet is held back reorder_delay and overtaken",
-    "reorder_delay": "extra hold time of a reordered packet (default 20ms)",
-    "duplicate": "probability a packet is delivered twice",
-    "rate": "bandwidth cap (e.g. 1mbit, 500kbit; tc units)",
-    "limit": "queue length in packets before tail drop (default 1000)",
-}
-
-
-def normalize_params(**params: Any) -> dict[str, Any]:
-    """Turn user units into forwarder fields (seconds, fractions, bits/s); reject unknown keys."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if value is None:
-            continue
-        if key in ("delay", "jitter", "reorder_delay"):
-            out[key] = parse_duration(value)
-        elif key in ("loss", "reorder", "duplicate", "burst_bad_loss"):
-            out[key] = parse_probability(value)
-        elif key == "rate":
-            out[key] = parse_rate(value)
-        elif key == "burst_loss":
-            if value in (0, "0", "off", "none", False):
-                out["burst_enter"], out["burst_exit"] = 0.0, 0.0
-            else:
-                out["burst_enter"], out["burst_exit"] = parse_burst(value)
-        elif key == "limit":
-            out[key] = int(value)
-            if out[key] < 1:
-                raise ValueError("limit must be >= 1 packet")
-        else:
-            raise ValueError(f"unknown impairment {key!r}; known: {', '.join(PARAM_HELP)}")
-    return out
-
-
-@dataclass
-class Topology:
-    """Hosts and their links, plus optional initial impairments keyed ``"host.link"``."""
-
-    hosts: dict[str, list[str]]
-    impair: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @classmethod
-    def default(cls) -> Topology:
-        return cls({"a": ["eth0"], "b": ["eth0"]})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Topology:
-        """Read ``[hosts] a = ["wifi", "lte"]`` and optional ``[links."a.wifi"] delay = "20ms"``."""
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-        unknown = set(data) - {"hosts", "links"}
-        if unknown:
-            raise ValueError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
-        hosts = data.get("hosts")
-        if not isinstance(hosts, dict) or not hosts:
-            raise ValueError(f'{path}: needs a [hosts] table, e.g. a = ["eth0"]')
-        topo = cls({h: list(v) for h, v in hosts.items()}, dict(data.get("links", {})))
-        topo.validate()
-        return topo
-
-    def validate(self) -> None:
-        n = 0
-        for host, links in self.hosts.items():
-            if not _HOST_RE.fullmatch(host):
-                raise ValueError(f"bad host name {host!r} (lowercase, digits, _; max 24)")
-            if not links or len(set(links)) != len(links):
-                raise ValueError(f"host {host!r} needs distinct links")
-            for link in links:
-                if not _LINK_RE.fullmatch(link) or link == "lo":
-                    raise ValueError(f"bad link name {link!r} (lowercase interface name)")
-            n += len(links)
-        if n > MAX_LINKS:
-            raise ValueError(f"too many links ({n} > {MAX_LINKS})")
-        for key, params in self.impair.items():
-            host, _, link = key.partition(".")
-            if link not in self.hosts.get(host, []):
-                raise ValueError(f"impairment for unknown link {key!r} (use host.link)")
-            normalize_params(**params)
-
-
-@dataclass(frozen=True)
-class Event:
-    """One entry of the event log; ``t`` is seconds since the network started."""
-
-    t: float
-    wall: float
-    kind: str
-    detail: dict[str, Any]
-
-    def __str__(self) -> str:
-        args = " ".join(f"{k}={v}" for k, v in self.detail.items())
-        return f"[{self.t:8.3f}s] {self.kind} {args}".rstrip()
-
-
-@dataclass
-class _LinkInfo:
-    host: str
-    name: str
-    index: int
-    router_ifname: str
-    subnet4: ipaddress.IPv4Network
-    subnet6: ipaddress.IPv6Network
-
-    @property
-    def key(self) -> str:
-        return f"{self.host}.{self.name}"
-
-    @property
-    def router4(self) -> str:
-        return str(self.subnet4.network_address + 1)
-
-    @property
-    def router6(self) -> str:
-        return str(self.subnet6.network_address + 1)
-
-
-@dataclass
-class _HostInfo:
-    name: str
-    netns: str
-    links: list[str]
-    active: str
-    num: int = 2  # host part of the address on the active link
-
-
-class _Control:
-    """Line-JSON request/response client for the forwarder process."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        self.proc = proc
-        self.lock = threading.Lock()
-        self.buf = b""
-        self.out_fd = proc.stdout.fileno()
-
-    def _readline(self, deadline: float) -> bytes:
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("netsim forwarder did not answer")
-            r, _, _ = select.select([self.out_fd], [], [], left)
-            if r:
-                chunk = os.read(self.out_fd, 65536)
-                if not chunk:
-                    raise RuntimeError(f"netsim forwarder exited (rc={self.proc.poll()})")
-                self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line
-
-    def request(self, msg: dict[str, Any] | None, timeout: float = 5.0) -> dict[str, Any]:
-        with self.lock:
-            if msg is not None:
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(json.dumps(msg).encode() + b"\n")
-                self.proc.stdin.flush()
-            resp = json.loads(self._readline(time.monotonic() + timeout))
-        if not resp.get("ok"):
-            raise RuntimeError(f"netsim forwarder: {resp.get('error')}")
-        return resp
-
-
-class Link:
-    """Handle to one host link; impairments apply per direction (``up`` = host to router)."""
-
-    def __init__(self, net: Network, info: _LinkInfo) -> None:
-        self._net = net
-        self._info = info
-        self._params = {d: Impairment() for d in DIRECTIONS}
-
-    host = property(lambda self: self._info.host)
-    name = property(lambda self: self._info.name)
-    key = property(lambda self: self._info.key, doc="``host.link``, used in stats and pcap names")
-    router_ifname = property(lambda self: self._info.router_ifname)
-    subnet4 = property(lambda self: self._info.subnet4)
-    subnet6 = property(lambda self: self._info.subnet6)
-    router_addr4 = property(lambda self: self._info.router4)
-    router_addr6 = property(lambda self: self._info.router6)
-
-    def __repr__(self) -> str:
-        return f"<Link {self.key} {self.subnet4}>"
-
-    @staticmethod
-    def _dirs(direction: str) -> tuple[str, ...]:
-        if direction == "both":
-            return DIRECTIONS
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be up, down or both, not {direction!r}")
-        return (direction,)
-
-    def set(self, *, direction: str = "both", seed: int | None = None, **params: Any) -> Link:
-        """Change impairments now; unspecified parameters keep their value.
-
-        ``seed`` restarts this link's generators so the same traffic replays the
-        same decisions.  Units: see :data:`PARAM_HELP` (``delay=0.05`` or ``"50ms"``).
-        """
-        fields_ = normalize_params(**params)
-        for d in self._dirs(direction):
-            new = Impairment(**{**asdict(self._params[d]), **fields_})
-            self._net._ctl(
-                {"op": "set", "link": self.key, "dir": d, "params": asdict(new), "seed": seed}
-            )
-            self._params[d] = new
-        self._net.log("set", link=self.key, direction=direction, seed=seed, **params)
-        return self
-
-    def clear(self, direction: str = "both") -> Link:
-        """Remove every impairment (a transparent link again)."""
-        for d in self._dirs(direction):
-            self._net._ctl({"op": "set", "link": self.key, "dir": d, "params": {}})
-            self._params[d] = Impairment()
-        self._net.log("clear", link=self.key, direction=direction)
-        return self
-
-    def blackout(self, seconds: float | str, direction: str = "both") -> Link:
-        """Drop every packet for ``seconds`` from now, then recover on its own."""
-        secs = parse_duration(seconds)
-        self._net._ctl({"op": "blackout", "link": self.key, "dir": direction, "seconds": secs})
-        self._net.log("blackout", link=self.key, direction=direction, seconds=secs)
-        return self
-
-    def params(self, direction: str = "up") -> Impairment:
-        return self._params[self._dirs(direction)[0]]
-
-    def stats(self) -> dict[str, dict[str, int]]:
-        """Counters ``{"up": {...}, "down": {...}}`` (see forwarder.COUNTERS)."""
-        return self._net.stats()[self.key]
-
 
 # Strong refs: a started network stays reachable until closed, so atexit can close it.
 _live: set[Network] = set()
@@ -322,12 +79,12 @@ class Network:
         self.on_event = on_event
         self._lock = threading.RLock()
         self._t0 = time.monotonic()
-        self._hosts: dict[str, _HostInfo] = {}
+        self._hosts: dict[str, HostInfo] = {}
         self._links: dict[str, Link] = {}
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self._fwd: subprocess.Popen[bytes] | None = None
-        self._ctrl: _Control | None = None
+        self._ctrl: Control | None = None
         self._udp_blocked: set[str] = set()
         self._nat: dict[str, int] = {}  # host -> rebind generation
         self._started = False
@@ -396,86 +153,70 @@ class Network:
         self._apply_nft()  # before any device exists, so its MLD reports are dropped
         fds: list[int] = []
         cfg_links: list[dict[str, Any]] = []
-        index = 0
         try:
             for host, links in self.topology.hosts.items():
                 ns = f"{self.run_id}-h-{host}"
                 self._new_ns(ns, common)
-                self._hosts[host] = _HostInfo(host, ns, list(links), active=links[0])
+                self._hosts[host] = HostInfo(host, ns, list(links), active=links[0])
                 for link in links:
-                    rname = f"{host}.{link}"
-                    if len(rname) > 15:
-                        rname = f"l{index}"
-                    info = _LinkInfo(
-                        host,
-                        link,
-                        index,
-                        rname,
-                        ipaddress.IPv4Network((int(V4_BASE.network_address) + 256 * index, 24)),
-                        ipaddress.IPv6Network(f"{V6_PREFIX}:{index:x}::/64"),
-                    )
-                    index += 1
-                    hfd = nsutil.in_netns(ns, nsutil.open_tun, link)
-                    fds.append(hfd)
-                    rfd = nsutil.in_netns(self.router_ns, nsutil.open_tun, rname)
-                    fds.append(rfd)
-                    self._links[info.key] = Link(self, info)
+                    hfd, rfd, info = self._add_link(host, ns, link, link == links[0])
+                    fds += [hfd, rfd]
                     cfg_links.append({"name": info.key, "host_fd": hfd, "router_fd": rfd})
-                    nsutil.in_netns(self.router_ns, self._cfg_router_link, info)
-                    nsutil.in_netns(ns, self._cfg_host_link, info, link == links[0], 2)
-            config = {
-                "seed": self.seed,
-                "links": cfg_links,
-                "pcap_dir": self.pcap_dir,
-                "parent": os.getpid(),
-            }
-            if self.pcap_dir:
-                os.makedirs(self.pcap_dir, exist_ok=True)
-            self._fwd = subprocess.Popen(
-                [sys.executable, "-I", _fwd.__file__, json.dumps(config)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                pass_fds=fds,
-                start_new_session=True,  # Ctrl-C reaches us, we stop it after reading counters
-            )
-            self._ctrl = _Control(self._fwd)
-            self._ctrl.request(None, timeout=10.0)  # wait for "ready"
+            self._start_forwarder(cfg_links, fds)
         finally:
             for fd in fds:  # the forwarder holds them now; devices die with it
                 os.close(fd)
 
-    @staticmethod
-    def _cfg_router_link(info: _LinkInfo) -> None:
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=info.router_ifname)[0]
-            ipr.link("set", index=idx, state="up")
-            ipr.addr("add", index=idx, address=info.router4, prefixlen=24)
-            ipr.addr("add", index=idx, address=info.router6, prefixlen=64, flags=IFA_F_NODAD)
-
-    @staticmethod
-    def _cfg_host_link(info: _LinkInfo, active: bool, num: int) -> None:
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=info.name)[0]
-            ipr.link("set", index=idx, state="up")
-            if active:
-                Network._host_addr(ipr, idx, info, num, "add")
-                Network._default_routes(ipr, idx, info)
-
-    @staticmethod
-    def _host_addr(ipr: IPRoute, idx: int, info: _LinkInfo, num: int, op: str) -> None:
-        ipr.addr(op, index=idx, address=str(info.subnet4.network_address + num), prefixlen=24)
-        ipr.addr(
-            op,
-            index=idx,
-            address=str(info.subnet6.network_address + num),
-            prefixlen=64,
-            **({"flags": IFA_F_NODAD} if op == "add" else {}),
+    def _add_link(self, host: str, ns: str, link: str, active: bool) -> tuple[int, int, LinkInfo]:
+        """A TUN device in the host's netns and one in the router's, addressed;
+        returns their descriptors (for the forwarder to splice) and the link."""
+        index = len(self._links)
+        rname = f"{host}.{link}"
+        if len(rname) > 15:
+            rname = f"l{index}"
+        info = LinkInfo(
+            host,
+            link,
+            index,
+            rname,
+            ipaddress.IPv4Network((int(V4_BASE.network_address) + 256 * index, 24)),
+            ipaddress.IPv6Network(f"{V6_PREFIX}:{index:x}::/64"),
         )
+        hfd = nsutil.in_netns(ns, nsutil.open_tun, link)
+        try:
+            rfd = nsutil.in_netns(self.router_ns, nsutil.open_tun, rname)
+        except BaseException:
+            os.close(hfd)
+            raise
+        self._links[info.key] = Link(self, info)
+        try:
+            nsutil.in_netns(self.router_ns, _links.configure_router_link, info)
+            nsutil.in_netns(ns, _links.configure_host_link, info, active, 2)
+        except BaseException:
+            os.close(hfd)
+            os.close(rfd)
+            raise
+        return hfd, rfd, info
 
-    @staticmethod
-    def _default_routes(ipr: IPRoute, idx: int, info: _LinkInfo) -> None:
-        ipr.route("replace", dst="0.0.0.0/0", gateway=info.router4, oif=idx)
-        ipr.route("replace", family=socket.AF_INET6, dst="::/0", gateway=info.router6, oif=idx)
+    def _start_forwarder(self, cfg_links: list[dict[str, Any]], fds: list[int]) -> None:
+        """Start the forwarder splicing the links' TUN pairs; wait until it is ready."""
+        config = {
+            "seed": self.seed,
+            "links": cfg_links,
+            "pcap_dir": self.pcap_dir,
+            "parent": os.getpid(),
+        }
+        if self.pcap_dir:
+            os.makedirs(self.pcap_dir, exist_ok=True)
+        self._fwd = subprocess.Popen(
+            [sys.executable, "-I", _fwd.__file__, json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            pass_fds=fds,
+            start_new_session=True,  # Ctrl-C reaches us, we stop it after reading counters
+        )
+        self._ctrl = Control(self._fwd)
+        self._ctrl.request(None, timeout=10.0)  # wait for "ready"
 
     def close(self) -> None:
         """Tear everything down; idempotent and safe after a partial start."""
@@ -542,7 +283,7 @@ class Network:
     def links(self) -> list[Link]:
         return list(self._links.values())
 
-    def _host(self, host: str) -> _HostInfo:
+    def _host(self, host: str) -> HostInfo:
         try:
             return self._hosts[host]
         except KeyError:
@@ -601,9 +342,9 @@ class Network:
                     oidx = ipr.link_lookup(ifname=old.name)[0]
                     nidx = ipr.link_lookup(ifname=new.name)[0]
                     with contextlib.suppress(Exception):
-                        self._host_addr(ipr, oidx, old, num, "del")
-                    self._host_addr(ipr, nidx, new, 2, "add")
-                    self._default_routes(ipr, nidx, new)
+                        _links.host_addr(ipr, oidx, old, num, "del")
+                    _links.host_addr(ipr, nidx, new, 2, "add")
+                    _links.default_routes(ipr, nidx, new)
 
             nsutil.in_netns(h.netns, body)
             h.active, h.num = new.name, 2
@@ -621,9 +362,9 @@ class Network:
             def body() -> None:
                 with IPRoute() as ipr:
                     idx = ipr.link_lookup(ifname=info.name)[0]
-                    self._host_addr(ipr, idx, info, old_num, "del")
-                    self._host_addr(ipr, idx, info, new_num, "add")
-                    self._default_routes(ipr, idx, info)
+                    _links.host_addr(ipr, idx, info, old_num, "del")
+                    _links.host_addr(ipr, idx, info, new_num, "add")
+                    _links.default_routes(ipr, idx, info)
 
             nsutil.in_netns(h.netns, body)
             h.num = new_num
@@ -633,39 +374,11 @@ class Network:
 
     # -- nftables in the router ----------------------------------------------
     def _nft_ruleset(self) -> str:
-        def ifset(host: str) -> str:
-            names = [self._links[f"{host}.{ln}"].router_ifname for ln in self._hosts[host].links]
-            return "{ " + ", ".join(f'"{n}"' for n in names) + " }"
-
-        fwd = []
-        for host in sorted(self._udp_blocked):
-            fwd.append(f"    iifname {ifset(host)} meta l4proto udp drop")
-            fwd.append(f"    oifname {ifset(host)} meta l4proto udp drop")
-        nat = []
-        for host, gen in sorted(self._nat.items()):
-            lo = 20000 + (gen % 40) * 1000
-            nat.append(
-                f"    iifname {ifset(host)} oifname != {ifset(host)} "
-                f"meta l4proto {{ tcp, udp }} masquerade to :{lo}-{lo + 999} random"
-            )
-        return (
-            "flush ruleset\n"
-            "table inet tns {\n"
-            "  chain filter_forward {\n"
-            "    type filter hook forward priority 0; policy accept;\n"
-            + "".join(r + "\n" for r in fwd)
-            + "  }\n"
-            "  chain filter_output {\n"
-            "    type filter hook output priority 0; policy accept;\n"
-            # a forwarding router joins ff02::2 and sends MLD reports; keep links quiet
-            "    ip6 daddr ff02::/16 drop\n"
-            "  }\n"
-            "  chain nat_post {\n"
-            "    type nat hook postrouting priority 100; policy accept;\n"
-            + "".join(r + "\n" for r in nat)
-            + "  }\n"
-            "}\n"
-        )
+        ifnames = {
+            host: [self._links[f"{host}.{ln}"].router_ifname for ln in info.links]
+            for host, info in self._hosts.items()
+        }
+        return _links.nft_ruleset(ifnames, self._udp_blocked, self._nat)
 
     def _apply_nft(self) -> None:
         subprocess.run(
@@ -769,23 +482,5 @@ class Network:
     def format_stats(
         self, stats: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None
     ) -> str:
-        """Counter table, one row per link-direction."""
-        stats = self.stats() if stats is None else stats
-        cols = [
-            "rx_packets",
-            "tx_packets",
-            "tx_bytes",
-            "dropped",
-            "duplicated",
-            "delayed",
-            "reordered",
-        ]
-        head = f"{'link':<18}{'dir':<5}" + "".join(f"{c:>12}" for c in cols) + "  drops"
-        lines = [head]
-        for key, dirs in stats.items():
-            for d, c in dirs.items():
-                why = ",".join(
-                    f"{k[8:]}={c[k]}" for k in COUNTERS if k.startswith("dropped_") and c[k]
-                )
-                lines.append(f"{key:<18}{d:<5}" + "".join(f"{c[k]:>12}" for k in cols) + f"  {why}")
-        return "\n".join(lines)
+        """Counter table, one row per link-direction (default: the counters now)."""
+        return _links.format_stats(self.stats() if stats is None else stats)

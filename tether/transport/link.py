@@ -8,6 +8,7 @@ import contextlib
 import logging
 from typing import Any, Protocol
 
+from tether.core.errors import TetherError
 from tether.core.messages import Message, MessageDecoder
 
 log = logging.getLogger("tether.transport")
@@ -22,7 +23,7 @@ it is a peer that makes the relay answer (Pings) but never reads: without the
 bound every answer would be kept, for ever."""
 
 
-class LinkClosed(Exception):
+class LinkClosed(TetherError):
     """The link is gone; ``reason`` says why when the peer told us."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tether.core.errors import AuthError
+from tether.core.protocol import HOST_USER, SUBSYSTEM
 from tether.core.pubkeys import FINGERPRINT, check_public_key_lines
 
 from .link import LinkClosed, StreamLink
@@ -32,8 +33,6 @@ from .link import LinkClosed, StreamLink
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-HOST_USER = "tether-host"
-SUBSYSTEM = "tether"
 HOST_KEY_ALGORITHMS = "ssh-ed25519,rsa-sha2-512,rsa-sha2-256"
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 AUTHENTICATED = "Authenticated to "
@@ -57,7 +56,11 @@ class RelayAddress:
 
 
 def load_public_keys(path: str) -> list[str]:
-    """The key lines of an authorized_keys file, checked to hold only public keys."""
+    """The key lines of an authorized_keys file, checked to hold only public keys.
+
+    The one loader for host and relay: it checks the shape without a crypto
+    library, so the host's start-up stays free of asyncssh; the relay parses the
+    keys for real when it starts (``ssh.parse_public_keys``)."""
     with open(os.path.expanduser(path)) as f:
         return check_public_key_lines(f.readlines())
 

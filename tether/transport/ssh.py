@@ -7,94 +7,41 @@ and replicate over a ``tether`` subsystem channel as length-prefixed frames
 The relay side refuses by default (asyncssh's habit): hosts must present a
 public key as user ``tether-host``; everyone else is a mate whose user name is
 a session token, needs no key, and is handed to the relay's mate callback.
+What one peer may make the front hold is bounded in ``ssh_bounds`` (its
+constants are importable from here too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
-import socket
-import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from tether.core.ratelimit import TokenBucket
+from tether.core.protocol import HOST_USER, SUBSYSTEM
 
 from .link import MAX_UNSENT, LinkClosed, StreamLink
-from .openssh import HOST_USER, SUBSYSTEM
+from .ssh_bounds import MAX_CHANNELS as MAX_CHANNELS
+from .ssh_bounds import (
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_ADDRESS,
+    SESSION_IDLE_TIMEOUT,
+    Admission,
+    BoundedServer,
+    check_asyncssh,
+)
+from .ssh_bounds import MAX_ENV_REQUESTS as MAX_ENV_REQUESTS
+from .ssh_bounds import REQUEST_BURST as REQUEST_BURST
+from .ssh_bounds import REQUEST_RATE as REQUEST_RATE
+from .ssh_bounds import address_key as address_key
+from .sshlib import asyncssh
 
 log = logging.getLogger("tether.transport")
 
-
-def _import_asyncssh() -> None:
-    """Import asyncssh without its liboqs probe.
-
-    At import, asyncssh looks for liboqs (for the sntrup761 key exchange) with
-    ``ctypes.util.find_library``, which runs ``ldconfig`` and costs every tether
-    process ~30 ms of start-up. tether's peers agree on mlkem768x25519 or
-    curve25519 (from ``cryptography``), so the probe is skipped.
-    """
-    import ctypes.util
-
-    real = ctypes.util.find_library
-    ctypes.util.find_library = lambda name: None if name in ("oqs", "liboqs") else real(name)
-    # X.509 certificates in SSH are unused by tether; asyncssh's support for them
-    # imports cryptography.x509 and pyOpenSSL (~35 ms), and goes without them
-    blocked = "asyncssh.crypto.x509"
-    had = blocked in sys.modules
-    if not had:
-        sys.modules[blocked] = None  # type: ignore[assignment]
-    try:
-        import asyncssh  # noqa: F401
-    finally:
-        ctypes.util.find_library = real
-        if not had and sys.modules.get(blocked, 0) is None:
-            del sys.modules[blocked]
-
-
-_import_asyncssh()
-import asyncssh  # noqa: E402
-
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
-
-# --- bounds on what a peer may make the SSH front hold --------------------------
-# Anyone may connect and log in as a mate (any user name: the token is checked
-# once the session starts), so nothing a connection can pile up may wait for a token.
-
-MAX_CONNECTIONS_PER_ADDRESS = 32
-"""Concurrent connections from one IPv4 address (or IPv6 /64). The host's agent
-holds one or two, a mate one per terminal: a classroom behind one NAT fits, one
-machine cannot hold the relay's memory or descriptors with thousands."""
-MAX_CONNECTIONS = 4096
-"""Concurrent connections in all. A full relay (``max_sessions`` 1000, each with
-its host and a mate or two) stays under it; a swarm of addresses hits it before
-the process's descriptors or memory run out."""
-SESSION_IDLE_TIMEOUT = 30.0
-"""Seconds a logged-in connection may go without a running session (its host
-subsystem or mate terminal) before it is disconnected: OpenSSH starts its session
-within a round trip of logging in, so only an idle or hostile client waits longer.
-``login_timeout`` covers the time before login."""
-MAX_CHANNELS = 8
-"""Channels open at once on one connection: OpenSSH opens one per session (a few
-with connection sharing); each costs the relay its buffers."""
-MAX_ENV_REQUESTS = 64
-"""``env`` requests one connection may send. tether passes no environment on (the
-terminal type comes with the pty request), so every one is refused and none is
-stored; past this many the client is flooding and is disconnected. OpenSSH sends
-one per ``SendEnv`` match (Debian's default: LANG and LC_*)."""
-REQUEST_BURST = 256
-REQUEST_RATE = 32.0
-"""Window-change, signal and break requests a channel may send in a burst, and per
-second after it. asyncssh queues each one for the session's reader, also before
-the session starts (nobody reads then): unbounded, a client could queue millions.
-Dragging a terminal's corner sends tens a second, for a moment."""
-
 
 # --- keys -----------------------------------------------------------------------
 
@@ -250,14 +197,6 @@ def parse_public_keys(lines: Sequence[str], limit: int = 256) -> set[bytes]:
     return keys
 
 
-def load_public_keys(path: str) -> list[str]:
-    """Lines of an authorized_keys file, checked to hold only public keys."""
-    with open(os.path.expanduser(path)) as f:
-        lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-    parse_public_keys(lines)
-    return lines
-
-
 HostHandler = Callable[[SSHLink, str, str], Awaitable[None]]
 """(link, host key fingerprint, peer address)"""
 MateHandler = Callable[[MateTerminal], Awaitable[None]]
@@ -266,218 +205,20 @@ MateKeys = Callable[[str], set[bytes] | None]
 """token -> the public keys its session requires of mates (None: no key needed)."""
 
 
-def _quick_acks(conn: asyncssh.SSHServerConnection, on: bool) -> None:
-    """ACK a client's every packet at once until it has logged in.
+class _RelaySSHServer(BoundedServer):
+    """Authentication: hosts by key as ``HOST_USER``; mates by the token in their
+    user name, and by key only if the host listed mates' keys."""
 
-    OpenSSH leaves Nagle on until its session starts and sends handshake
-    messages in pairs (KEXINIT then ECDH_INIT, NEWKEYS then SERVICE_REQUEST):
-    the second waits for our ACK of the first, which Linux delays by 40 ms.
-    TCP_QUICKACK does not stick, so it is re-armed after every read. Saves
-    each host's connect ~80 ms.
-    """
-    quickack = getattr(socket, "TCP_QUICKACK", None)
-    sock = conn.get_extra_info("socket")
-    if quickack is None or sock is None:
-        return
-    if not on:
-        conn.__dict__.pop("data_received", None)
-        return
-    received = conn.data_received
-
-    def data_received(data: bytes, datatype: int | None = None) -> None:
-        received(data, datatype)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-    conn.data_received = data_received  # type: ignore[method-assign]
-
-
-def address_key(address: str) -> str:
-    """What per-address limits count by: an IPv4 address (also when IPv4-mapped),
-    or an IPv6 address's /64, which one subscriber usually has whole."""
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
-
-
-class _Admission:
-    """Counts the SSH front's open connections, per address and in all."""
-
-    def __init__(self, per_address: int, total: int) -> None:
-        self.per_address = per_address
-        self.total = total
-        self.count = 0
-        self.by_address: dict[str, int] = {}
-
-    def admit(self, key: str) -> str | None:
-        """Count a new connection from ``key``; or say why it is refused."""
-        if self.by_address.get(key, 0) >= self.per_address:
-            return f"too many connections from your address (at most {self.per_address})"
-        if self.count >= self.total:
-            return f"this relay has too many connections (at most {self.total})"
-        self.count += 1
-        self.by_address[key] = self.by_address.get(key, 0) + 1
-        return None
-
-    def release(self, key: str) -> None:
-        self.count -= 1
-        left = self.by_address.pop(key, 1) - 1
-        if left > 0:
-            self.by_address[key] = left
-
-
-_HOOKED_REQUESTS = ("window_change", "signal", "break")
-
-
-def _check_asyncssh() -> None:
-    """The request bounds hook asyncssh's per-request handlers (it has no public
-    hook); refuse to serve, rather than serve unbounded, if a release renamed them."""
-    for name in ("env", *_HOOKED_REQUESTS):
-        if not hasattr(asyncssh.SSHServerChannel, f"_process_{name}_request"):
-            raise RuntimeError(f"asyncssh {asyncssh.__version__} has no {name} request "
-                               "handler to bound; tether needs a compatible asyncssh")
-
-
-class _RelaySSHServer(asyncssh.SSHServer):
     def __init__(
         self,
         key_check: KeyCheck | None,
         mate_keys: MateKeys | None,
-        admission: _Admission,
+        admission: Admission,
         idle_timeout: float,
     ) -> None:
+        super().__init__(admission, idle_timeout)
         self._key_check = key_check
         self._mate_keys = mate_keys
-        self._admission = admission
-        self._idle_timeout = idle_timeout
-        self.conn: asyncssh.SSHServerConnection | None = None
-        self._counted: str | None = None
-        self._peer = "?"
-        self._channels = 0
-        self._sessions = 0
-        self._idle: asyncio.TimerHandle | None = None
-        self._env_requests = 0
-        self._leaving = False
-
-    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        self.conn = conn
-        peer = conn.get_extra_info("peername") or ("?", 0)
-        self._peer = f"{peer[0]}:{peer[1]}"
-        key = address_key(str(peer[0]))
-        refusal = self._admission.admit(key)
-        if refusal is not None:
-            log.warning("ssh %s: refused: %s", self._peer, refusal)
-            # after asyncssh has sent its version line, so the client can read why
-            asyncio.get_running_loop().call_soon(
-                conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS, refusal
-            )
-            return
-        self._counted = key
-        self._hook_channels(conn)
-        _quick_acks(conn, True)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-        if self._counted is not None:
-            self._admission.release(self._counted)
-            self._counted = None
-
-    def auth_completed(self) -> None:
-        if self.conn is not None:
-            _quick_acks(self.conn, False)
-            self._arm_idle()
-
-    # --- sessions, channels and their requests ------------------------------------
-
-    def session_began(self) -> None:
-        self._sessions += 1
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-
-    def session_ended(self) -> None:
-        self._sessions -= 1
-        self._arm_idle()
-
-    def _arm_idle(self) -> None:
-        if self._sessions == 0 and self._idle is None and not self._leaving:
-            self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self._idled)
-
-    def _idled(self) -> None:
-        self._idle = None
-        if self._sessions == 0:
-            self._disconnect(f"no session started within {self._idle_timeout:g} s")
-
-    def _disconnect(self, why: str) -> None:
-        if self._counted is None or self._leaving:
-            return  # refused, or already on its way out
-        self._leaving = True
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-        log.warning("ssh %s: %s; disconnected", self._peer, why)
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, why)
-
-    def _hook_channels(self, conn: asyncssh.SSHServerConnection) -> None:
-        """Bound the channels of ``conn`` and the requests each may queue."""
-        create, add, remove = conn.create_server_channel, conn.add_channel, conn.remove_channel
-
-        def create_channel(*args: Any, **kwargs: Any) -> asyncssh.SSHServerChannel[Any]:
-            if self._channels >= MAX_CHANNELS:
-                log.warning("ssh %s: more than %d channels refused", self._peer, MAX_CHANNELS)
-                raise asyncssh.ChannelOpenError(
-                    asyncssh.OPEN_RESOURCE_SHORTAGE, f"at most {MAX_CHANNELS} channels"
-                )
-            chan = create(*args, **kwargs)
-            chan._process_env_request = self._env_request  # type: ignore[method-assign]
-            bucket = TokenBucket(REQUEST_RATE, REQUEST_BURST, time.monotonic())
-            for name in _HOOKED_REQUESTS:
-                attr = f"_process_{name}_request"
-                setattr(chan, attr, self._rate_limited(getattr(chan, attr), bucket))
-            return chan
-
-        def add_channel(chan: Any) -> int:
-            number = add(chan)
-            self._channels += 1
-            return number
-
-        def remove_channel(number: int) -> None:
-            self._channels -= 1
-            remove(number)
-
-        conn.create_server_channel = create_channel  # type: ignore[method-assign]
-        conn.add_channel = add_channel  # type: ignore[method-assign]
-        conn.remove_channel = remove_channel  # type: ignore[method-assign]
-
-    def _env_request(self, packet: object) -> bool:
-        self._env_requests += 1
-        if self._env_requests == MAX_ENV_REQUESTS + 1:
-            self._disconnect(f"more than {MAX_ENV_REQUESTS} env requests")
-        return False  # refused, and nothing stored
-
-    def _rate_limited(
-        self, handler: Callable[[Any], bool], bucket: TokenBucket
-    ) -> Callable[[Any], bool]:
-        def bounded(packet: Any) -> bool:
-            if bucket.take(1, time.monotonic()):
-                self._disconnect("channel requests faster than "
-                                 f"{REQUEST_RATE:g}/s after a burst of {REQUEST_BURST}")
-                return False
-            return handler(packet)
-
-        return bounded
 
     def begin_auth(self, username: str) -> bool:
         # Mates need no key unless the host listed some: the token is the credential.
@@ -523,44 +264,11 @@ async def start_ssh_server(
     (``SESSION_IDLE_TIMEOUT``) disconnects a logged-in connection that runs no
     session, ``login_timeout`` one that does not log in.
     """
-    _check_asyncssh()
-    admission = _Admission(max_per_address, max_connections)
+    check_asyncssh()
+    admission = Admission(max_per_address, max_connections)
 
     async def handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
-        owner = process.channel.get_connection().get_owner()
-        server = owner if isinstance(owner, _RelaySSHServer) else None
-        if server is not None:
-            server.session_began()
-        try:
-            await _serve(process)
-        finally:
-            if server is not None:
-                server.session_ended()
-
-    async def _serve(process: asyncssh.SSHServerProcess[bytes]) -> None:
-        user = process.get_extra_info("username") or ""
-        peer = process.get_extra_info("peername") or ("?", 0)
-        peer_s = f"{peer[0]}:{peer[1]}"
-        try:
-            if user == HOST_USER:
-                if process.subsystem != SUBSYSTEM:
-                    process.stderr.write(b"this account only speaks the tether protocol\r\n")
-                    process.exit(1)
-                    return
-                link = SSHLink(process.stdin, process.stdout, f"ssh {peer_s}")
-                await on_host(link, process.get_extra_info("tether_host_key") or "", peer_s)
-                link.close()
-                process.exit(0)
-                return
-            term = process.get_terminal_type()
-            cols, rows, _, _ = process.get_terminal_size()
-            mate = MateTerminal(user, peer_s, term or "", cols, rows, process)
-            await on_mate(mate)
-        except (asyncssh.Error, OSError, LinkClosed):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                process.exit(0)
+        await _session(process, on_host, on_mate)
 
     return await asyncssh.create_server(
         lambda: _RelaySSHServer(key_check, mate_keys, admission, idle_timeout),
@@ -579,6 +287,50 @@ async def start_ssh_server(
         login_timeout=login_timeout,
         reuse_address=True,
     )
+
+
+async def _session(
+    process: asyncssh.SSHServerProcess[bytes], on_host: HostHandler, on_mate: MateHandler
+) -> None:
+    """One SSH session, counted by its connection's idle timer while it runs."""
+    owner = process.channel.get_connection().get_owner()
+    server = owner if isinstance(owner, BoundedServer) else None
+    if server is not None:
+        server.session_began()
+    try:
+        await _serve(process, on_host, on_mate)
+    finally:
+        if server is not None:
+            server.session_ended()
+
+
+async def _serve(
+    process: asyncssh.SSHServerProcess[bytes], on_host: HostHandler, on_mate: MateHandler
+) -> None:
+    """Hand a host's ``tether`` subsystem to ``on_host``, a mate's terminal to ``on_mate``."""
+    user = process.get_extra_info("username") or ""
+    peer = process.get_extra_info("peername") or ("?", 0)
+    peer_s = f"{peer[0]}:{peer[1]}"
+    try:
+        if user == HOST_USER:
+            if process.subsystem != SUBSYSTEM:
+                process.stderr.write(b"this account only speaks the tether protocol\r\n")
+                process.exit(1)
+                return
+            link = SSHLink(process.stdin, process.stdout, f"ssh {peer_s}")
+            await on_host(link, process.get_extra_info("tether_host_key") or "", peer_s)
+            link.close()
+            process.exit(0)
+            return
+        term = process.get_terminal_type()
+        cols, rows, _, _ = process.get_terminal_size()
+        mate = MateTerminal(user, peer_s, term or "", cols, rows, process)
+        await on_mate(mate)
+    except (asyncssh.Error, OSError, LinkClosed):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            process.exit(0)
 
 
 async def wait_closed(acceptor: asyncssh.SSHAcceptor) -> None:

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from tether.core.control import ControlParser, Notification, PaneOutput, Reply
+from tether.core.errors import TetherError
 
 EventHandler = Callable[[PaneOutput | Notification], None]
 
@@ -39,7 +40,7 @@ def spawn(
     return os.posix_spawnp(argv[0], list(argv), env, file_actions=actions)
 
 
-class TmuxError(Exception):
+class TmuxError(TetherError):
     """A tmux command failed; the message is tmux's own."""
 
 
