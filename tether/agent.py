@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tether.client import config as config_mod
 from tether.client.host import HostAgent, discard_link
@@ -25,6 +26,9 @@ from tether.core.tokens import RedactTokens
 from tether.transport.children import use_pidfd_watcher
 from tether.transport.openssh import RelayAddress, load_public_keys
 from tether.transport.reconnect import Connector
+
+if TYPE_CHECKING:
+    from tether.relay.server import Relay
 
 log = logging.getLogger("tether.agent")
 
@@ -67,42 +71,12 @@ async def _display_all(agent: HostAgent, text: str) -> None:
                 agent.tmux.send(f"display-message -d 15000 -c {quote(name)} {shown}")
 
 
-async def amain(socket: str, session: str, conf: Path | None, authorized: str | None = None) -> int:
+async def amain(socket: str, session: str, conf: Path | None, authorized: str | None = None,
+                warm: bool = True) -> int:
+    """Share ``session`` until it ends; ``warm``: leave a zygote behind once shared."""
     cfg = config_mod.load(conf)
     messages = Messages(messages_path(socket))
-    relay = None
-    if cfg.server_host:
-        addr = RelayAddress(
-            cfg.server_host,
-            cfg.server_port,
-            cfg.fingerprints,
-            cfg.identities,
-            cfg.known_hosts,
-            str(state_dir() / "host_ed25519"),
-        )
-    else:
-        # the embedded relay only: a host with a relay configured never loads it
-        from tether.relay.jail import jail_unavailable
-        from tether.relay.server import Relay, RelayConfig
-
-        jail_problem = jail_unavailable()
-        relay = Relay(
-            RelayConfig(
-                keys_dir=state_dir() / "embedded-relay-keys",
-                bind="127.0.0.1",
-                port=0,
-                jail=jail_problem is None,
-            )
-        )
-        await relay.start()
-        addr = RelayAddress(
-            "127.0.0.1",
-            relay.port,
-            [fp for _, fp in relay.fingerprints],
-            cfg.identities,
-            fallback_identity=str(state_dir() / "host_ed25519"),
-        )
-
+    addr, relay, jail_problem = await _relay_address(cfg)
     authorized = authorized or (
         os.path.expanduser(cfg.authorized_keys) if cfg.authorized_keys else None
     )
@@ -130,7 +104,54 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
             messages(f"embedded relay: the replica is not jailed: {jail_problem}")
     else:
         messages(f"connecting to relay {addr.host}:{addr.port}")
-    pidfile = pid_path(socket)
+    await _run_until_stopped(agent, pid_path(socket), warm)
+    if relay is not None:
+        await relay.close()
+    return 0
+
+
+async def _relay_address(
+    cfg: config_mod.TetherConfig,
+) -> tuple[RelayAddress, Relay | None, str | None]:
+    """Where the host connects: the configured relay, or else an embedded one
+    started here (returned, to close at the end, with why it is not jailed)."""
+    if cfg.server_host:
+        addr = RelayAddress(
+            cfg.server_host,
+            cfg.server_port,
+            cfg.fingerprints,
+            cfg.identities,
+            cfg.known_hosts,
+            str(state_dir() / "host_ed25519"),
+        )
+        return addr, None, None
+    # the embedded relay only: a host with a relay configured never loads it
+    from tether.relay.jail import jail_unavailable
+    from tether.relay.server import Relay, RelayConfig
+
+    jail_problem = jail_unavailable()
+    relay = Relay(
+        RelayConfig(
+            keys_dir=state_dir() / "embedded-relay-keys",
+            bind="127.0.0.1",
+            port=0,
+            jail=jail_problem is None,
+        )
+    )
+    await relay.start()
+    addr = RelayAddress(
+        "127.0.0.1",
+        relay.port,
+        [fp for _, fp in relay.fingerprints],
+        cfg.identities,
+        fallback_identity=str(state_dir() / "host_ed25519"),
+    )
+    return addr, relay, jail_problem
+
+
+async def _run_until_stopped(agent: HostAgent, pidfile: Path, warm: bool) -> None:
+    """Run the agent until its session ends or a signal asks it to stop, with its
+    pid in ``pidfile`` meanwhile."""
     pidfile.write_text(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -138,7 +159,7 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
         loop.add_signal_handler(sig, stop.set)
     runner = asyncio.create_task(agent.run())
     stopper = asyncio.create_task(stop.wait())
-    warmer = asyncio.create_task(_start_zygote(agent))
+    warmer = asyncio.create_task(_start_zygote(agent) if warm else asyncio.sleep(0))
     await asyncio.wait([runner, stopper], return_when=asyncio.FIRST_COMPLETED)
     runner.cancel()
     stopper.cancel()
@@ -148,20 +169,26 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
             pidfile.unlink()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await runner
-    if relay is not None:
-        await relay.close()
-    return 0
 
 
 async def _start_zygote(agent: HostAgent) -> None:
-    """Once shared, leave a zygote behind so the user's next session starts warm."""
-    from tether import zygote
+    """Once shared, leave a zygote behind so the user's next session starts warm.
 
-    if zygote.forked:
-        return  # ours is running
+    Started as a command (`tether _zygote`), not imported: the zygote imports this
+    module to run forked agents, and this module must not import it back."""
+    import subprocess
+
     await agent.ready.wait()
-    with contextlib.suppress(OSError):
-        zygote.start(state_dir(), state_dir() / "zygote.log")
+    with contextlib.suppress(OSError), open(state_dir() / "zygote.log", "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "tether", "_zygote", "--watch", str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+        )
 
 
 async def _read_session_id() -> str:
@@ -178,7 +205,8 @@ async def _read_session_id() -> str:
     return line.decode(errors="replace").strip()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, forked: bool = False) -> int:
+    """The agent's command line; ``forked``: by a zygote, which need not start another."""
     p = argparse.ArgumentParser(prog="tether-agent")
     p.add_argument("--socket", required=True)
     p.add_argument("--session", required=True, help="tmux session id, or - to read it from stdin")
@@ -194,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers=[handler],
     )
     use_pidfd_watcher()
-    return asyncio.run(amain(a.socket, a.session, a.config, a.authorized_keys))
+    return asyncio.run(amain(a.socket, a.session, a.config, a.authorized_keys, warm=not forked))
 
 
 if __name__ == "__main__":

@@ -73,12 +73,19 @@ def _translate(arg: str) -> str:
     return arg.replace("#{tether_", "#{@tether_")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    socket: str | None = None
-    conf: str | None = None
-    authorized: str | None = None
-    verbose = False
+class _Options:
+    """The global options before the command (``-S``, ``-f``, ``-a``, ``-v``)."""
+
+    def __init__(self) -> None:
+        self.socket: str | None = None
+        self.conf: str | None = None
+        self.authorized: str | None = None
+        self.verbose = False
+
+
+def _parse_options(args: list[str], opts: _Options) -> int | None:
+    """Take the global options off the front of ``args`` into ``opts``; an exit
+    status if the command line is done (help, version, an error)."""
     while args and args[0].startswith("-") and args[0] != "-":
         opt = args.pop(0)
         if opt in ("-h", "--help"):
@@ -90,35 +97,39 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tether {__version__}")
             return 0
         if opt == "-v":
-            verbose = True
+            opts.verbose = True
         elif opt.startswith("-S"):
-            socket = opt[2:] or (args.pop(0) if args else None)
-            if not socket:
+            opts.socket = opt[2:] or (args.pop(0) if args else None)
+            if not opts.socket:
                 return _die("-S needs a socket path")
         elif opt.startswith("-a"):
-            authorized = opt[2:] or (args.pop(0) if args else None)
-            if not authorized:
+            opts.authorized = opt[2:] or (args.pop(0) if args else None)
+            if not opts.authorized:
                 return _die("-a needs an authorized_keys file")
         elif opt.startswith("-f"):
-            conf = opt[2:] or (args.pop(0) if args else None)
-            if not conf:
+            opts.conf = opt[2:] or (args.pop(0) if args else None)
+            if not opts.conf:
                 return _die("-f needs a config file")
         elif opt == "--":
             break
         else:
             return _die(f"unknown option {opt}; see `tether --help`")
-    command = args[0] if args else None
+    return None
 
+
+def _run_program(command: str | None, args: list[str]) -> int | None:
+    """Run a command that is a program of its own (relay, netsim, the agent...);
+    None if ``command`` is not one."""
     if command == "relay":
         from tether.relay.cli import main as relay_main
 
-        return relay_main(args[1:])
+        return relay_main(args)
     if command == "netsim":
         try:
             from tether.netsim.cli import main as netsim_main
         except ImportError as exc:
             return _die(f"netsim is not available: {exc}")
-        return netsim_main(args[1:])
+        return netsim_main(args)
     if command == "join":
         return _die(
             "the roaming client is not available yet; join with the ssh command "
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "_zygote":
         from tether.zygote import main as zygote_main
 
-        return zygote_main(args[1:])
+        return zygote_main(args)
     if command == "_agent":
         # asyncio imports ssl (~16 ms) for TLS the agent never uses; aioquic
         # imports it again once the session is shared, off the start-up path
@@ -138,15 +149,28 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if not had_ssl:
                 del sys.modules["ssl"]
-        return agent_main(args[1:])
+        return agent_main(args)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    opts = _Options()
+    done = _parse_options(args, opts)
+    if done is not None:
+        return done
+    command = args[0] if args else None
+    status = _run_program(command, args[1:])
+    if status is not None:
+        return status
 
     if command is None or command in ("new-session", "new"):
         detached = "-d" in args[1:]
         rest = [a for a in args[1:] if a != "-d"]
-        sock = socket or _new_socket()
-        return new_session(sock, rest, detached, conf, verbose, authorized)
+        sock = opts.socket or _new_socket()
+        return new_session(sock, rest, detached, opts.conf, opts.verbose, opts.authorized)
 
-    sock = socket or _current_socket()
+    sock = opts.socket or _current_socket()
     if sock is None:
         return _die("no session given: use -S SOCKET (or run this inside a tether session)")
     if command in ("show-messages", "showmsgs"):
@@ -163,7 +187,6 @@ def new_session(
     verbose: bool,
     authorized: str | None = None,
 ) -> int:
-    import subprocess
     from pathlib import Path
 
     from tether.client.paths import state_dir
@@ -182,20 +205,43 @@ def new_session(
     if authorized:
         agent_args += ["--authorized-keys", os.path.abspath(os.path.expanduser(authorized))]
     agent_in = _start_agent(state, agent_args, env, log_path)
-
-    def fail(msg: str) -> int:
+    session, problem = _start_tmux(sock, tmux_args, conf, authorized, state, env)
+    if session is None:
         agent_in.close()
-        return _die(msg)
+        return _die(problem)
+    try:
+        agent_in.write(f"{session}\n".encode())
+        agent_in.close()
+    except BrokenPipeError:
+        return _die(f"the tether agent did not start; see {log_path}")
+    if detached:
+        return 0
+    os.execvpe("tmux", ["tmux", "-S", sock, "attach", "-t", session], env)
+    return 0  # not reached
+
+
+def _start_tmux(
+    sock: str,
+    tmux_args: list[str],
+    conf: str | None,
+    authorized: str | None,
+    state: Path,
+    env: dict[str, str],
+) -> tuple[str | None, str]:
+    """Check the config, then start the tmux session with it: ``(session id, "")``,
+    or ``(None, why it could not start)``."""
+    import subprocess
+    from pathlib import Path
 
     from tether.client import config as config_mod
 
     try:
         cfg = config_mod.load(Path(conf) if conf else None)
     except config_mod.ConfigError as exc:
-        return fail(str(exc))
+        return None, str(exc)
     for identity in cfg.identities:
         if not os.path.isfile(identity):
-            return fail(f"tether-identity {identity}: no such file")
+            return None, f"tether-identity {identity}: no such file"
     authorized = authorized or cfg.authorized_keys
     if authorized:
         from tether.transport.openssh import load_public_keys
@@ -203,7 +249,7 @@ def new_session(
         try:
             load_public_keys(authorized)
         except (OSError, ValueError) as exc:
-            return fail(f"cannot use {authorized}: {exc}")
+            return None, f"cannot use {authorized}: {exc}"
     conf_file = state / f"tmux-{os.getpid()}.conf"
     conf_file.write_text(config_mod.tmux_config(cfg))
     proc = subprocess.run(
@@ -226,17 +272,8 @@ def new_session(
     )
     conf_file.unlink(missing_ok=True)
     if proc.returncode != 0:
-        return fail(proc.stderr.strip() or "tmux could not start a session")
-    session = proc.stdout.strip().splitlines()[-1]
-    try:
-        agent_in.write(f"{session}\n".encode())
-        agent_in.close()
-    except BrokenPipeError:
-        return _die(f"the tether agent did not start; see {log_path}")
-    if detached:
-        return 0
-    os.execvpe("tmux", ["tmux", "-S", sock, "attach", "-t", session], env)
-    return 0  # not reached
+        return None, proc.stderr.strip() or "tmux could not start a session"
+    return proc.stdout.strip().splitlines()[-1], ""
 
 
 def _start_agent(

@@ -43,10 +43,6 @@ MAX_AGENTS = 256
 """Agents one zygote keeps track of; beyond, the CLI starts its own."""
 CONNECT_TIMEOUT = 2.0
 
-forked = False
-"""True in an agent this zygote forked (it need not start a zygote itself)."""
-
-
 def address(state: Path) -> bytes:
     """The zygote's abstract socket name for this user, state directory and install."""
     import tether
@@ -147,8 +143,6 @@ def _receive(conn: socket.socket) -> _Request:
 
 def _become_agent(req: _Request, keep: list[int]) -> None:
     """In the forked child: take the request's stdio, cwd and env, run the agent, exit."""
-    global forked
-    forked = True
     code = 1
     try:
         for fd in keep:
@@ -165,7 +159,7 @@ def _become_agent(req: _Request, keep: list[int]) -> None:
         os.environ.update(req.env)
         from tether.agent import main
 
-        code = main(req.argv)
+        code = main(req.argv, forked=True)
     except SystemExit as exc:
         if isinstance(exc.code, int):
             code = exc.code
@@ -263,22 +257,6 @@ def _accept(listener: socket.socket, alive: dict[int, int]) -> None:
         finally:
             os.close(req.stdin_fd)
             os.close(req.log_fd)
-
-
-def start(state: Path, log_path: Path) -> None:
-    """Start a zygote in the background (from a first agent, once it has shared)."""
-    import subprocess
-
-    with open(log_path, "ab") as log:
-        subprocess.Popen(
-            [sys.executable, "-m", "tether", "_zygote", "--watch", str(os.getpid())],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            close_fds=True,
-            cwd="/",
-        )
 
 
 def main(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ import os
 import shlex
 from pathlib import Path
 
+from tether.core.errors import TetherError
 from tether.core.pubkeys import FINGERPRINT
 
 KNOWN = {
@@ -25,7 +26,7 @@ KNOWN = {
 }
 
 
-class ConfigError(Exception):
+class ConfigError(TetherError):
     pass
 
 

@@ -1,0 +1,369 @@
+"""The host agent's relay side: links to the relay, moved by ``HostEndpoint``.
+
+The protocol (handshake, log replay, exactly-once input and its acks, pings,
+RTT, the dead-link check) lives in the sans-I/O ``HostEndpoint``; this adapter
+only finds links (the connect loop, the move to QUIC), feeds the endpoint what
+arrives, sends what it returns, runs its timer, and turns its events into tmux
+actions (``TmuxSide``) and messages for the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from tether.core.control import quote
+from tether.core.errors import AuthError, RemoteProtocolError
+from tether.core.host_endpoint import HostEndpoint
+from tether.core.messages import Input, Welcome
+from tether.core.session import (
+    DEAD_AFTER,
+    PING_EVERY,
+    Channel,
+    InputReceived,
+    LinkDead,
+    Outgoing,
+    PeerClosed,
+    ProtocolFailed,
+    ResizeRequested,
+    SessionEvent,
+    SnapshotNeeded,
+    Welcomed,
+)
+from tether.transport.link import Link, LinkClosed
+from tether.transport.reconnect import Connector
+from tether.transport.tmux import TmuxError
+
+from .tmux_side import TmuxSide
+
+log = logging.getLogger("tether.host")
+
+Publish = Callable[[str, bool], None]
+"""(text, show): log a message; ``show`` also displays it on the host's clients."""
+UPGRADE_EVERY = PING_EVERY * 20
+"""On SSH, how often to try QUIC again."""
+
+
+def discard_link(task: asyncio.Task[Link]) -> None:
+    """Cancel a connection attempt, closing its link if it already made one."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
+def send(link: Link, out: Outgoing) -> None:
+    """Send by the channel the endpoint chose; datagrams go in order where the
+    link has none (SSH)."""
+    if out.channel is Channel.ACK:
+        link.send_ack(out.message)
+        return
+    datagram = getattr(link, "send_datagram", None)
+    if out.channel is Channel.DATAGRAM and datagram is not None:
+        datagram(out.message)
+    else:
+        link.send_nowait(out.message)
+
+
+class RelaySide:
+    """Connections to the relay, one at a time, for as long as the agent runs."""
+
+    def __init__(
+        self,
+        endpoint: HostEndpoint,
+        connector: Connector,
+        tmux: TmuxSide,
+        publish: Publish,
+        exited: asyncio.Event,
+    ) -> None:
+        self.ep = endpoint
+        self.connector = connector
+        self.side = tmux
+        self.publish = publish
+        self.exited = exited
+        self.link: Link | None = None
+        """The link while welcomed on it (the status line shows it)."""
+        self._next_link: Link | None = None
+        self.early: asyncio.Task[Link] | None = None
+        """A first connection started before the agent knew its session (the
+        SSH handshake then overlaps tmux starting)."""
+        self.wake = asyncio.Event()  # the log grew: the sender sends
+        self._poke = asyncio.Event()  # the endpoint may have events or a new timer
+        self.ready = asyncio.Event()
+        self.state_changed = asyncio.Event()
+        self.transport = "connecting"
+        self.last_error = ""
+        self._failure: BaseException | None = None
+        self._welcomed = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._applying: asyncio.Future[None] | None = None
+
+    def changed(self) -> None:
+        """The tmux side logged something: the sender sends. Only a snapshot owed
+        can have made an event (``SnapshotNeeded``): then the timer loop looks,
+        not on every pane output."""
+        self.wake.set()
+        if self.ep.need_snapshot:
+            self._poke.set()
+
+    # --- one connection ----------------------------------------------------------
+
+    async def _session(self, link: Link) -> None:
+        """Handshake and replicate until the link ends; raise why it did."""
+        self._failure = None
+        self._welcomed = False
+        self.ep.connect(time.monotonic())
+        tasks = self._tasks = [self._guarded(link, self._timers(link))]
+        try:
+            self._flush(link)  # Hello
+            await link.drain()
+            while True:
+                try:
+                    msg = await link.recv()
+                except LinkClosed:
+                    await self._settle(tasks)
+                    if self._failure is not None:
+                        raise self._failure from None
+                    raise
+                self.ep.receive(msg, time.monotonic())
+                self._flush(link)
+                self._poke.set()
+        finally:
+            await self._settle(tasks)
+            self.link = None
+            self.state_changed.set()
+            self.ep.connection_lost(time.monotonic())
+
+    async def _settle(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Stop the link's tasks, then act on the events they left: input is typed
+        (the endpoint took it, a resend will be dropped), the connection strings
+        published, and why the peer closed kept; the rest belonged to the link."""
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        applying, self._applying = self._applying, None
+        if applying is not None:
+            with contextlib.suppress(Exception):  # a failure was the link's to report
+                await applying
+        while (event := self.ep.next_event()) is not None:
+            if isinstance(event, InputReceived):
+                with contextlib.suppress(TmuxError):
+                    await self.side.apply_input(event.input)
+            elif isinstance(event, ResizeRequested):
+                self.side.apply_resize(event.cols, event.rows)
+            elif isinstance(event, Welcomed):
+                self.connector.learn(event.welcome)
+                self._announce(event.welcome, event.announce)
+            elif isinstance(event, PeerClosed) and self._failure is None:
+                self._failure = LinkClosed(event.reason)
+            elif isinstance(event, ProtocolFailed) and self._failure is None:
+                self._failure = RemoteProtocolError(event.text)
+
+    def _guarded(self, link: Link, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task of this link: what goes wrong in it ends the link (and is
+        raised by ``_session``), never silently the task alone."""
+
+        async def run() -> None:
+            try:
+                await coro
+            except LinkClosed:
+                link.close()  # the receive loop raises its own LinkClosed
+            except Exception as exc:
+                if self._failure is None:
+                    self._failure = exc
+                link.close()
+
+        return asyncio.create_task(run())
+
+    def _flush(self, link: Link) -> None:
+        """Send the control messages now (pongs, acks, pings), not after a drain."""
+        for out in self.ep.messages_to_send(time.monotonic(), events=False):
+            send(link, out)
+
+    async def _timers(self, link: Link) -> None:
+        """The endpoint's clock and events: act on events, sleep until ``next_timer``."""
+        while True:
+            self._poke.clear()
+            while (event := self.ep.next_event()) is not None:
+                await self._on_event(link, event)
+            now = time.monotonic()
+            due = self.ep.next_timer()
+            if due is not None and due <= now:
+                activity = getattr(link, "last_activity", None)
+                if activity is not None:  # QUIC hears the relay below the messages
+                    self.ep.note_activity(activity)
+                self.ep.handle_timer(now)
+                self._flush(link)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), None if due is None else due - now)
+
+    async def _on_event(self, link: Link, event: SessionEvent) -> None:
+        if isinstance(event, Welcomed):
+            self._on_welcome(link, event)
+        elif isinstance(event, SnapshotNeeded):
+            self.side.request_snapshot()
+        elif isinstance(event, InputReceived):
+            await self._apply_input(event.input)
+        elif isinstance(event, ResizeRequested):
+            self.side.apply_resize(event.cols, event.rows)
+        elif isinstance(event, LinkDead):
+            if self._welcomed:
+                self.publish(f"no word from the relay for {DEAD_AFTER:.0f}s; reconnecting", False)
+            else:  # no Welcome in time
+                self._failure = TimeoutError()
+            link.close()
+        elif isinstance(event, PeerClosed):
+            self._failure = LinkClosed(event.reason)
+            link.close()
+        elif isinstance(event, ProtocolFailed):
+            with contextlib.suppress(LinkClosed):
+                self._flush(link)
+            self._failure = RemoteProtocolError(event.text)
+            link.close()
+
+    async def _apply_input(self, msg: Input) -> None:
+        """Type mate input. The endpoint has taken (and will ack) it, so the link
+        ending meanwhile must not cut a host binding short: it runs in a task of
+        its own that ``_settle`` waits for."""
+        if msg.binding is None:
+            await self.side.apply_input(msg)  # keys: queued at once, nothing to cut
+            return
+        self._applying = asyncio.ensure_future(self.side.apply_input(msg))
+        await asyncio.shield(self._applying)
+
+    def _on_welcome(self, link: Link, event: Welcomed) -> None:
+        self._welcomed = True
+        self.connector.learn(event.welcome)
+        self.link = link
+        self.state_changed.set()
+        self.transport = link.description
+        self._announce(event.welcome, event.announce)
+        self.publish(f"connected to the relay over {link.description}", False)
+        self.wake.set()
+        self._tasks.append(self._guarded(link, self._send_loop(link)))
+        if link.kind != "quic" and self.connector.quic is not None:
+            self._tasks.append(self._guarded(link, self._upgrade(link)))
+
+    def _announce(self, welcome: Welcome, announce: bool) -> None:
+        """Publish the connection strings (``#{tether_ssh}``); say them when new."""
+        t = self.side.tmux
+        for name, value in (
+            ("@tether_ssh", welcome.ssh_rw),
+            ("@tether_ssh_ro", welcome.ssh_ro),
+            ("@tether_session", welcome.session),
+        ):
+            t.send(f"set -g {name} {quote(value)}")
+        if announce:
+            self.publish(f"ssh session read only: {welcome.ssh_ro}", True)
+            self.publish(f"ssh session: {welcome.ssh_rw}", True)
+            t.send("wait-for -S tether-ready")
+            self.ready.set()
+
+    async def _send_loop(self, link: Link) -> None:
+        """The log, a batch at a time, waiting for the link to drain between."""
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while out := self.ep.messages_to_send(time.monotonic()):
+                for o in out:
+                    send(link, o)
+                await link.drain()
+
+    async def _upgrade(self, link: Link) -> None:
+        """On the SSH channel: move to QUIC as soon as it gets through."""
+        first = True
+        while True:
+            if not first:
+                await asyncio.sleep(UPGRADE_EVERY)
+            first = False
+            if not self.connector.quic_preferred():
+                continue
+            quic = await self.connector.try_quic()
+            if self.connector.cert_error:
+                self.report(self.connector.cert_error)
+            if quic is not None:
+                self._next_link = quic
+                link.close()  # the session loop ends; the connect loop takes the QUIC link
+                return
+
+    async def end(self, reason: str) -> None:
+        """The tmux session ended: let the relay end it now rather than wait for us."""
+        link = self.link
+        self.ep.end(reason, time.monotonic())
+        out = self.ep.messages_to_send(time.monotonic(), limit_bytes=None)
+        if link is None:
+            return
+        with contextlib.suppress(LinkClosed, TimeoutError):
+            async with asyncio.timeout(2):
+                for o in out:
+                    await link.send(o.message)
+
+    # --- connections, one after another -------------------------------------------
+
+    async def _next(self) -> Link:
+        if self.early is not None:
+            early, self.early = self.early, None
+            return await early
+        return self._next_link or await self.connector.connect()
+
+    async def connect_loop(self) -> None:
+        """Connect, replicate, and reconnect with backoff until the session ends."""
+        delay = 0.2
+        while not self.exited.is_set():
+            try:
+                link = await self._next()
+                self._next_link = None
+                if self.connector.cert_error:
+                    self.report(self.connector.cert_error)
+            except AuthError as exc:
+                self.report(str(exc))
+                delay = 30.0
+            except Exception as exc:
+                self.report(f"cannot reach the relay: {str(exc) or type(exc).__name__}")
+            else:
+                if self.exited.is_set():  # the endpoint has ended: no new connection
+                    link.close()
+                    return
+                start = time.monotonic()
+                await self._run_link(link)
+                if time.monotonic() - start > 10 or self._next_link is not None:
+                    delay = 0.2
+            if self._next_link is not None:
+                continue
+            self.transport = "reconnecting"
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+    async def _run_link(self, link: Link) -> None:
+        """One link's session, and what its end is reported as."""
+        try:
+            await self._session(link)
+        except (LinkClosed, TimeoutError, ConnectionError, OSError) as exc:
+            if self._next_link is None:  # not our own move to QUIC
+                self.report(f"connection to the relay lost: {exc}")
+        except RemoteProtocolError as exc:
+            self.report(str(exc))
+            if link.kind == "quic":
+                # e.g. a restarted relay that no longer knows us: bootstrap over
+                # SSH, where it can re-create the session with the same tokens
+                self.connector.quic_failed_at = time.monotonic()
+        except Exception as exc:  # a bug must cost a reconnect, never the session
+            log.exception("replication failed")
+            self.report(f"replication failed ({type(exc).__name__}: {exc}); reconnecting")
+        finally:
+            link.close()
+
+    def report(self, text: str) -> None:
+        """Log and show an error once (not again while it repeats)."""
+        if text != self.last_error:
+            self.last_error = text
+            log.warning("%s", text)
+            self.publish(text, True)
