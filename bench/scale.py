@@ -3,14 +3,15 @@
 One ``tether relay`` on loopback holds one *active* session (a real host,
 ``tether new-session`` running ``cat``, with its own terminal attached and a mate
 on OpenSSH under a pty) and N *idle* sessions (N = 0, 100, 1,000; ``--quick``:
-0, 10). Real agents cost ~30 MB each, so the idle sessions come from fake hosts:
-one Python process (asyncio + asyncssh, ``python3 -m bench.scale _fleet``) that
-opens one SSH connection per session as ``tether-host`` with its own ed25519 key,
-sends ``Hello``, waits for ``Welcome``, sends the snapshot a real agent would send
-for a fresh 80x24 session (structure, status options and key bindings read from
-a plain tmux server with the benchmark's ~/.tmux.conf, and a pane image of a
-shell screen), waits for the relay's ``Ack`` (the jailed replica worker and its
-tmux server applied it) and then pings once a second, as an idle agent does.
+0, 10). Real agents cost ~30 MB each, so the idle sessions come from fake hosts
+(``bench/scale_fleet.py``): one Python process (asyncio + asyncssh) that opens one
+SSH connection per session as ``tether-host`` with its own ed25519 key, each
+driven by the host's protocol endpoint (``tether.core.host_endpoint``): ``Hello``,
+``Welcome``, the snapshot a real agent would send for a fresh 80x24 session
+(structure, status options and key bindings read from a plain tmux server with
+the benchmark's ~/.tmux.conf, and a pane image of a shell screen), the relay's
+``Ack`` (the jailed replica worker and its tmux server applied it), then a ping
+a second, as an idle agent sends.
 The fleet grows between steps (0 -> 100 -> 1,000), so each step adds sessions.
 
 For each N: relay-side PSS (every process ``Relay.parts()`` finds: the relay,
@@ -43,31 +44,18 @@ Run alone: ``python3 -m bench.scale [--quick]``.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
-import json
 import math
-import os
-import queue
-import random
 import resource
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    PY,
-    BenchError,
     Ctx,
     Figure,
     Mem,
-    PlainTmux,
     Relay,
     Workdir,
     cpu_of,
@@ -77,357 +65,21 @@ from bench.common import (
 )
 from bench.echo import LINE, SIZE, echo_rig, measure_echo
 from bench.memory import settle
+from bench.scale_fleet import (
+    CONCURRENCY,
+    PING_EVERY,
+    START_LIMIT,
+    Fleet,
+    snapshot_payload,
+)
 
 MIB = 1 << 20
 GIB = 1 << 30
 MEM_LIMIT = 24 * GIB
 CORES = 2
-START_LIMIT = 600.0
-"""seconds the fake hosts may take to start one step's sessions"""
-CONCURRENCY = 8
-"""sessions being started at once"""
-PING_EVERY = 1.0
-"""an idle agent pings once a second (tether.client.host.PING_IDLE)"""
 FIRST_GUESS = 24 * MIB
 """PSS per session assumed before any was measured"""
 MEM_SHARE = 0.8
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# --- the fake hosts (a process of their own) -----------------------------------------
-
-
-def _snapshot_payload(wd: Workdir) -> tuple[bytes, int]:
-    """The first events a real agent sends for a fresh session, encoded: a snapshot
-    read from a plain tmux server with the benchmark's tmux.conf (status on), then
-    a pane image of a shell screen. Returns (frames, seq the relay acks last)."""
-    from tether.client.host import (
-        STATUS_FORMAT,
-        WINDOW_FORMAT,
-        HostAgent,
-        parse_bindings,
-        split_confirm,
-    )
-    from tether.core.messages import (
-        STATUS_OPTIONS,
-        Binding,
-        Bindings,
-        Event,
-        PaneImage,
-        PaneReset,
-        Snapshot,
-        Status,
-    )
-
-    tpl = PlainTmux(wd, wd.path / "template", "template", SIZE)
-    try:
-        lines = tpl.tmux("list-windows", "-F", WINDOW_FORMAT).encode().splitlines()
-        structure = HostAgent._parse_windows(lines)
-        values = tpl.tmux("display", "-p", STATUS_FORMAT).rstrip("\n").split("\x1f")[1:]
-        values += [""] * (len(STATUS_OPTIONS) - len(values))
-        status = Status(tuple(zip(STATUS_OPTIONS, values, strict=False)))
-        keys = parse_bindings(tpl.tmux("list-keys").splitlines())
-        prefix = tpl.tmux("show", "-gv", "prefix").strip() or "C-b"
-    finally:
-        tpl.close()
-    if not structure.windows:
-        raise BenchError("template tmux server showed no window")
-    bindings = Bindings(prefix, tuple(Binding(t, k, split_confirm(c)[1])
-                                      for (t, k), c in keys.items()))
-    prompt = "\x1b[32mmate@box\x1b[0m:\x1b[34m~/src\x1b[0m$ "
-    screen = "".join(f"{prompt}ls -l\r\n" + "".join(
-        f"-rw-r--r-- 1 mate mate {1000 * i + 17:6d} Nov 27 10:{i:02d} file{i:02d}.py\r\n"
-        for i in range(5)) for _ in range(3)) + prompt
-    pane = structure.windows[0].active_pane
-    image = PaneImage(pane, f"\x1bc\x1b[H\x1b[2J{screen}".encode())
-    frames = (Event(1, Snapshot(structure, status, bindings)).encode()
-              + Event(2, PaneReset(image)).encode())
-    return frames, 2
-
-
-class _FakeHost:
-    def __init__(self, index: int, counts: dict[str, int]) -> None:
-        self.index = index
-        self.counts = counts
-        self.conn: Any = None
-        self.writer: Any = None
-        self.reader: Any = None
-        self.decoder: Any = None
-
-    async def start(self, port: int, payload: bytes, ack_seq: int) -> float:
-        """Hello, Welcome, the snapshot, until its Ack; seconds it took."""
-        import asyncssh
-
-        from tether.core.messages import (
-            PROTOCOL_VERSION,
-            Ack,
-            Error,
-            Hello,
-            MessageDecoder,
-            Welcome,
-        )
-
-        t0 = time.perf_counter()
-        key = asyncssh.generate_private_key("ssh-ed25519")
-        conn = await asyncssh.connect(
-            "127.0.0.1", port, username="tether-host", client_keys=[key], known_hosts=None,
-            agent_path=None, connect_timeout=30, keepalive_interval=10, keepalive_count_max=3)
-        try:
-            writer, reader, _ = await conn.open_session(subsystem="tether", encoding=None)
-            writer.write(Hello(PROTOCOL_VERSION, "tether-host").encode())
-            decoder = MessageDecoder()
-            welcomed = acked = False
-            while not acked:
-                data = await reader.read(65536)
-                if not data:
-                    raise ConnectionError("the relay closed the channel")
-                for m in decoder.feed(data):
-                    if isinstance(m, Error):
-                        raise ConnectionError(f"relay: {m.message}")
-                    if isinstance(m, Welcome) and not welcomed:
-                        welcomed = True
-                        writer.write(payload)
-                    elif isinstance(m, Ack) and m.seq >= ack_seq:
-                        acked = True
-        except BaseException:
-            conn.close()
-            raise
-        self.conn, self.writer, self.reader, self.decoder = conn, writer, reader, decoder
-        return time.perf_counter() - t0
-
-    async def live(self) -> str:
-        """Ping once a second and read whatever comes (pongs, acks, resizes) until
-        the connection ends; why it ended."""
-        from tether.core.messages import Error, Ping, Pong
-
-        async def read() -> str:
-            while data := await self.reader.read(65536):
-                for m in self.decoder.feed(data):
-                    if isinstance(m, Pong):
-                        self.counts["pongs"] += 1
-                    elif isinstance(m, Error):
-                        return f"relay: {m.message}"
-            return "connection closed"
-
-        reading = asyncio.create_task(read())
-        token = 0
-        # spread the pings over the second, as hosts started at random times would
-        await asyncio.sleep(random.random() * PING_EVERY)
-        try:
-            while not reading.done():
-                token += 1
-                self.writer.write(Ping(token).encode())
-                self.counts["pings"] += 1
-                await asyncio.sleep(PING_EVERY)
-            return reading.result()
-        except Exception as exc:  # the channel closed under a write
-            return f"{type(exc).__name__}: {exc}"
-        finally:
-            reading.cancel()
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-
-
-def _say(*words: object) -> None:
-    print(*words, flush=True)
-
-
-async def _fleet(a: argparse.Namespace) -> int:
-    payload = Path(a.payload).read_bytes()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    counts = {"pings": 0, "pongs": 0}
-    # the benchmark holds our stdin: "stats" asks for the counters; its end (the
-    # benchmark is gone) ends us too
-    stdin = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-
-    async def watch_stdin() -> None:
-        while line := await stdin.readline():
-            if line.strip() == b"stats":
-                _say("STATS", counts["pings"], counts["pongs"], time.monotonic())
-        stop.set()
-
-    watcher = asyncio.create_task(watch_stdin())
-    hosts: list[_FakeHost] = []
-    lives: set[asyncio.Task[None]] = set()
-    latencies: list[float] = []
-    errors: list[str] = []
-    failed = 0
-    sem = asyncio.Semaphore(a.concurrency)
-    t0 = time.monotonic()
-    deadline = t0 + a.deadline
-    last_report = t0
-
-    async def keep(h: _FakeHost) -> None:
-        why = await h.live()
-        if not stop.is_set():
-            _say("LOST", h.index, why)
-
-    async def slot(i: int) -> None:
-        nonlocal failed, last_report
-        async with sem:
-            last: BaseException | None = None
-            for _attempt in range(3):
-                if stop.is_set() or time.monotonic() > deadline:
-                    return
-                h = _FakeHost(a.first + i, counts)
-                try:
-                    async with asyncio.timeout(60):
-                        latencies.append(await h.start(a.port, payload, a.ack_seq))
-                except Exception as exc:
-                    last = exc
-                    continue
-                hosts.append(h)
-                task = asyncio.create_task(keep(h))
-                lives.add(task)
-                task.add_done_callback(lives.discard)
-                break
-            else:
-                failed += 1
-                if len(errors) < 5:
-                    errors.append(f"session {a.first + i}: {type(last).__name__}: {last}")
-            now = time.monotonic()
-            if now - last_report >= 5:
-                last_report = now
-                _say("PROGRESS", len(hosts), failed, a.count, round(now - t0, 1))
-
-    starting = asyncio.gather(*(slot(i) for i in range(a.count)))
-    await asyncio.wait([starting, asyncio.create_task(stop.wait())],
-                       return_when=asyncio.FIRST_COMPLETED)
-    if not stop.is_set():
-        _say("READY", json.dumps({
-            "ok": len(hosts), "failed": failed, "elapsed_s": time.monotonic() - t0,
-            "stopped_early": time.monotonic() > deadline and len(hosts) + failed < a.count,
-            "latencies_ms": [round(x * 1000, 2) for x in latencies], "errors": errors,
-        }))
-        await stop.wait()
-    starting.cancel()
-    watcher.cancel()
-    for t in list(lives):
-        t.cancel()
-    for h in hosts:
-        h.close()
-    return 0
-
-
-def fleet_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m bench.scale _fleet")
-    ap.add_argument("--dir", required=True, help="the benchmark's workdir (names us for cleanup)")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--count", type=int, required=True)
-    ap.add_argument("--first", type=int, default=0, help="index of the first session")
-    ap.add_argument("--payload", required=True, help="file of the encoded snapshot events")
-    ap.add_argument("--ack-seq", type=int, required=True)
-    ap.add_argument("--concurrency", type=int, default=CONCURRENCY)
-    ap.add_argument("--deadline", type=float, default=START_LIMIT)
-    a = ap.parse_args(argv)
-    # the hosts would be elsewhere: the relay and the measured session go first
-    os.nice(10)
-    return asyncio.run(_fleet(a))
-
-
-class Fleet:
-    """The benchmark's handle on one fake-host process."""
-
-    def __init__(self, wd: Workdir, port: int, count: int, first: int, payload: Path,
-                 ack_seq: int) -> None:
-        self.count = count
-        self.stderr = wd.path / f"fleet-{first}.err"
-        env = wd.env()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        with open(self.stderr, "wb") as err:
-            self.proc = subprocess.Popen(
-                [PY, "-m", "bench.scale", "_fleet", "--dir", str(wd.path), "--port", str(port),
-                 "--count", str(count), "--first", str(first), "--payload", str(payload),
-                 "--ack-seq", str(ack_seq), "--concurrency", str(CONCURRENCY),
-                 "--deadline", str(START_LIMIT)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
-                cwd=str(ROOT), text=True)
-        wd.on_close(self.close)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.lost: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def _line(self, kind: str, rest: str, log: Callable[[str], None]) -> None:
-        if kind == "LOST":
-            self.lost.append(rest)
-            if len(self.lost) <= 3:
-                log(f"scale: fake host lost: {rest}")
-
-    def wait_ready(self, timeout: float, log: Callable[[str], None],
-                   tick: Callable[[], None]) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"fake hosts not ready after {timeout:.0f}s")
-            try:
-                line = self.lines.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                tick()
-                continue
-            if line is None:
-                tail = self.stderr.read_text(errors="replace")[-800:]
-                raise BenchError(f"the fake hosts exited ({self.proc.poll()}): {tail}")
-            kind, _, rest = line.partition(" ")
-            if kind == "READY":
-                ready: dict[str, Any] = json.loads(rest)
-                return ready
-            if kind == "PROGRESS":
-                ok, failed, count, elapsed = rest.split()
-                log(f"scale: {ok}/{count} idle sessions up, {failed} failed, {elapsed}s")
-            else:
-                self._line(kind, rest, log)
-
-    def stats(self, log: Callable[[str], None], timeout: float = 10) -> tuple[int, int, float]:
-        """(pings sent, pongs received, when: time.monotonic()) so far."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("stats\n")
-        self.proc.stdin.flush()
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            kind, _, rest = line.partition(" ")
-            if kind == "STATS":
-                pings, pongs, when = rest.split()
-                return int(pings), int(pongs), float(when)
-            self._line(kind, rest, log)
-        raise BenchError(f"the fake hosts did not answer within {timeout:.0f}s")
-
-    def poll_lost(self, log: Callable[[str], None]) -> int:
-        with contextlib.suppress(queue.Empty):
-            while (line := self.lines.get_nowait()) is not None:
-                kind, _, rest = line.partition(" ")
-                self._line(kind, rest, log)
-        return len(self.lost)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
 
 
 # --- echo, as bench/echo.py measures it ---------------------------------------------
@@ -505,9 +157,8 @@ def run(ctx: Ctx) -> list[Figure]:
             for p in ptys:
                 p.drain()
 
-        payload, ack_seq = _snapshot_payload(wd)
         payload_file = wd.path / "snapshot.bin"
-        payload_file.write_bytes(payload)
+        payload_file.write_bytes(snapshot_payload(wd, SIZE))
 
         def measure() -> dict[str, Mem]:
             return mem_of(relay.parts())
@@ -530,7 +181,7 @@ def run(ctx: Ctx) -> list[Figure]:
                 if add:
                     log(f"scale: starting {add} idle sessions ({live} -> {n}), "
                         f"{CONCURRENCY} at a time")
-                    fleet = Fleet(wd, relay.port, add, live, payload_file, ack_seq)
+                    fleet = Fleet(wd, relay.port, add, live, payload_file)
                     fleets.append(fleet)
                     started = fleet.wait_ready(START_LIMIT + 120, log, drain_all)
                     live += started["ok"]
@@ -734,8 +385,10 @@ def _fit(base: dict[str, Any], last: dict[str, Any]) -> Figure:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["_fleet"]:
-        return fleet_main(args[1:])
+    if args[:1] == ["_fleet"]:  # the fake hosts' old entry point
+        import bench.scale_fleet
+
+        return bench.scale_fleet.main(args[1:])
     import bench.run as runner
 
     if "scale" not in runner.BENCHMARKS:  # until bench/run.py lists it

@@ -6,6 +6,7 @@ positive and finite. Targets are for `python3 bench/run.py` to report.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import shutil
@@ -78,3 +79,51 @@ def test_helpers() -> None:
     f = Figure("x", "y", "ms", [2.0, 4.0], [1.0, 1.0], "floor", "t", True, [[2.0], [4.0]])
     assert f.ratio == 3.0 and f.spread == [2.0, 4.0]
     assert "3.00" in table([f])
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _bench_imports_problems(path: Path) -> list[str]:
+    """What ``path`` takes from ``tests`` or from tether's private names."""
+    tree = ast.parse(path.read_text(), str(path))
+    bad: list[str] = []
+    tether_names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "tests" or any(map(_private, a.name.split("."))):
+                    bad.append(f"import {a.name}")
+                if a.name.split(".")[0] == "tether":
+                    tether_names.add((a.asname or a.name).split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            root = node.module.split(".")[0]
+            if root == "tests":
+                bad.append(f"from {node.module}")
+            if root == "tether":
+                for a in node.names:
+                    if _private(a.name) or any(map(_private, node.module.split("."))):
+                        bad.append(f"from {node.module} import {a.name}")
+                    tether_names.add(a.asname or a.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in tether_names:
+                bad.append(f"{base.id}...{node.attr}")
+    return [f"{path.name}:{b}" for b in bad]
+
+
+def test_bench_uses_only_public_names() -> None:
+    """Benchmarks build on ``tether.testing`` and public APIs: no ``tests``, no ``_x``."""
+    bad = [b for f in sorted((ROOT / "bench").glob("*.py")) for b in _bench_imports_problems(f)]
+    assert bad == []
+
+
+def test_bench_entry_points_show_help() -> None:
+    for module in ("bench.roaming", "bench.scale_fleet"):
+        p = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT)
+        assert p.returncode == 0 and "usage:" in p.stdout, (module, p.stderr)

@@ -69,3 +69,42 @@ def test_mirror_apply_stays_light() -> None:
         heavy = imports(path) & HEAVY
         assert not heavy, f"mirror/{name}.py imports {sorted(heavy)}"
 
+
+TOP = {"cli", "agent", "zygote", "__main__"}
+"""The top layer: the command line, the host agent's process main, the zygote."""
+TOP_ALLOWED = {
+    "__main__": {"cli"},
+    "cli": {"agent", "zygote"},
+    "zygote": {"agent"},
+    "agent": set(),
+}
+"""Among themselves imports go one way (the agent/zygote circle is cut)."""
+
+
+def top_imports(path: Path) -> set[str]:
+    """``imports`` plus ``from tether import agent``-style names."""
+    names = imports(path)
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module == "tether" and not node.level:
+            names.update(f"tether.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_top_layer_cli_agent_zygote() -> None:
+    bad = []
+    for package in ALLOWED:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for name in top_imports(path):
+                parts = name.split(".")
+                if parts[0] == "tether" and len(parts) > 1 and parts[1] in TOP:
+                    bad.append(f"{path.relative_to(ROOT)} imports {name} (the top layer)")
+    for top, allowed in TOP_ALLOWED.items():
+        for name in top_imports(ROOT / f"{top}.py"):
+            parts = name.split(".")
+            if parts[0] != "tether" or len(parts) < 2:
+                continue
+            if parts[1] == "testing":
+                bad.append(f"{top}.py imports {name} (tether.testing is for tests)")
+            elif parts[1] in TOP and parts[1] not in allowed:
+                bad.append(f"{top}.py imports {name} (top-layer imports go one way)")
+    assert not bad, "\n".join(bad)

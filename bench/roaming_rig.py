@@ -1,0 +1,305 @@
+"""The roaming benchmark's rig: one netsim network, two relays, two hosts, two mates.
+
+``Rig`` starts a ``tether.netsim`` network (``host`` with links wifi and lte,
+``relay``, ``mate``) and on it one session per transport: ``quic`` (a relay on
+port 2222, its host replicating over QUIC) and ``ssh`` (a relay with
+``--no-quic`` on 2223). Each ``Side`` is one transport's relay, host, mate and a
+``Tap`` on the mate's local tmux. Also: the samples (``Series``), logging and
+formatting shared by ``bench/roaming.py`` and ``bench/roaming_parts.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import BenchError, percentile
+from tether.netsim.network import Network
+from tether.netsim.pytest_plugin import DEFAULT_TOPOLOGY
+from tether.testing.host import Host
+from tether.testing.mate import Mate
+from tether.testing.relay import RelayProcess
+from tether.testing.tap import Hit, Tap
+
+TRANSPORTS = ("quic", "ssh")
+RELAY_PORTS = {"quic": 2222, "ssh": 2223}
+SIZE = (100, 30)
+STATUS_OK = re.compile(r"^\[tether (quic|ssh) \d+ms\]$")
+
+
+def log(msg: str) -> None:
+    """One line on stderr, stamped with the seconds since the benchmark began."""
+    print(f"[{time.monotonic() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+T0 = time.monotonic()
+
+
+def wait_until(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``fn`` until it returns something truthy (returned); BenchError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}; last: {value!r}")
+        time.sleep(interval)
+
+
+# --- statistics ------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    """Samples of one figure, in milliseconds; ``failed`` counts samples that timed out."""
+
+    name: str
+    values: list[float] = field(default_factory=list)
+    failed: int = 0
+    late: int = 0
+    """samples confirmed by a periodic capture rather than an output chunk"""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, hit: Hit | None, t0: float) -> float | None:
+        """Record a sample timed from ``t0`` (a miss counts as failed); its ms."""
+        if hit is None:
+            self.failed += 1
+            return None
+        self.late += hit.late
+        ms = (hit.t - t0) * 1000
+        self.values.append(ms)
+        return ms
+
+    def stats(self) -> dict[str, Any]:
+        v = self.values
+        return {
+            "median": percentile(v, 50), "p90": percentile(v, 90),
+            "min": min(v) if v else math.nan, "max": max(v) if v else math.nan,
+            "runs": len(v), "failed": self.failed, "late": self.late,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "unit": "ms", "stats": self.stats(), "values": self.values,
+                **({"extra": self.extra} if self.extra else {})}
+
+
+def clock_text(wall: float) -> str:
+    """Wall-clock time as the agent and relay logs print it."""
+    return time.strftime("%H:%M:%S", time.localtime(wall)) + f",{int(wall % 1 * 1000):03d}"
+
+
+def fmt_ms(v: float | None) -> str:
+    """A sample for the log: ``fmt`` with its unit, TIMEOUT for a missed one."""
+    if v is None:
+        return "TIMEOUT"
+    text = fmt(v)
+    return text if text.endswith("s") else text + "ms"
+
+
+def fmt(v: float) -> str:
+    """Milliseconds as shown: seconds from 1000 on, fewer digits as they grow."""
+    if not math.isfinite(v):
+        return "-"
+    if v >= 1000:
+        return f"{v / 1000:.2f}s"
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.1f}"
+
+
+# --- the rig ------------------------------------------------------------------------------
+
+
+def ns(net: Network, host: str) -> list[str]:
+    """The prefix that runs a command in one of the network's namespaces."""
+    return ["ip", "netns", "exec", net.netns(host)]
+
+
+@dataclass
+class Side:
+    """One transport: its relay, host, mate and the mate's tap."""
+
+    name: str
+    relay: RelayProcess
+    host: Host
+    mate: Mate
+    tap: Tap
+    tty_fd: int = -1
+
+    def status(self) -> str:
+        return self.host.tmux("show", "-gv", "@tether_status", check=False).strip()
+
+    def write(self, text: str) -> None:
+        """Print on the host pane's terminal (as a program in the pane would)."""
+        os.write(self.tty_fd, text.encode())
+
+    def attaches(self) -> int:
+        """How often the host attached to its relay (SSH bootstrap + QUIC/SSH re-attaches)."""
+        try:
+            return self.relay.log.read_text(errors="replace").count("attached to session")
+        except OSError:
+            return 0
+
+
+class Rig:
+    """The network and both sides on it; ``start`` brings them up, ``close`` ends them."""
+
+    def __init__(self, root: Path, seed: int) -> None:
+        self.root = root
+        self.seed = seed
+        self.net = Network(DEFAULT_TOPOLOGY, seed=seed)
+        self.relays: list[RelayProcess] = []
+        self.hosts: list[Host] = []
+        self.mates: list[Mate] = []
+        self.taps: list[Tap] = []
+        self.sides: dict[str, Side] = {}
+
+    def start(self) -> None:
+        """Network, relays, hosts running ``cat``, mates and their taps; until connected."""
+        net = self.net
+        net.start()
+        print(f"netsim: run {net.run_id} seed={net.seed}", flush=True)
+        relays: dict[str, RelayProcess] = {}
+        hosts: dict[str, Host] = {}
+
+        def relay(name: str) -> None:
+            workdir = self.root / f"relay-{name}"
+            if relays:  # same host keys as the first relay: RSA generation takes seconds
+                workdir.mkdir(parents=True)
+                shutil.copytree(relays["quic"].workdir / "keys", workdir / "keys")
+            extra = ["--no-quic"] if name == "ssh" else []
+            r = RelayProcess(workdir, RELAY_PORTS[name], *extra, prefix=ns(net, "relay"),
+                             bind="0.0.0.0", public=net.addr("relay"))
+            self.relays.append(r)
+            relays[name] = r
+            log(f"relay {name}: port {r.port} {' '.join(extra)}".rstrip())
+
+        def host(name: str) -> None:
+            if name not in relays:
+                relay(name)
+            h = Host(self.root / f"host-{name}", relays[name].conf(), SIZE,
+                     prefix=ns(net, "host"))
+            self.hosts.append(h)
+            hosts[name] = h
+            h.type("exec cat")
+
+        relay("quic")
+        with ThreadPoolExecutor(len(TRANSPORTS)) as pool:  # start both sessions at once
+            for f in [pool.submit(host, name) for name in TRANSPORTS]:
+                f.result()
+        for name in TRANSPORTS:
+            host = hosts[name]
+            wait_until(lambda h=host: h.display("#{pane_current_command}") == "cat", 15,
+                       "cat in the host pane")
+            mate = Mate(self.root, host.ssh_rw, SIZE, name=f"mate-{name}",
+                        prefix=ns(net, "mate"))
+            self.mates.append(mate)
+            tap = Tap(mate.sock)
+            self.taps.append(tap)
+            side = Side(name, relays[name], host, mate, tap)
+            tty = host.display("#{pane_tty}")
+            side.tty_fd = os.open(tty, os.O_WRONLY | os.O_NOCTTY)
+            self.sides[name] = side
+        for side in self.sides.values():
+            wait_until(lambda s=side: "0:" in s.tap.screen().rstrip("\n").split("\n")[-1], 30,
+                       f"the {side.name} mate to attach")
+        self.settle(60)
+        for side in self.sides.values():
+            size = side.mate.tmux("display", "-p", "#{window_width}x#{window_height}").strip()
+            log(f"{side.name}: {side.status()}; mate window {size}")
+
+    def settle(self, timeout: float = 60) -> None:
+        """Until every host says it is connected over its own transport."""
+        for side in self.sides.values():
+            wait_until(lambda s=side: (m := STATUS_OK.match(s.status())) and m.group(1) == s.name,
+                       timeout, f"the {side.name} host to be connected over {side.name}",
+                       interval=0.1)
+
+    def close(self) -> None:
+        """End everything the rig started, then whatever still names its directory."""
+        for side in self.sides.values():
+            with contextlib.suppress(OSError):
+                os.close(side.tty_fd)
+        for tap in self.taps:
+            with contextlib.suppress(Exception):
+                tap.close()
+        for mate in self.mates:
+            with contextlib.suppress(Exception):
+                mate.close()
+        for host in self.hosts:
+            with contextlib.suppress(Exception):
+                host.close()
+        for relay in self.relays:
+            with contextlib.suppress(Exception):
+                relay.close()
+        with contextlib.suppress(Exception):
+            self.net.close()
+        # anything still naming our directory was started by us (agents, tmux, ssh)
+        leftovers = [p for p in _pids_naming(str(self.root)) if p != os.getpid()]
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def collect_logs(self, dest: Path) -> None:
+        """Copy the relays' and agents' logs and the netsim events to ``dest``."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, side in self.sides.items():
+            with contextlib.suppress(OSError):
+                shutil.copy(side.relay.log, dest / f"relay-{name}.log")
+            for p in (side.host.home / "state" / "tether").glob("agent-*.log"):
+                with contextlib.suppress(OSError):
+                    shutil.copy(p, dest / f"{name}-{p.name}")
+        (dest / "netsim-events.log").write_text("\n".join(str(e) for e in self.net.events) + "\n")
+
+
+def _pids_naming(text: str) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    out.append(int(entry))
+        except OSError:
+            continue
+    return out
+
+
+def both(fn: Callable[[Side], Any], sides: Sequence[Side]) -> list[Any]:
+    """Run ``fn`` for every side at once (waits on several mates in parallel)."""
+    with ThreadPoolExecutor(len(sides)) as pool:
+        return list(pool.map(fn, sides))
+
+
+def agent_events(side: Side) -> dict[str, int]:
+    """Counts of connection events in the side's agent log."""
+    text = side.host.agent_log()
+    return {
+        "connects": text.count("connected to the relay over"),
+        "quic_unavailable": text.count("QUIC unavailable"),
+    }
+
+
+def wait_status(s: Side, timeout: float) -> Hit | None:
+    """Until the host's status line says it is connected (over either transport)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        st = s.status()
+        if STATUS_OK.match(st):
+            return Hit(time.perf_counter(), st)
+        time.sleep(0.05)
+    return None
+
