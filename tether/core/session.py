@@ -18,11 +18,11 @@ a mate role (``tether join``) will be a third, on the same base.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from enum import Enum
 
 from .errors import LocalProtocolError
 from .messages import Event, Input, Message, Welcome
+from .records import Record
 
 # --- timer values: today's, so the wire does not change ------------------------
 
@@ -76,8 +76,7 @@ class Channel(Enum):
     """May be lost: ``link.send_datagram`` over QUIC, ``send_nowait`` otherwise."""
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+class Outgoing(Record):
     message: Message
     channel: Channel = Channel.STREAM
 
@@ -85,8 +84,7 @@ class Outgoing:
 # --- events for the adapter -----------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Welcomed:
+class Welcomed(Record):
     """Host: the relay accepted us. ``announce``: first session or a new one (the
     connection strings changed: publish them, as host.py ``_publish(True)``)."""
 
@@ -95,72 +93,62 @@ class Welcomed:
     new_session: bool
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotNeeded:
+class SnapshotNeeded(Record):
     """Host: capture the session and call ``push_snapshot`` (the relay is behind)."""
 
 
-@dataclass(frozen=True, slots=True)
-class InputReceived:
+class InputReceived(Record):
     """Host: mate input to type into the host's tmux, exactly once and in order."""
 
     input: Input
 
 
-@dataclass(frozen=True, slots=True)
-class ResizeRequested:
+class ResizeRequested(Record):
     """Host: the smallest read-write mate terminal (0, 0: none)."""
 
     cols: int
     rows: int
 
 
-@dataclass(frozen=True, slots=True)
-class LinkDead:
+class LinkDead(Record):
     """Host: no word from the relay for ``DEAD_AFTER``; close the link, reconnect."""
 
     quiet: float
 
 
-@dataclass(frozen=True, slots=True)
-class PeerClosed:
+class PeerClosed(Record):
     """The peer said why it closes (an ``Error`` after the handshake); reconnect."""
 
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class ProtocolFailed:
+class ProtocolFailed(Record):
     """The peer broke the protocol (or refused ours): ``text`` says how. Send what
     is queued (the relay queues an ``Error``), close the link, then report."""
 
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class EventReceived:
+class EventReceived(Record):
     """Relay: a new replication event for the replica; ack it with ``applied``."""
 
     event: Event
 
 
-@dataclass(frozen=True, slots=True)
-class Presence:
+class Presence(Record):
     """Relay: tell the mates whether the host is there (``replica.presence``)."""
 
     present: bool
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class HostEnded:
+class HostEnded(Record):
     """Relay: the host ended the session (``End``); end it and let the mates go."""
 
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class SessionExpired:
+class SessionExpired(Record):
     """Relay: the host stayed away past ``host_away_timeout``; end the session."""
 
 
