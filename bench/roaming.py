@@ -61,8 +61,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python3 bench/roaming.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import BenchError
 from bench.roaming_parts import bench_blackout, bench_echo, bench_roam
-from bench.roaming_rig import TRANSPORTS, BenchError, Rig, Series, fmt, log
+from bench.roaming_rig import TRANSPORTS, Rig, Series, fmt, log
 from tether.netsim import nsutil
 
 PARTS = ("roam", "echo", "blackout")

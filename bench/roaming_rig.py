@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchError, percentile
+from bench.common import percentile
 from tether.netsim.network import Network
 from tether.netsim.pytest_plugin import DEFAULT_TOPOLOGY
 from tether.testing.host import Host
 from tether.testing.mate import Mate
+from tether.testing.procs import wait_for
 from tether.testing.relay import RelayProcess
 from tether.testing.tap import Hit, Tap
 
@@ -46,16 +47,8 @@ def log(msg: str) -> None:
 T0 = time.monotonic()
 
 
-def wait_until(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``fn`` until it returns something truthy (returned); BenchError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}; last: {value!r}")
-        time.sleep(interval)
+wait_until = wait_for
+"""Poll a condition until a deadline (the harness's; BenchError is HarnessError)."""
 
 
 # --- statistics ------------------------------------------------------------------------
