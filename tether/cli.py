@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         return _die("no session given: use -S SOCKET (or run this inside a tether session)")
     if command in ("show-messages", "showmsgs"):
         return show_messages(sock)
+    if command in ("wait", "wait-for") and args[1:] == ["tether-ready"]:
+        return wait_ready(sock)
     os.execvp("tmux", ["tmux", "-S", sock, *[_translate(a) for a in args]])
     return 0  # not reached
 
@@ -305,6 +307,42 @@ def _start_agent(
         finally:
             os.close(read_end)
     return os.fdopen(write_end, "wb")
+
+
+def _shared_state(sock: str) -> tuple[str, str] | None:
+    """``(ssh string, why the relay refused)`` as the agent published them (its
+    ``@tether_ssh`` and ``@tether_error``); None if the tmux server is gone."""
+    import subprocess
+
+    p = subprocess.run(
+        ["tmux", "-S", sock, "display", "-p", "#{@tether_ssh}|#{@tether_error}"],
+        capture_output=True,
+        text=True,
+    )
+    if p.returncode != 0:
+        return None
+    ssh, _, error = p.stdout.rstrip("\n").partition("|")
+    return ssh, error
+
+
+def wait_ready(sock: str) -> int:
+    """`wait tether-ready`: tmux's wait-for, which the agent also signals when the
+    relay refuses the session, so a script fails with the reason instead of
+    waiting for ever; and at once when the session is already shared."""
+    import subprocess
+
+    state = _shared_state(sock)
+    if state is not None and not any(state):
+        waited = subprocess.run(["tmux", "-S", sock, "wait-for", "tether-ready"])
+        if waited.returncode != 0:
+            return waited.returncode
+        state = _shared_state(sock)
+    if state is None:
+        return _die("the session's tmux server is gone", 1)
+    ssh, error = state
+    if ssh:
+        return 0
+    return _die(f"the session is not shared: {error}", 1)
 
 
 def show_messages(sock: str) -> int:

@@ -46,6 +46,9 @@ __all__ = [
 log = logging.getLogger("tether.host")
 
 END_TEXT = "the host's tmux session ended"
+END_WITHIN = 8.0
+"""How long an ended host keeps trying to tell the relay (a QUIC handshake, or
+an SSH login, may be under way)."""
 REATTACH_MAX = 1000
 """How often tmux may drop the agent's control client before the agent gives up."""
 
@@ -118,17 +121,26 @@ class HostAgent:
         try:
             await self._watch_control()
             self.exited.set()
-            await self.relay.end(END_TEXT)
+            await self._end()
         finally:
             poller.cancel()
             connector.cancel()
             shower.cancel()
-            if self.relay.early is not None:
-                discard_link(self.relay.early)
+            self.relay.close()
             self.side.stop_frames()
-            if self.relay.link is not None:
-                self.relay.link.close()
             await self.side.tmux.close()
+
+    async def _end(self) -> None:
+        """End the session at the relay before the agent exits, on whatever link
+        comes (the connect loop runs on), and wait until the relay has it: a
+        session left behind lingers for ``--host-away-timeout``."""
+        try:
+            async with asyncio.timeout(END_WITHIN):
+                await self.relay.end(END_TEXT)
+                await self.relay.ended.wait()
+        except TimeoutError:
+            log.warning("could not tell the relay within %.0fs that the session ended",
+                        END_WITHIN)
 
     async def _watch_control(self) -> None:
         """Return when the session is gone; reattach if only our control client was."""

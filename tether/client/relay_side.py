@@ -33,6 +33,7 @@ from tether.core.session import (
     ResizeRequested,
     SessionEvent,
     SnapshotNeeded,
+    State,
     Welcomed,
 )
 from tether.transport.link import Link, LinkClosed
@@ -47,6 +48,8 @@ Publish = Callable[[str, bool], None]
 """(text, show): log a message; ``show`` also displays it on the host's clients."""
 UPGRADE_EVERY = PING_EVERY * 20
 """On SSH, how often to try QUIC again."""
+ERROR_OPTION = "@tether_error"
+"""Why the relay refused the session, for `tether wait tether-ready` (cli.py)."""
 
 
 def discard_link(task: asyncio.Task[Link]) -> None:
@@ -102,6 +105,14 @@ class RelaySide:
         self._welcomed = False
         self._tasks: list[asyncio.Task[None]] = []
         self._applying: asyncio.Future[None] | None = None
+        self._ending: str | None = None
+        """Why the session ended, once it has: End goes on the next welcomed link."""
+        self._end_asked = asyncio.Event()
+        self._end_link: Link | None = None
+        self.end_sent = asyncio.Event()
+        """End is on its way (or there is no session at the relay to end)."""
+        self.ended = asyncio.Event()
+        """The relay closed the link End went on: it has ended the session."""
 
     def changed(self) -> None:
         """The tmux side logged something: the sender sends. Only a snapshot owed
@@ -193,6 +204,8 @@ class RelaySide:
             self._poke.clear()
             while (event := self.ep.next_event()) is not None:
                 await self._on_event(link, event)
+            if self._ending is not None and self._end_due():
+                await self._send_end(link, self._ending)
             now = time.monotonic()
             due = self.ep.next_timer()
             if due is not None and due <= now:
@@ -249,7 +262,7 @@ class RelaySide:
         self.publish(f"connected to the relay over {link.description}", False)
         self.wake.set()
         self._tasks.append(self._guarded(link, self._send_loop(link)))
-        if link.kind != "quic" and self.connector.quic is not None:
+        if link.kind != "quic" and self.connector.quic is not None and self._ending is None:
             self._tasks.append(self._guarded(link, self._upgrade(link)))
 
     def _announce(self, welcome: Welcome, announce: bool) -> None:
@@ -261,6 +274,7 @@ class RelaySide:
             ("@tether_session", welcome.session),
         ):
             t.send(f"set -g {name} {quote(value)}")
+        t.send(f"set -gu {ERROR_OPTION}")
         if announce:
             self.publish(f"ssh session read only: {welcome.ssh_ro}", True)
             self.publish(f"ssh session: {welcome.ssh_rw}", True)
@@ -289,22 +303,55 @@ class RelaySide:
             quic = await self.connector.try_quic()
             if self.connector.cert_error:
                 self.report(self.connector.cert_error)
+            if quic is not None and self._ending is not None:
+                quic.close()  # End is going out on this link: moving now would lose it
+                return
             if quic is not None:
                 self._next_link = quic
                 link.close()  # the session loop ends; the connect loop takes the QUIC link
                 return
 
     async def end(self, reason: str) -> None:
-        """The tmux session ended: let the relay end it now rather than wait for us."""
-        link = self.link
+        """The tmux session ended: have the relay end it now, not an hour later.
+
+        The link may be mid-handshake or mid-move to QUIC, with none welcomed:
+        End then goes on the next welcomed link (the connect loop goes on).
+        Returns once End is on its way; ``ended`` tells when the relay has it."""
+        self._ending = reason
+        self._end_asked.set()
+        self._poke.set()
+        await self.end_sent.wait()
+
+    async def _send_end(self, link: Link, reason: str) -> None:
+        """End after the rest of the log; the relay closes the link once it ended
+        the session, so the link is left open for it to do so."""
         self.ep.end(reason, time.monotonic())
-        out = self.ep.messages_to_send(time.monotonic(), limit_bytes=None)
-        if link is None:
-            return
-        with contextlib.suppress(LinkClosed, TimeoutError):
-            async with asyncio.timeout(2):
-                for o in out:
-                    await link.send(o.message)
+        self._end_link = link
+        for o in self.ep.messages_to_send(time.monotonic(), limit_bytes=None):
+            send(link, o)
+        self.end_sent.set()
+        await link.drain()
+
+    def _end_due(self) -> bool:
+        """End can go now: welcomed, and not on a link our move to QUIC is closing
+        (the End would be lost with it; it goes on the QUIC link instead)."""
+        return self.ep.state is State.CONNECTED and self._next_link is None
+
+    def _nothing_to_end(self) -> bool:
+        """Ending with no session the relay gave us: nothing is left to end."""
+        if self._ending is None or self.ep.shared is not None:
+            return False
+        self.end_sent.set()
+        self.ended.set()
+        return True
+
+    def close(self) -> None:
+        """The agent stops: drop every link and connection attempt."""
+        if self.early is not None:
+            discard_link(self.early)
+        for link in (self.link, self._next_link):
+            if link is not None:
+                link.close()
 
     # --- connections, one after another -------------------------------------------
 
@@ -315,9 +362,10 @@ class RelaySide:
         return self._next_link or await self.connector.connect()
 
     async def connect_loop(self) -> None:
-        """Connect, replicate, and reconnect with backoff until the session ends."""
+        """Connect, replicate, and reconnect with backoff until the relay has
+        ended the session (``end``) or there is none to end."""
         delay = 0.2
-        while not self.exited.is_set():
+        while not self.ended.is_set():
             try:
                 link = await self._next()
                 self._next_link = None
@@ -325,32 +373,46 @@ class RelaySide:
                     self.report(self.connector.cert_error)
             except AuthError as exc:
                 self.report(str(exc))
+                self._refused(str(exc))
                 delay = 30.0
             except Exception as exc:
                 self.report(f"cannot reach the relay: {str(exc) or type(exc).__name__}")
             else:
-                if self.exited.is_set():  # the endpoint has ended: no new connection
+                if self._nothing_to_end():  # no Hello yet: no session at the relay
                     link.close()
                     return
                 start = time.monotonic()
                 await self._run_link(link)
+                if self._end_link is link:  # closed after End: by the relay, done
+                    self.ended.set()
+                    return
                 if time.monotonic() - start > 10 or self._next_link is not None:
                     delay = 0.2
+            if self._nothing_to_end():
+                return
             if self._next_link is not None:
                 continue
             self.transport = "reconnecting"
-            await asyncio.sleep(delay * (0.5 + random.random()))
+            await self._pause(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
+
+    async def _pause(self, seconds: float) -> None:
+        """Back off between attempts, but not once the session ended: the End is due."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._end_asked.wait(), seconds)
+        if self._end_asked.is_set():
+            await asyncio.sleep(min(seconds, 0.1))
 
     async def _run_link(self, link: Link) -> None:
         """One link's session, and what its end is reported as."""
         try:
             await self._session(link)
         except (LinkClosed, TimeoutError, ConnectionError, OSError) as exc:
-            if self._next_link is None:  # not our own move to QUIC
+            if self._next_link is None and self._end_link is not link:  # not our own doing
                 self.report(f"connection to the relay lost: {exc}")
         except RemoteProtocolError as exc:
             self.report(str(exc))
+            self._refused(str(exc))
             if link.kind == "quic":
                 # e.g. a restarted relay that no longer knows us: bootstrap over
                 # SSH, where it can re-create the session with the same tokens
@@ -360,6 +422,15 @@ class RelaySide:
             self.report(f"replication failed ({type(exc).__name__}: {exc}); reconnecting")
         finally:
             link.close()
+
+    def _refused(self, reason: str) -> None:
+        """Not shared yet and refused: wake `tether wait tether-ready` to fail with
+        ``reason`` (it reads ``ERROR_OPTION``) rather than wait for ever."""
+        if self.ready.is_set():
+            return
+        t = self.side.tmux
+        t.send(f"set -g {ERROR_OPTION} {quote(reason)}")
+        t.send("wait-for -S tether-ready")
 
     def report(self, text: str) -> None:
         """Log and show an error once (not again while it repeats)."""
