@@ -29,7 +29,7 @@ from tether.netsim.network import Network
 from tether.netsim.pytest_plugin import DEFAULT_TOPOLOGY
 from tether.testing.host import Host
 from tether.testing.mate import Mate
-from tether.testing.procs import wait_for
+from tether.testing.procs import processes, wait_for
 from tether.testing.relay import RelayProcess
 from tether.testing.tap import Hit, Tap
 
@@ -240,7 +240,8 @@ class Rig:
         with contextlib.suppress(Exception):
             self.net.close()
         # anything still naming our directory was started by us (agents, tmux, ssh)
-        leftovers = [p for p in _pids_naming(str(self.root)) if p != os.getpid()]
+        leftovers = [p.pid for p in processes()
+                     if str(self.root) in p.cmdline and p.pid != os.getpid()]
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -255,20 +256,6 @@ class Rig:
                 with contextlib.suppress(OSError):
                     shutil.copy(p, dest / f"{name}-{p.name}")
         (dest / "netsim-events.log").write_text("\n".join(str(e) for e in self.net.events) + "\n")
-
-
-def _pids_naming(text: str) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    out.append(int(entry))
-        except OSError:
-            continue
-    return out
 
 
 def both(fn: Callable[[Side], Any], sides: Sequence[Side]) -> list[Any]:
