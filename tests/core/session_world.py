@@ -25,7 +25,9 @@ from tether.core.relay_endpoint import HelloGate, RelayHostEndpoint, resumes
 from tether.core.session import (
     EventReceived,
     InputReceived,
+    LinkBack,
     LinkDead,
+    LinkQuiet,
     Outgoing,
     PeerClosed,
     ProtocolFailed,
@@ -37,6 +39,9 @@ from tether.core.testing import FakeClock, Impairment, MemoryLink, next_time
 
 SECRET = bytes(range(32))
 RECONNECT_DELAY = 0.3
+RACE_EVERY = 1.0
+"""While the link is quiet, a new connection is tried this often (the adapters'
+race, ``transport/reconnect.py``); it wins only where the network carries it."""
 
 
 class RelaySide:
@@ -83,6 +88,7 @@ class World:
     side: RelaySide | None = None
     network_up: bool = True
     reconnect_at: float | None = None
+    race_at: float | None = None
     outputs: int = 0
     replica: int = 0
     typed: int = 0
@@ -95,7 +101,7 @@ class World:
     # --- the adapters' part ---------------------------------------------------------
 
     def connect(self) -> None:
-        self.reconnect_at = None
+        self.reconnect_at = self.race_at = None
         self.side = RelaySide(self, self.clock.now)
         self.link = MemoryLink(self.host, self.side, self.seed + len(self.links), self.up,
                                self.down)
@@ -141,6 +147,10 @@ class World:
         elif isinstance(ev, InputReceived):
             assert ev.input.keys == str(self.received_keys).encode(), (ev, self.received_keys)
             self.received_keys += 1
+        elif isinstance(ev, LinkQuiet):
+            self.race_at = now + RECONNECT_DELAY
+        elif isinstance(ev, LinkBack):
+            self.race_at = None
         elif isinstance(ev, LinkDead | PeerClosed | ProtocolFailed):
             self.drop()
 
@@ -176,6 +186,12 @@ class World:
         if self.link is not None:
             self.link.cut()
 
+    def kill(self) -> None:
+        """The link dies for good (the relay lost its connection state); the
+        network itself is fine, so a new connection gets through."""
+        if self.link is not None:
+            self.link.cut()
+
     def restore(self) -> None:
         self.network_up = True
         if self.link is not None:
@@ -206,8 +222,9 @@ class World:
             gate = self.side.gate if self.side is not None else None
             links = [self.link] if self.link is not None else []
             t = next_time([self.host, self.relay, gate], links)
-            if self.reconnect_at is not None:
-                t = self.reconnect_at if t is None else min(t, self.reconnect_at)
+            for at in (self.reconnect_at, self.race_at):
+                if at is not None:
+                    t = at if t is None else min(t, at)
             if t is None or t > end:
                 self.clock.set(end)
                 self.settle()
@@ -216,6 +233,13 @@ class World:
             now = self.clock.now
             if self.reconnect_at is not None and now >= self.reconnect_at:
                 self.connect()
+                continue
+            if self.race_at is not None and now >= self.race_at:
+                if self.network_up and self.host.quiet:  # the new connection wins
+                    self.drop()
+                    self.connect()
+                else:
+                    self.race_at = now + RACE_EVERY
                 continue
             if self.link is not None and self.link.deliver(now):
                 continue

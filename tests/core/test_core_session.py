@@ -31,7 +31,9 @@ from tether.core.session import (
     BACK_TEXT,
     Channel,
     HostEnded,
+    LinkBack,
     LinkDead,
+    LinkQuiet,
     PeerClosed,
     Presence,
     ProtocolFailed,
@@ -111,7 +113,7 @@ def test_silence_away_then_back_on_same_link() -> None:
     w = started()
     w.run(2)
     w.cut()
-    w.run(6)  # past HOST_SILENCE, before DEAD_AFTER
+    w.run(6)  # past HOST_SILENCE
     assert w.relay is not None and w.relay.state is State.SILENT
     assert w.relay_events[-1] == Presence(False, AWAY_TEXT)
     w.restore()
@@ -120,7 +122,7 @@ def test_silence_away_then_back_on_same_link() -> None:
     assert w.host.state is State.CONNECTED and len(w.links) == 1
 
 
-def test_resume_after_cut_with_secret_exactly_once() -> None:
+def test_a_quiet_link_carries_on_when_the_network_returns() -> None:
     w = started()
     w.output(10)
     w.type(5)
@@ -128,20 +130,76 @@ def test_resume_after_cut_with_secret_exactly_once() -> None:
     w.cut()
     w.output(10)  # the host's tmux goes on; the relay sees none of it
     w.type(5)  # the mates go on typing; the host sees none of it
-    w.run(9)  # DEAD_AFTER: the host gives the link up
-    assert any(isinstance(e, LinkDead) for e in w.host_events)
-    w.run(3)  # reconnects into the void: handshakes time out later
+    w.run(30)  # long past QUIET_AFTER: the link is kept, never given up
+    assert any(isinstance(e, LinkQuiet) for e in w.host_events)
+    assert not any(isinstance(e, LinkDead) for e in w.host_events)
+    assert w.host.state is State.CONNECTED and w.host.quiet
+    assert w.replica == 10, "the log waits while the link is quiet"
     w.restore()
-    w.run(25)
-    assert w.host.state is State.CONNECTED and len(w.links) >= 2
+    w.run(3)
+    [back] = [e for e in w.host_events if isinstance(e, LinkBack)]
+    assert 30 <= back.quiet <= 31.5
+    assert len(w.links) == 1, "the same link carried on"
+    assert w.replica == w.outputs == 20
+    assert w.received_keys == w.typed == 10
+    assert presence(w)[-1] is True and False in presence(w)
+
+
+def test_pings_probe_faster_while_quiet() -> None:
+    w = started()
+    w.run(1)
+    w.cut()
+    w.run(10.5)
+    quiet = [e for e in w.host_events if isinstance(e, LinkQuiet)]
+    assert len(quiet) == 1, "one LinkQuiet per outage"
+    # every PING_QUIET (0.5 s) a probe; the outbox holds them while the path is cut
+    tokens = w.host._token
+    w.run(5)
+    assert w.host._token - tokens == 10
+
+
+def test_a_dead_link_is_replaced_by_a_raced_one_exactly_once() -> None:
+    w = started()
+    w.output(10)
+    w.type(5)
+    w.run(0.5)
+    w.kill()  # the link is gone for good, the network is not
+    w.output(10)
+    w.type(5)
+    w.run(6)
+    assert w.host.state is State.CONNECTED and len(w.links) == 2
     hellos = w.sent("a>b", Hello)
     assert hellos[-1].session == "s1" and hellos[-1].secret is not None
     assert w.replica == w.outputs == 20
     assert w.received_keys == w.typed == 10
     assert [e.announce for e in w.host_events if isinstance(e, Welcomed)] == [True, False]
-    # the log replayed from where the relay stood: no second snapshot
+    # a short backlog replays from where the relay stood: no second snapshot
     assert w.host.log.snapshots == 1
-    assert presence(w)[-1] is True and False in presence(w)
+
+
+def test_a_long_backlog_jumps_to_a_snapshot_when_the_link_is_back() -> None:
+    w = started()
+    w.run(0.5)
+    w.cut()
+    w.run(3)  # quiet: the log waits
+    for _ in range(3000):  # ~ 30 KiB of output while away
+        w.output()
+    w.restore()
+    w.run(3)
+    assert w.host.log.snapshots == 2, "the present, not the history"
+    assert w.replica == w.outputs == 3000
+    assert len(w.links) == 1
+
+
+def test_a_long_backlog_jumps_on_a_new_link_too() -> None:
+    w = started()
+    w.run(0.5)
+    w.kill()
+    for _ in range(3000):
+        w.output()
+    w.run(6)
+    assert len(w.links) == 2 and w.host.log.snapshots == 2
+    assert w.replica == w.outputs == 3000
 
 
 def test_host_end_ends_the_relay_side() -> None:

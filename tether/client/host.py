@@ -102,7 +102,8 @@ class HostAgent:
         """What the status line says about the link, mosh-style."""
         link = self.relay.link
         return self.status_line.text(
-            link.kind if link is not None else None, self.endpoint.last_contact, self.endpoint.rtt
+            link.kind if link is not None else None, self.endpoint.last_contact,
+            self.endpoint.rtt, self.relay.back,
         )
 
     async def run(self) -> None:

@@ -22,11 +22,13 @@ from tether.core.errors import AuthError, RemoteProtocolError
 from tether.core.host_endpoint import HostEndpoint
 from tether.core.messages import Input, Welcome
 from tether.core.session import (
-    DEAD_AFTER,
     PING_EVERY,
+    QUIET_AFTER,
     Channel,
     InputReceived,
+    LinkBack,
     LinkDead,
+    LinkQuiet,
     Outgoing,
     PeerClosed,
     ProtocolFailed,
@@ -50,6 +52,12 @@ UPGRADE_EVERY = PING_EVERY * 20
 """On SSH, how often to try QUIC again."""
 ERROR_OPTION = "@tether_error"
 """Why the relay refused the session, for `tether wait tether-ready` (cli.py)."""
+SHOW_OUTAGE = 5.0
+"""Outages at least this long are also displayed on the host's clients when they
+end (all are logged, in ``show-messages``)."""
+BACKOFF_MAX = 1.0
+"""Longest pause between two connection attempts: once the network is back, a
+link is found within about a second (each attempt races every path)."""
 
 
 def discard_link(task: asyncio.Task[Link]) -> None:
@@ -104,6 +112,7 @@ class RelaySide:
         self._failure: BaseException | None = None
         self._welcomed = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._racing: asyncio.Task[None] | None = None
         self._applying: asyncio.Future[None] | None = None
         self._ending: str | None = None
         """Why the session ended, once it has: End goes on the next welcomed link."""
@@ -113,6 +122,11 @@ class RelaySide:
         """End is on its way (or there is no session at the relay to end)."""
         self.ended = asyncio.Event()
         """The relay closed the link End went on: it has ended the session."""
+        self.outage_since: float | None = None
+        """When the relay was last heard, while it is not (quiet link, or none)."""
+        self.back: tuple[float, str, float] | None = None
+        """The last outage: its length, how it ended (``same connection``, ``new
+        connection``, ``SSH fallback``) and when; the status line says so a while."""
 
     def changed(self) -> None:
         """The tmux side logged something: the sender sends. Only a snapshot owed
@@ -148,6 +162,8 @@ class RelaySide:
             await self._settle(tasks)
             self.link = None
             self.state_changed.set()
+            if self._welcomed and self.outage_since is None:
+                self.outage_since = self.ep.last_contact or time.monotonic()
             self.ep.connection_lost(time.monotonic())
 
     async def _settle(self, tasks: list[asyncio.Task[None]]) -> None:
@@ -227,11 +243,20 @@ class RelaySide:
             await self._apply_input(event.input)
         elif isinstance(event, ResizeRequested):
             self.side.apply_resize(event.cols, event.rows)
-        elif isinstance(event, LinkDead):
-            if self._welcomed:
-                self.publish(f"no word from the relay for {DEAD_AFTER:.0f}s; reconnecting", False)
-            else:  # no Welcome in time
-                self._failure = TimeoutError()
+        elif isinstance(event, LinkQuiet):
+            self.outage_since = event.since
+            self.state_changed.set()
+            self.publish(f"no word from the relay for {QUIET_AFTER:.0f}s; keeping the link "
+                         "and trying other paths beside it", False)
+            self._racing = self._guarded(link, self._race(link))
+            self._tasks.append(self._racing)
+        elif isinstance(event, LinkBack):
+            self._stop_race()
+            self._came_back(f"on the same {link.kind.upper()} connection", event.quiet,
+                            "same connection")
+            self.wake.set()  # the log waited while the link was quiet
+        elif isinstance(event, LinkDead):  # no Welcome in time
+            self._failure = TimeoutError()
             link.close()
         elif isinstance(event, PeerClosed):
             self._failure = LinkClosed(event.reason)
@@ -241,6 +266,35 @@ class RelaySide:
                 self._flush(link)
             self._failure = RemoteProtocolError(event.text)
             link.close()
+
+    async def _race(self, link: Link) -> None:
+        """The link is quiet: find another beside it. If one gets through while
+        the link still says nothing, move to it (``_next_link``)."""
+        try:
+            new = await self.connector.race()
+        except AuthError as exc:
+            self.report(str(exc))
+            return
+        if self.connector.cert_error:
+            self.report(self.connector.cert_error)
+        if not self.ep.quiet or self._end_link is link:
+            new.close()  # the link came back first: keep it
+            return
+        self._next_link = new
+        link.close()  # the session loop ends; the connect loop takes the new link
+
+    def _stop_race(self) -> None:
+        racing, self._racing = self._racing, None
+        if racing is not None:
+            racing.cancel()
+
+    def _came_back(self, how: str, quiet: float, short: str) -> None:
+        """Say how long the relay was out of reach and how the link came back."""
+        self.outage_since = None
+        text = f"the relay is back after {quiet:.1f}s, {how}"
+        self.back = (quiet, short, time.monotonic())
+        self.state_changed.set()
+        self.publish(text, quiet >= SHOW_OUTAGE)
 
     async def _apply_input(self, msg: Input) -> None:
         """Type mate input. The endpoint has taken (and will ack) it, so the link
@@ -260,6 +314,14 @@ class RelaySide:
         self.transport = link.description
         self._announce(event.welcome, event.announce)
         self.publish(f"connected to the relay over {link.description}", False)
+        if self.outage_since is not None:
+            if link.kind == "quic":
+                how, short = "over a new QUIC connection", "new connection"
+            elif self.connector.quic is not None:
+                how, short = "over the SSH channel (UDP does not get through)", "SSH fallback"
+            else:
+                how, short = "over SSH", "new connection"
+            self._came_back(how, time.monotonic() - self.outage_since, short)
         self.wake.set()
         self._tasks.append(self._guarded(link, self._send_loop(link)))
         if link.kind != "quic" and self.connector.quic is not None and self._ending is None:
@@ -394,7 +456,7 @@ class RelaySide:
                 continue
             self.transport = "reconnecting"
             await self._pause(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, BACKOFF_MAX)
 
     async def _pause(self, seconds: float) -> None:
         """Back off between attempts, but not once the session ended: the End is due."""

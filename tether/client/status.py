@@ -12,6 +12,8 @@ from tether.transport.tmux import TmuxControl, TmuxError
 
 QUIET_AFTER = 2.5
 """Seconds without a word from the relay before the status line says so."""
+BACK_SHOWN = 10.0
+"""Seconds the status line tells how the last outage ended."""
 
 
 class StatusLine:
@@ -20,13 +22,22 @@ class StatusLine:
     def __init__(self) -> None:
         self._shown_rtt: float | None = None
 
-    def text(self, kind: str | None, last_contact: float, rtt: float | None) -> str:
-        """``kind``: the link's (``ssh``/``quic``), None while there is none."""
+    def text(
+        self,
+        kind: str | None,
+        last_contact: float,
+        rtt: float | None,
+        back: tuple[float, str, float] | None = None,
+    ) -> str:
+        """``kind``: the link's (``ssh``/``quic``), None while there is none;
+        ``back``: the last outage's length, how it ended, and when."""
         now = time.monotonic()
         if kind is not None:
             quiet = now - last_contact
             if quiet > QUIET_AFTER:
                 return f"[tether {kind}: last contact {quiet:.0f}s ago]"
+            if back is not None and now - back[2] < BACK_SHOWN:
+                return f"[tether {kind}: back after {back[0]:.0f}s, {back[1]}]"
             if rtt is None:
                 return f"[tether {kind}]"
             ms = rtt * 1000

@@ -2,7 +2,7 @@
 
 It owns what happens on the link to the relay: the handshake and version
 check, the replication log and where it resumes, the exactly-once input
-streams and their coalesced acks, pings, RTT and the dead-link check, and the
+streams and their coalesced acks, pings, RTT and the quiet-link check, and the
 batches of events. Its adapter, ``tether/client/relay_side.py``, moves
 messages and runs the timer; ``tether/client/tmux_side.py`` turns tmux into
 ``append`` and ``push_snapshot`` calls and this endpoint's events into tmux
@@ -34,17 +34,21 @@ from .messages import (
 from .replog import LogSender
 from .session import (
     ACK_EVERY,
-    DEAD_AFTER,
     HANDSHAKE_TIMEOUT,
     IDLE_AFTER,
+    JUMP_BYTES,
     PING_EVERY,
     PING_IDLE,
+    PING_QUIET,
     PINGS_KEPT,
+    QUIET_AFTER,
     RTT_WEIGHT,
     SEND_CHUNK,
     Channel,
     InputReceived,
+    LinkBack,
     LinkDead,
+    LinkQuiet,
     Machine,
     Outgoing,
     PeerClosed,
@@ -105,6 +109,8 @@ class HostEndpoint(Machine):
         self._input_ack: InputAck | None = None
         self._ack_at: float | None = None
         self._snapshot_asked = False
+        self.quiet_since: float | None = None
+        """When the relay was last heard, while the link is quiet (``LinkQuiet``)."""
 
     # --- connections ---------------------------------------------------------------
 
@@ -135,6 +141,7 @@ class HostEndpoint(Machine):
         self._pings.clear()
         self._snapshot_asked = False
         self._outbox.clear()
+        self.quiet_since = None
 
     def end(self, reason: str, now: float) -> None:
         """The host's tmux session ended: tell the relay (if connected), then stop."""
@@ -179,7 +186,26 @@ class HostEndpoint(Machine):
 
     def note_activity(self, now: float) -> None:
         """The transport heard the relay outside ``receive`` (QUIC ``last_activity``)."""
-        self._activity = now
+        if self._activity is None or now > self._activity:
+            self._activity = now
+            if self.state is State.CONNECTED:
+                self._heard(now)
+
+    def _heard(self, now: float) -> None:
+        """The relay spoke: a quiet link is back. The log sent meanwhile is on
+        its way; what waited behind it jumps to a snapshot when long."""
+        since, self.quiet_since = self.quiet_since, None
+        if since is None:
+            return
+        self._emit(LinkBack(now - since))
+        if self.log.jump(JUMP_BYTES):
+            self._ask_snapshot()
+        self._next_ping = now + self._ping_interval(now)
+
+    @property
+    def quiet(self) -> bool:
+        """The link is quiet (``LinkQuiet``): the adapter holds the log back."""
+        return self.quiet_since is not None
 
     @property
     def need_snapshot(self) -> bool:
@@ -199,7 +225,8 @@ class HostEndpoint(Machine):
         ``events=False``: only the control messages (pongs, acks, pings), which an
         adapter sends at once while its sender waits for the link to drain."""
         out = self._take_outbox()
-        if events and self.state is State.CONNECTED:
+        if events and self.state is State.CONNECTED and self.quiet_since is None:
+            # while quiet the log waits here, where it can still jump to a snapshot
             out += [Outgoing(ev) for ev in self.log.to_send(limit_bytes=limit_bytes)]
         return out
 
@@ -212,6 +239,7 @@ class HostEndpoint(Machine):
             self._on_handshake(msg, now)
         elif self.state is State.CONNECTED:
             self.last_contact = now
+            self._heard(now)
             try:
                 self._dispatch(msg, now)
             except RemoteProtocolError as exc:
@@ -236,10 +264,12 @@ class HostEndpoint(Machine):
         new_session = self.shared is not None and self.shared.session != welcome.session
         self.shared = welcome
         self.log.on_connect(None if new_session else welcome.next_seq)
+        self.log.jump(JUMP_BYTES)  # a long replay: the current screen instead
         if new_session:
             self.inputs = InputReceiver()  # its input streams start over at 1
         self._go("welcome")
         self._handshake_deadline = None
+        self.quiet_since = None
         self.last_contact = now
         self.rtt = None
         self._token = 0
@@ -304,19 +334,20 @@ class HostEndpoint(Machine):
             self._ping(now)
 
     def _ping(self, now: float) -> None:
-        """host.py ``_liveness``: ping, then give up a link silent for DEAD_AFTER."""
+        """Ping; past QUIET_AFTER of silence say so (``LinkQuiet``) and go on
+        pinging, faster: the link is never given up for silence alone."""
         self._token += 1
         self._pings[self._token] = now
         self._pings.pop(self._token - PINGS_KEPT, None)
         self._send(Ping(self._token), Channel.DATAGRAM)
         heard = max(self.last_contact, self._activity or 0.0)
-        if now - heard > DEAD_AFTER:
-            self._next_ping = self._ack_at = None
-            self._go("fail")
-            self._emit(LinkDead(now - heard))
-            return
+        if self.quiet_since is None and now - heard > QUIET_AFTER:
+            self.quiet_since = heard
+            self._emit(LinkQuiet(heard))
         self._next_ping = now + self._ping_interval(now)
 
     def _ping_interval(self, now: float) -> float:
+        if self.quiet_since is not None:
+            return PING_QUIET
         idle = self.last_busy is None or now - self.last_busy > IDLE_AFTER
         return PING_IDLE if idle else PING_EVERY

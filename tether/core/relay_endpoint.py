@@ -365,6 +365,12 @@ class RelayHostEndpoint(Machine):
         elif not quiet and self.state is State.SILENT:
             self._go("heard")
             self._emit(Presence(True, BACK_TEXT))
+        if self.state is State.SILENT and now - self.heard >= self.host_away_timeout:
+            # a link kept open (QUIC outlives silences) but a host gone for good
+            self._go("end")
+            self._silence_at = self._ack_at = None
+            self._emit(SessionExpired())
+            return
         if self.state is State.SILENT:
             self._silence_at = now + AWAY_CHECK
         else:

@@ -84,6 +84,22 @@ class LogSender:
         self.snapshots += 1
         return seq
 
+    @property
+    def unsent_bytes(self) -> int:
+        return sum(e.size for e in list(self._buf)[self._sent:])
+
+    def jump(self, max_unsent: int) -> bool:
+        """Past ``max_unsent`` bytes not yet sent, drop them and owe a snapshot:
+        after an outage the receiver gets the present, not the history. What
+        was sent stays (it is on its way); True if it jumped."""
+        if self.need_snapshot or len(self._buf) == self._sent:
+            return False
+        if self.unsent_bytes <= max_unsent:
+            return False
+        self._drop_unsent()
+        self.need_snapshot = True
+        return True
+
     def _drop_unsent(self) -> None:
         while len(self._buf) > self._sent:
             self._bytes -= self._buf.pop().size

@@ -32,8 +32,18 @@ PING_IDLE = 1.0
 """Host ping interval once idle (host.py ``PING_IDLE``)."""
 IDLE_AFTER = 5.0
 """Seconds without typing or output before the host pings at ``PING_IDLE``."""
-DEAD_AFTER = 8.0
-"""Seconds without a word from the relay before the host gives the link up."""
+QUIET_AFTER = 2.0
+"""Seconds without a word from the relay before the host looks for another way
+to it, beside the link, which it keeps: the next packet that gets through on it
+carries on (a QUIC connection survives address changes and long silences)."""
+PING_QUIET = 0.5
+"""Host ping interval while the link is quiet: each ping is a probe that finds
+the path again (a QUIC connection moves to the host's new address on it)."""
+JUMP_BYTES = 16 * 1024
+"""Log bytes not yet sent past which the host sends the current screen instead,
+when a link comes back or a new one resumes: after an outage, mates see the
+present within a round trip or two, not the history replayed (at 30% loss a
+QUIC congestion window carries a few kilobytes a round trip)."""
 PINGS_KEPT = 20
 """Outstanding ping tokens the host remembers for RTT (host.py ``_liveness``)."""
 HANDSHAKE_TIMEOUT = 20.0
@@ -111,7 +121,20 @@ class ResizeRequested(Record):
 
 
 class LinkDead(Record):
-    """Host: no word from the relay for ``DEAD_AFTER``; close the link, reconnect."""
+    """Host: no ``Welcome`` within ``HANDSHAKE_TIMEOUT``; close the link, reconnect."""
+
+    quiet: float
+
+
+class LinkQuiet(Record):
+    """Host: no word from the relay for ``QUIET_AFTER`` (since ``since``). Keep the
+    link; race new connections beside it until it, or one of them, gets through."""
+
+    since: float
+
+
+class LinkBack(Record):
+    """Host: the quiet link was heard again after ``quiet`` seconds: stop racing."""
 
     quiet: float
 
@@ -158,6 +181,8 @@ SessionEvent = (
     | InputReceived
     | ResizeRequested
     | LinkDead
+    | LinkQuiet
+    | LinkBack
     | PeerClosed
     | ProtocolFailed
     | EventReceived

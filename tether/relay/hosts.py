@@ -27,6 +27,7 @@ from tether.core.session import (
     PING_RATE,
     HostEnded,
     ProtocolFailed,
+    SessionExpired,
 )
 from tether.transport import quic, ssh
 from tether.transport.link import Link, LinkClosed
@@ -192,4 +193,10 @@ class Hosts:
                 return
             # over QUIC the host's pings are datagrams answered in the link: they
             # count through its last_activity without reaching recv()
-            s.tick(time.monotonic(), getattr(link, "last_activity", None))
+            events = s.tick(time.monotonic(), getattr(link, "last_activity", None))
+            if any(isinstance(ev, SessionExpired) for ev in events):
+                log.info("session %s ended (host silent for %g s)", s.id,
+                         self.config.host_away_timeout)
+                # shielded: ending closes the link, whose loop then cancels us
+                await asyncio.shield(self.registry.end(s))
+                return

@@ -143,8 +143,11 @@ class Relay:
     async def _start_quic(self) -> None:
         cert, key, self.quic_fingerprint = quic.load_or_create_certificate(self.config.keys_dir)
         port = self.config.quic_port if self.config.quic_port is not None else self.port
+        # a silent host's connection outlives the wait for it (a minute more:
+        # the session's own expiry, not QUIC's, ends it)
         server = await quic.start_quic_server(
-            self.config.bind, port, cert, key, self.hosts.handle_quic
+            self.config.bind, port, cert, key, self.hosts.handle_quic,
+            idle_timeout=self.config.host_away_timeout + 60,
         )
         self._quic_server = server
         self.quic_port = server._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]

@@ -49,7 +49,11 @@ log = logging.getLogger("tether.transport")
 
 ALPN = "tether/1"
 SERVER_NAME = "tether-relay"
-IDLE_TIMEOUT = 20.0
+IDLE_TIMEOUT = 24 * 3600.0
+"""What each end offers as QUIC's idle timeout; the smaller of the two holds.
+A host offers this much and the relay its ``host_away_timeout``: a silent
+connection stays usable for as long as the session waits for its host, so the
+first packet that gets through after an outage carries on with no handshake."""
 MAX_DATAGRAM = 1200
 ACK_DELAY = 0.02
 """How long a lone QUIC ACK may wait for data to ride on. aioquic acks every
@@ -373,11 +377,11 @@ class _Poison:
         self.exc = exc
 
 
-def _config(is_client: bool) -> QuicConfiguration:
+def _config(is_client: bool, idle_timeout: float = IDLE_TIMEOUT) -> QuicConfiguration:
     return QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[ALPN],
-        idle_timeout=IDLE_TIMEOUT,
+        idle_timeout=idle_timeout,
         max_datagram_frame_size=65536,
         server_name=SERVER_NAME if is_client else None,
     )
@@ -392,6 +396,7 @@ async def start_quic_server(
     *,
     first_message_timeout: float = FIRST_MESSAGE_TIMEOUT,
     retry: bool = True,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> QuicServer:
     """Listen for hosts resuming over QUIC; each connection's link goes to ``on_host``.
 
@@ -399,9 +404,10 @@ async def start_quic_server(
     (``FIRST_MESSAGE_TIMEOUT``) seconds after its first packet is closed. With
     ``retry``, a new connection must first echo a Retry token (one round trip more),
     which proves it owns its source address: a spoofed one makes the relay hold
-    no state and send no more than it received.
+    no state and send no more than it received. ``idle_timeout``: how long a
+    silent connection is kept (the relay passes its host-away timeout).
     """
-    config = _config(is_client=False)
+    config = _config(is_client=False, idle_timeout=idle_timeout)
     config.load_cert_chain(str(cert), str(key))
     tasks: set[asyncio.Task[None]] = set()
 
@@ -463,6 +469,12 @@ async def connect_quic(host: str, port: int, fingerprint: str, timeout: float = 
             waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
         link.close()
         raise LinkClosed(f"QUIC to {host}:{port} failed: {str(exc) or 'timed out'}") from None
+    except asyncio.CancelledError:  # another path won the race: no socket left behind
+        waiter = getattr(link, "_connected_waiter", None)
+        if isinstance(waiter, asyncio.Future):
+            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+        link.close()
+        raise
     peer = quic.tls._peer_certificate  # aioquic keeps it private; it is the leaf we got
     received = (
         cert_fingerprint(peer.public_bytes(serialization.Encoding.DER)) if peer else "none"

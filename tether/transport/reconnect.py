@@ -2,10 +2,15 @@
 
 The first connection is always SSH: it authenticates the relay (pinned host
 key) and the host (its SSH key), and the relay's Welcome names its QUIC
-endpoints and certificate fingerprint. From then on the host prefers QUIC,
-trying every endpoint address at once and keeping the first to answer; where
-UDP is blocked it falls back to the SSH channel, and probes QUIC now and then
-to move back.
+endpoints and certificate fingerprint. From then on the host prefers QUIC.
+
+When a link is needed (none yet, or the current one has gone quiet and is
+kept beside), ``Connector.race`` tries every path at once and keeps trying,
+each on its own clock, until one gets through: a QUIC handshake to every
+endpoint address every ``PROBE_EVERY`` seconds, and the SSH channel, at once
+where UDP is known to fail and after ``SSH_AFTER`` seconds of QUIC trying
+otherwise. No attempt waits for another, so when the network returns the
+next attempt (within a second) finds it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tether.core.errors import AuthError
 from tether.core.messages import Welcome
@@ -30,7 +35,16 @@ if TYPE_CHECKING:  # QUIC (aioquic, x509) loads only once the SSH bootstrap has 
 log = logging.getLogger("tether.reconnect")
 
 QUIC_TIMEOUT = 3.0
-PROBE_EVERY = 10.0
+"""How long one QUIC handshake may take; attempts overlap (``PROBE_EVERY``)."""
+PROBE_EVERY = 1.0
+"""While racing, a new QUIC attempt to every endpoint address this often."""
+SSH_AFTER = 3.0
+"""Racing: seconds of QUIC attempts before the SSH channel is tried as well."""
+SSH_EVERY = 2.0
+"""Racing: a new SSH attempt this often (at most ``SSH_AT_ONCE`` in flight)."""
+SSH_AT_ONCE = 3
+UPGRADE_AFTER = 10.0
+"""After QUIC failed (the SSH channel won), how long until QUIC is preferred again."""
 
 
 @dataclass
@@ -65,65 +79,135 @@ class Connector:
     def quic_preferred(self) -> bool:
         if self.quic is None:
             return False
-        return self.quic_failed_at is None or time.monotonic() - self.quic_failed_at > PROBE_EVERY
+        return self.quic_failed_at is None or time.monotonic() - self.quic_failed_at > UPGRADE_AFTER
 
     async def connect(self) -> Link:
-        """QUIC if known and not failing, else the SSH channel."""
-        if self.quic_preferred():
-            link = await self.try_quic()
-            if link is not None:
-                return link
-        return await connect_host(self.addr)
+        """The first path to get through (``race``)."""
+        return await self.race()
+
+    async def race(self) -> Link:
+        """Try every path, each on its own clock, until one gets through.
+
+        Runs until it returns a link (or raises ``AuthError`` where the relay
+        refused us over SSH); the caller cancels it when it no longer needs one
+        (its quiet link came back). Attempts still running are then cancelled
+        and any link they made is closed."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        quic_ok = self.quic_preferred()
+        ssh_at = start + (SSH_AFTER if quic_ok else 0.0)
+        next_quic = start
+        quic: set[asyncio.Task[Link]] = set()
+        ssh: set[asyncio.Task[Link]] = set()
+        winner: Link | None = None
+        try:
+            while winner is None:
+                now = loop.time()
+                if self.quic is not None and now >= next_quic and self.quic_preferred():
+                    quic.add(asyncio.create_task(self._quic_attempt()))
+                    next_quic = now + PROBE_EVERY
+                if now >= ssh_at and len(ssh) < SSH_AT_ONCE:
+                    ssh.add(asyncio.create_task(connect_host(self.addr)))
+                    ssh_at = now + SSH_EVERY
+                wake = min(ssh_at, next_quic)
+                done, _ = await asyncio.wait(
+                    quic | ssh, timeout=max(wake - loop.time(), 0.0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for t in done:
+                    over_ssh = t in ssh
+                    quic.discard(t)
+                    ssh.discard(t)
+                    try:
+                        link = t.result()
+                    except AuthError as exc:
+                        if over_ssh:
+                            raise  # the relay refused us (or its key changed)
+                        self.last_error = self.cert_error = str(exc)
+                    except (LinkClosed, OSError) as exc:
+                        self.last_error = str(exc) or type(exc).__name__
+                    else:
+                        if winner is None:
+                            winner = link
+                        else:
+                            link.close()
+        finally:
+            for t in quic | ssh:
+                _discard(t)
+        if winner.kind == "quic":
+            self.quic_failed_at = None
+        elif self.quic is not None:
+            self.quic_failed_at = time.monotonic()
+            log.info("QUIC unavailable (%s); using the SSH channel", self.last_error)
+        return winner
+
+    async def _quic_attempt(self) -> QuicLink:
+        """One handshake to every endpoint address at once; the first wins."""
+        link = await self._try_quic_once()
+        if link is None:
+            raise LinkClosed(self.last_error or "QUIC failed")
+        return link
 
     async def try_quic(self) -> QuicLink | None:
-        """Every address of every endpoint at once; the first handshake wins."""
-        assert self.quic is not None
-        from .quic import connect_quic
-
+        """On the SSH channel: one QUIC attempt (every address at once), to move."""
         async with self._probe_lock:
-            targets: list[tuple[str, int]] = []
-            loop = asyncio.get_running_loop()
-            for host, port in self.quic.endpoints:
-                try:
-                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-                except OSError as exc:
-                    self.last_error = f"cannot resolve {host}: {exc}"
-                    continue
-                for info in infos:
-                    target = (str(info[4][0]), port)
-                    if target not in targets:
-                        targets.append(target)
-            if not targets:
-                self.quic_failed_at = time.monotonic()
-                return None
-            attempts = [
-                asyncio.create_task(connect_quic(h, p, self.quic.fingerprint, QUIC_TIMEOUT))
-                for h, p in targets
-            ]
-            winner: QuicLink | None = None
-            try:
-                for fut in asyncio.as_completed(attempts):
-                    try:
-                        winner = await fut
-                        break
-                    except (LinkClosed, OSError) as exc:
-                        self.last_error = str(exc)
-                    except AuthError as exc:
-                        self.last_error = self.cert_error = str(exc)
-            finally:
-                for t in attempts:
-                    if not t.done():
-                        t.cancel()
-                    elif winner is not None and not t.cancelled() and t.exception() is None:
-                        other = t.result()
-                        if other is not winner:
-                            other.close()
-                for t in attempts:
-                    with contextlib.suppress(BaseException):
-                        await t
+            winner = await self._try_quic_once()
             if winner is None:
                 self.quic_failed_at = time.monotonic()
                 log.info("QUIC unavailable (%s); using the SSH channel", self.last_error)
             else:
                 self.quic_failed_at = None
             return winner
+
+    async def _try_quic_once(self) -> QuicLink | None:
+        """Every address of every endpoint at once; the first handshake wins."""
+        assert self.quic is not None
+        from .quic import connect_quic
+
+        quic = self.quic
+        targets: list[tuple[str, int]] = []
+        loop = asyncio.get_running_loop()
+        for host, port in quic.endpoints:
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                self.last_error = f"cannot resolve {host}: {exc}"
+                continue
+            for info in infos:
+                target = (str(info[4][0]), port)
+                if target not in targets:
+                    targets.append(target)
+        if not targets:
+            return None
+        attempts = [
+            asyncio.create_task(connect_quic(h, p, quic.fingerprint, QUIC_TIMEOUT))
+            for h, p in targets
+        ]
+        winner: QuicLink | None = None
+        try:
+            for fut in asyncio.as_completed(attempts):
+                try:
+                    winner = await fut
+                    break
+                except (LinkClosed, OSError) as exc:
+                    self.last_error = str(exc)
+                except AuthError as exc:
+                    self.last_error = self.cert_error = str(exc)
+        finally:
+            for t in attempts:
+                if winner is None or not t.done() or t.cancelled() or t.exception() is not None:
+                    _discard(t)
+                elif t.result() is not winner:
+                    t.result().close()
+            for t in attempts:
+                with contextlib.suppress(BaseException):
+                    await t
+        return winner
+
+
+def _discard(task: asyncio.Task[Any]) -> None:
+    """Cancel an attempt, or close the link it already made."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled() and task.exception() is None:
+        task.result().close()
