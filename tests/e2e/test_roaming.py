@@ -7,6 +7,7 @@ tether netsim; the host's link is impaired, moved and cut while a mate types.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -191,3 +192,103 @@ def test_nat_rebinding_keeps_the_connection(rig: Rig) -> None:
     assert rig.relay.log.read_text().count("attached to session") == attaches, (
         "the rebinding cost a reconnect"
     )
+
+
+BLACKOUT = float(os.environ.get("TETHER_TEST_BLACKOUT", "6"))
+"""Seconds of the lossy-blackout tests (TETHER_TEST_BLACKOUT lengthens them)."""
+
+
+class Typist:
+    """The mate types numbered lines, one every ``every`` seconds, in a thread;
+    a second thread notes when each reaches the host's file."""
+
+    def __init__(self, rig: Rig, every: float = 0.3) -> None:
+        self.rig = rig
+        self.every = every
+        self.typed: list[tuple[str, float]] = []
+        self.arrived: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._typed_all = threading.Event()
+        self._threads = [threading.Thread(target=self._type, daemon=True),
+                         threading.Thread(target=self._watch, daemon=True)]
+
+    def __enter__(self) -> Typist:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._threads[1].join(30)  # the watcher has seen every line that arrived
+
+    def stop_typing(self) -> None:
+        self._stop.set()
+        self._threads[0].join(10)
+
+    def _type(self) -> None:
+        i = 0
+        while not self._stop.is_set() and i < 2000:
+            line = f"line-{i:04d}"
+            self.rig.mate.type(line)
+            self.typed.append((line, time.monotonic()))
+            i += 1
+            self._stop.wait(self.every)
+        self._typed_all.set()
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.rig.keys_file.exists():
+                now = time.monotonic()
+                for line in self.rig.keys_file.read_text().split("\n")[:-1]:
+                    self.arrived.setdefault(line, now)
+            if self._typed_all.is_set() and len(self.arrived) >= len(self.typed):
+                return
+            time.sleep(0.02)
+
+    def expected(self) -> str:
+        return "".join(f"{line}\n" for line, _ in self.typed)
+
+
+@pytest.mark.parametrize(("loss", "new_address"), [(0, False), (30, True)],
+                         ids=["clean", "30pct-loss-new-address"])
+def test_lines_typed_through_a_blackout_arrive_once_and_soon(
+    rig: Rig, loss: int, new_address: bool
+) -> None:
+    """A mate types a line every 0.3 s before, during and after a blackout of the
+    host's link (with loss each way on it throughout, and the host back on a new
+    address in one case): every line reaches the host exactly once, in order;
+    the time from the link's return until the last line typed in the dark
+    reaches the host is printed (target: within 2 s)."""
+    wait_for(lambda: "quic" in transport(rig), 20, "the host to be on QUIC")
+    seed = 14
+    for name in ("wifi", "lte"):
+        rig.net.link("host", name).set(delay="25ms", loss=f"{loss}%", seed=seed)
+    with Typist(rig) as typist:
+        time.sleep(2)  # a person types with the link up first
+        dark = time.monotonic()
+        rig.net.link("host", "wifi").blackout(BLACKOUT)
+        if new_address:
+            time.sleep(BLACKOUT - 0.5)  # the network returns as another one
+            rig.net.move("host", "lte")
+        else:
+            time.sleep(BLACKOUT)
+        back = time.monotonic()
+        in_dark = [line for line, t in typist.typed if dark <= t < back]
+        time.sleep(3)
+        typist.stop_typing()
+        expected = typist.expected()
+        assert_keys_exactly_once(rig, expected, 60)
+    arrived = typist.arrived
+    last_dark = max(arrived[line] for line in in_dark) - back
+    # typed while up: with 2 s to arrive before the blackout, or 2 s after it
+    up = [arrived[line] - t for line, t in typist.typed if t + 2 < dark or t >= back + 2]
+    print(f"\nblackout {BLACKOUT:g}s, {loss}% loss each way"
+          f"{', back on a new address' if new_address else ''}: "
+          f"{len(in_dark)} lines typed in the dark; the last reached the host "
+          f"{last_dark:.2f}s after the link's return; lines typed while up waited "
+          f"at most {max(up):.2f}s (median {sorted(up)[len(up) // 2]:.2f}s)")
+    messages = rig.host.messages()
+    print("\n".join(ln for ln in messages.splitlines() if "relay" in ln)[-600:])
+    assert in_dark, "no line was typed during the blackout"
+    assert "back after" in messages, messages

@@ -162,7 +162,7 @@ class RelaySide:
             await self._settle(tasks)
             self.link = None
             self.state_changed.set()
-            if self._welcomed and self.outage_since is None:
+            if self._welcomed and self.outage_since is None and self._next_link is None:
                 self.outage_since = self.ep.last_contact or time.monotonic()
             self.ep.connection_lost(time.monotonic())
 
