@@ -37,6 +37,7 @@ from tether.core.session import (
     PeerClosed,
     Presence,
     ProtocolFailed,
+    SessionExpired,
     SnapshotNeeded,
     State,
     Welcomed,
@@ -471,3 +472,26 @@ def test_interleavings_exactly_once_in_order(
     assert w.host.state is State.CONNECTED
     assert w.replica == w.outputs
     assert w.received_keys == w.typed
+
+
+def test_a_link_silent_past_the_away_timeout_ends_the_session() -> None:
+    """QUIC keeps a silent connection open as long as the relay waits for its
+    host, so the relay's own clock must end a session whose host never spoke
+    again on it (not wait for the link to close first, then an hour more)."""
+    ep = RelayHostEndpoint("s", b"x" * 32, "rw", "ro", host_away_timeout=30.0)
+    ep.attach(Hello(PROTOCOL_VERSION, "tether-host"), 0.0)
+    ep.receive(Ping(1), 1.0)
+    now, expired = 1.0, False
+    for _ in range(200):  # bounded: the timer fires about once a second
+        when = ep.next_timer()
+        assert when is not None, "a silent link must keep a timer armed"
+        now = when
+        ep.handle_timer(now)
+        events = []
+        while (ev := ep.next_event()) is not None:
+            events.append(ev)
+        if any(isinstance(ev, SessionExpired) for ev in events):
+            expired = True
+            break
+    assert expired and ep.state is State.ENDED
+    assert 31.0 <= now <= 32.5, now
