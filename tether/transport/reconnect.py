@@ -16,7 +16,6 @@ next attempt (within a second) finds it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
@@ -103,16 +102,20 @@ class Connector:
         try:
             while winner is None:
                 now = loop.time()
-                if self.quic is not None and now >= next_quic and self.quic_preferred():
-                    quic.add(asyncio.create_task(self._quic_attempt()))
-                    next_quic = now + PROBE_EVERY
+                if now >= next_quic:
+                    next_quic = now + PROBE_EVERY  # QUIC may be preferred again by then
+                    if self.quic is not None and self.quic_preferred():
+                        quic.add(asyncio.create_task(self._quic_attempt()))
                 if now >= ssh_at and len(ssh) < SSH_AT_ONCE:
                     ssh.add(asyncio.create_task(connect_host(self.addr)))
                     ssh_at = now + SSH_EVERY
-                wake = min(ssh_at, next_quic)
+                wake = next_quic if len(ssh) >= SSH_AT_ONCE else min(ssh_at, next_quic)
+                timeout = max(wake - loop.time(), 0.0)
+                if not quic and not ssh:  # every attempt failed: wait for the next
+                    await asyncio.sleep(timeout)
+                    continue
                 done, _ = await asyncio.wait(
-                    quic | ssh, timeout=max(wake - loop.time(), 0.0),
-                    return_when=asyncio.FIRST_COMPLETED,
+                    quic | ssh, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
                 for t in done:
                     over_ssh = t in ssh
@@ -194,20 +197,26 @@ class Connector:
                 except AuthError as exc:
                     self.last_error = self.cert_error = str(exc)
         finally:
+            # not awaited: a cancelled race must not wait here (nor swallow its
+            # cancellation); each loser closes its link when it ends
             for t in attempts:
-                if winner is None or not t.done() or t.cancelled() or t.exception() is not None:
+                if not t.done() or winner is None or t.cancelled() or t.exception() is not None:
                     _discard(t)
                 elif t.result() is not winner:
                     t.result().close()
-            for t in attempts:
-                with contextlib.suppress(BaseException):
-                    await t
         return winner
 
 
 def _discard(task: asyncio.Task[Any]) -> None:
-    """Cancel an attempt, or close the link it already made."""
-    if not task.done():
+    """Cancel an attempt, or close the link it made, whenever it makes one."""
+    if task.done():
+        _close_result(task)
+    else:
         task.cancel()
-    elif not task.cancelled() and task.exception() is None:
+        task.add_done_callback(_close_result)
+
+
+def _close_result(task: asyncio.Task[Any]) -> None:
+    """A finished attempt: close its link; its error, if any, is seen (no warning)."""
+    if not task.cancelled() and task.exception() is None:
         task.result().close()
