@@ -1,4 +1,5 @@
-"""The roaming benchmark's parts: roam, keystroke echo, blackout (see bench/roaming.py)."""
+"""The roaming benchmark's parts: roam, keystroke echo (see bench/roaming.py); the ticker
+the outage part (``bench/roaming_outage.py``) prints on the host panes."""
 
 from __future__ import annotations
 
@@ -8,20 +9,15 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from bench.roaming_rig import (
     Rig,
     Series,
     Side,
     agent_events,
-    both,
-    clock_text,
     fmt,
     fmt_ms,
     log,
-    wait_status,
-    wait_until,
 )
 from tether.testing.tap import Hit
 
@@ -88,7 +84,8 @@ def _roam_sample(rig: Rig, n: int, kind: str, timeout: float, out: dict[str, Ser
 
 
 class Typist:
-    """What has been typed on the current line of one mate (the host pane runs cat)."""
+    """What has been typed on the current line of one mate (the host pane runs ``tee -a FILE``,
+    a cat)."""
 
     def __init__(self, side: Side, rng: random.Random) -> None:
         self.side = side
@@ -111,7 +108,7 @@ class Typist:
         return tap.wait(mark, self._row_is(self.line), timeout, c.encode()), t0
 
     def newline(self, timeout: float) -> None:
-        """Enter (untimed), then wait for cat's copy of the line."""
+        """Enter (untimed), then wait for the pane's copy of the line (tee's output)."""
         line = self.line
         self.line = ""
         if not line:
@@ -174,7 +171,7 @@ def bench_echo(rig: Rig, samples: int, warmup: int, cell_budget: float,
                 link.clear()
 
 
-# --- 3. blackout -------------------------------------------------------------------------------
+# --- the ticker (part 3, outage) ---------------------------------------------------------
 
 
 class Ticker:
@@ -208,87 +205,3 @@ class Ticker:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-
-
-def bench_blackout(rig: Rig, runs: int, seconds: float, out: dict[str, Series]) -> None:
-    """Part 3: the host's link dark for ``seconds``; how soon the mates catch up."""
-    sides = list(rig.sides.values())
-    for s in sides:
-        out[f"{s.name}/blackout"] = Series(f"blackout {seconds:g}s -> newest line ({s.name})")
-        out[f"{s.name}/blackout_end_line"] = Series(
-            f"blackout {seconds:g}s -> line printed at its end ({s.name})")
-        out[f"{s.name}/blackout_status"] = Series(
-            f"blackout {seconds:g}s -> host status connected ({s.name})")
-        out[f"{s.name}/blackout"].extra["runs"] = []
-    for run in range(runs):
-        _blackout_run(rig, run, runs, seconds, out)
-
-
-def _blackout_run(rig: Rig, run: int, runs: int, seconds: float, out: dict[str, Series]) -> None:
-    sides = list(rig.sides.values())
-    rig.settle(120)
-    ticker = Ticker(sides, run)
-    try:
-        for s in sides:
-            wait_until(lambda s=s: ticker.newest_on(s.tap.screen()) > 0, 30,
-                       f"the ticker on the {s.name} mate's screen")
-        marks = {s.name: s.tap.mark() for s in sides}
-        events0 = {s.name: agent_events(s) for s in sides}
-        link = rig.net.link("host")
-        tb = time.perf_counter()
-        wall = time.time()
-        link.blackout(seconds)
-        t_end = tb + seconds
-        log(f"blackout {run + 1}/{runs}: {link.key} dark for {seconds:g}s, "
-            f"{clock_text(wall)} to {clock_text(wall + seconds)}")
-
-        def away(s: Side) -> float | None:
-            hit = s.tap.wait(marks[s.name], lambda scr: "host is away" in scr, seconds)
-            return None if hit is None else hit.t - tb
-
-        aways = both(away, sides)
-        time.sleep(max(0.0, t_end - time.perf_counter()))  # the blackout runs its course
-        n_end = ticker.n
-        marks = {s.name: s.tap.mark() for s in sides}
-
-        def newest_needle(scr: str) -> bytes:
-            return f"{ticker.prefix}{ticker.newest_on(scr)}".encode()
-
-        def wait_line(job: tuple[Side, str]) -> float | None:
-            s, which = job
-            if which == "status":
-                return out[f"{s.name}/blackout_status"].add(wait_status(s, 180), t_end)
-            if which == "end":
-                hit = s.tap.wait(marks[s.name], lambda scr: ticker.newest_on(scr) >= n_end, 180,
-                                 newest_needle)
-                return out[f"{s.name}/blackout_end_line"].add(hit, t_end)
-            want = [0]
-
-            def prepare() -> None:  # the host's newest line, read before the capture
-                want[0] = ticker.n
-
-            hit = s.tap.wait(marks[s.name], lambda scr: ticker.newest_on(scr) >= want[0], 180,
-                             newest_needle, prepare=prepare)
-            return out[f"{s.name}/blackout"].add(hit, t_end)
-
-        jobs = [(s, which) for s in sides for which in ("end", "newest", "status")]
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            got = dict(zip([(s.name, w) for s, w in jobs], pool.map(wait_line, jobs),
-                           strict=True))
-
-        results = [{"end_line": got[(s.name, "end")], "newest": got[(s.name, "newest")],
-                    "status": got[(s.name, "status")], "status_text": s.status()}
-                   for s in sides]
-    finally:
-        ticker.stop()
-    for s, res, aw in zip(sides, results, aways, strict=True):
-        ev = agent_events(s)
-        res["away_shown_after_s"] = aw
-        res["wall_start"] = clock_text(wall)
-        res["wall_end"] = clock_text(wall + seconds)
-        res["agent_events"] = {k: ev[k] - events0[s.name][k] for k in ev}
-        out[f"{s.name}/blackout"].extra["runs"].append(res)
-        log(f"  {s.name}: newest line {fmt_ms(res['newest'])}, line at end "
-            f"{fmt_ms(res['end_line'])}, status {fmt_ms(res['status'])} "
-            f"({res['status_text']}), 'host is away' after "
-            f"{'-' if aw is None else f'{aw:.1f}s'}, agent {res['agent_events']}")

@@ -4,21 +4,28 @@
 ``relay``, ``mate``) and on it one session per transport: ``quic`` (a relay on
 port 2222, its host replicating over QUIC) and ``ssh`` (a relay with
 ``--no-quic`` on 2223). Each ``Side`` is one transport's relay, host, mate and a
-``Tap`` on the mate's local tmux. Also: the samples (``Series``), logging and
-formatting shared by ``bench/roaming.py`` and ``bench/roaming_parts.py``.
+``Tap`` on the mate's local tmux; the host pane runs ``tee -a FILE`` (a ``cat``
+that also appends what the pane receives to ``Side.typed``, the file the outage
+part watches with ``LineWatch``). Also: the samples (``Series``), logging and
+formatting shared by ``bench/roaming.py``, ``bench/roaming_parts.py`` and
+``bench/roaming_outage.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import re
+import select
+import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +44,8 @@ TRANSPORTS = ("quic", "ssh")
 RELAY_PORTS = {"quic": 2222, "ssh": 2223}
 SIZE = (100, 30)
 STATUS_OK = re.compile(r"^\[tether (quic|ssh) \d+ms\]$")
+TYPED_FILE = "typed.txt"
+"""in each host's home: what its pane received, line by line (``Side.typed``)"""
 
 
 def log(msg: str) -> None:
@@ -129,6 +138,9 @@ class Side:
     host: Host
     mate: Mate
     tap: Tap
+    typed: Path
+    """the host's file: the host pane runs ``tee -a`` on it, so it gets every line the
+    pane receives (each when its Enter arrives)"""
     tty_fd: int = -1
 
     def status(self) -> str:
@@ -186,7 +198,9 @@ class Rig:
                      prefix=ns(net, "host"))
             self.hosts.append(h)
             hosts[name] = h
-            h.type("exec cat")
+            # a cat (the echo part waits for its copy of a line) that also appends each
+            # line it receives to a file (the outage part watches it)
+            h.type(f"exec tee -a {shlex.quote(str(h.home / TYPED_FILE))}")
 
         relay("quic")
         with ThreadPoolExecutor(len(TRANSPORTS)) as pool:  # start both sessions at once
@@ -194,14 +208,14 @@ class Rig:
                 f.result()
         for name in TRANSPORTS:
             host = hosts[name]
-            wait_until(lambda h=host: h.display("#{pane_current_command}") == "cat", 15,
-                       "cat in the host pane")
+            wait_until(lambda h=host: h.display("#{pane_current_command}") == "tee", 15,
+                       "tee in the host pane")
             mate = Mate(self.root, host.ssh_rw, SIZE, name=f"mate-{name}",
                         prefix=ns(net, "mate"))
             self.mates.append(mate)
             tap = Tap(mate.sock)
             self.taps.append(tap)
-            side = Side(name, relays[name], host, mate, tap)
+            side = Side(name, relays[name], host, mate, tap, host.home / TYPED_FILE)
             tty = host.display("#{pane_tty}")
             side.tty_fd = os.open(tty, os.O_WRONLY | os.O_NOCTTY)
             self.sides[name] = side
@@ -258,12 +272,6 @@ class Rig:
         (dest / "netsim-events.log").write_text("\n".join(str(e) for e in self.net.events) + "\n")
 
 
-def both(fn: Callable[[Side], Any], sides: Sequence[Side]) -> list[Any]:
-    """Run ``fn`` for every side at once (waits on several mates in parallel)."""
-    with ThreadPoolExecutor(len(sides)) as pool:
-        return list(pool.map(fn, sides))
-
-
 def agent_events(side: Side) -> dict[str, int]:
     """Counts of connection events in the side's agent log."""
     text = side.host.agent_log()
@@ -273,13 +281,87 @@ def agent_events(side: Side) -> dict[str, int]:
     }
 
 
-def wait_status(s: Side, timeout: float) -> Hit | None:
-    """Until the host's status line says it is connected (over either transport)."""
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        st = s.status()
-        if STATUS_OK.match(st):
-            return Hit(time.perf_counter(), st)
-        time.sleep(0.05)
-    return None
+# --- the host's file, watched -------------------------------------------------------------
 
+IN_MODIFY = 0x2
+
+
+class LineWatch:
+    """The lines appended to a file from now on, each with the time it appeared there.
+
+    Woken by inotify (``IN_MODIFY``) where the C library has it, else by polling
+    every ``poll`` seconds; a line's time (``perf_counter``) is that of the wake-up
+    that found it complete. ``lines`` holds (time, text) in file order.
+    """
+
+    def __init__(self, path: Path, poll: float = 0.01) -> None:
+        self.path = path
+        self.poll = poll
+        self.offset = path.stat().st_size
+        self.lines: list[tuple[float, str]] = []
+        self.cond = threading.Condition()
+        self._buf = b""
+        self._stop = threading.Event()
+        self._ino = -1
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd >= 0 and libc.inotify_add_watch(fd, os.fsencode(path), IN_MODIFY) < 0:
+                os.close(fd)
+                fd = -1
+            self._ino = fd
+        self.inotify = self._ino >= 0
+        """whether inotify wakes it (else it polls)"""
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _read(self, now: float) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        if not data:
+            return
+        self.offset += len(data)
+        self._buf += data
+        *done, self._buf = self._buf.split(b"\n")
+        if done:
+            with self.cond:
+                self.lines.extend((now, ln.decode(errors="replace")) for ln in done)
+                self.cond.notify_all()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._ino >= 0:
+                ready, _, _ = select.select([self._ino], [], [], 0.1)
+                now = time.perf_counter()
+                if ready:
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(self._ino, 4096):
+                            pass
+            else:
+                self._stop.wait(self.poll)
+                now = time.perf_counter()
+            with contextlib.suppress(OSError):
+                self._read(now)
+
+    def wait(self, pred: Callable[[list[tuple[float, str]]], Any], timeout: float) -> Any:
+        """Until ``pred(lines)`` is truthy (checked at each new line); its value, or None."""
+        deadline = time.perf_counter() + timeout
+        with self.cond:
+            while True:
+                res = pred(self.lines)
+                if res:
+                    return res
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return None
+                self.cond.wait(min(left, 0.5))
+
+    def close(self) -> None:
+        """Stop watching (what has arrived stays in ``lines``)."""
+        self._stop.set()
+        self._thread.join(5)
+        if self._ino >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._ino)
+            self._ino = -1
