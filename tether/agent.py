@@ -155,12 +155,18 @@ async def _run_until_stopped(agent: HostAgent, pidfile: Path, warm: bool) -> Non
     pidfile.write_text(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    signals: list[str] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda s=sig: (signals.append(s.name), stop.set()))
     runner = asyncio.create_task(agent.run())
     stopper = asyncio.create_task(stop.wait())
     warmer = asyncio.create_task(_start_zygote(agent) if warm else asyncio.sleep(0))
     await asyncio.wait([runner, stopper], return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set() and not runner.done():
+        # no one shares the session once we are gone: the relay ends it now
+        # rather than keep it (and its mates waiting) for --host-away-timeout
+        with contextlib.suppress(Exception):
+            await agent.stop(f"the host's tether agent was stopped ({signals[0]})")
     runner.cancel()
     stopper.cancel()
     warmer.cancel()

@@ -3,7 +3,9 @@ then; and a refused session makes `wait tether-ready` fail instead of hang."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -73,4 +75,26 @@ def test_wait_ready_fails_with_the_relays_refusal(tmp_path: Path) -> None:
     finally:
         second.close()
         first.close()
+        relay.close()
+
+
+def test_a_stopped_agent_ends_its_session_at_the_relay(tmp_path: Path) -> None:
+    """SIGTERM, SIGINT or SIGHUP to the agent: nobody shares the session any
+    more, so the relay ends it now, and its mates are told why."""
+    relay = RelayProcess(tmp_path / "relay")
+    conf = relay.conf()
+    try:
+        for n, sig in enumerate((signal.SIGTERM, signal.SIGINT, signal.SIGHUP), 1):
+            h = Host(tmp_path / "home", conf, name=f"s{n}")
+            try:
+                pid = h.agent_pid()
+                os.kill(pid, sig)
+                wait_for(lambda n=n: ended_count(relay) >= n, 15,
+                         f"the relay to end the session after {sig.name}")
+                assert f"stopped ({sig.name})" in relay.log.read_text(errors="replace")
+                wait_for(lambda p=pid: not Path(f"/proc/{p}").exists(), 15,
+                         "the agent to exit")
+            finally:
+                h.close()
+    finally:
         relay.close()

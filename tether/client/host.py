@@ -131,13 +131,18 @@ class HostAgent:
             self.side.stop_frames()
             await self.side.tmux.close()
 
-    async def _end(self) -> None:
+    async def stop(self, why: str) -> None:
+        """Asked to stop (a signal): nobody replicates the session any more, so
+        end it at the relay too (``run`` is still running its connect loop)."""
+        await self._end(why)
+
+    async def _end(self, why: str = END_TEXT) -> None:
         """End the session at the relay before the agent exits, on whatever link
         comes (the connect loop runs on), and wait until the relay has it: a
         session left behind lingers for ``--host-away-timeout``."""
         try:
             async with asyncio.timeout(END_WITHIN):
-                await self.relay.end(END_TEXT)
+                await self.relay.end(why)
                 await self.relay.ended.wait()
         except TimeoutError:
             log.warning("could not tell the relay within %.0fs that the session ended",
