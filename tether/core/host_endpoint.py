@@ -28,6 +28,7 @@ from .messages import (
     Ping,
     Pong,
     Resize,
+    Resync,
     Snapshot,
     Welcome,
 )
@@ -60,6 +61,9 @@ from .session import (
     Welcomed,
     earliest,
 )
+
+RESYNC_EVERY = 1.0
+"""Least time between two snapshots the relay asks for (``Resync``)."""
 
 _I, H, C, X, E = State.IDLE, State.HANDSHAKE, State.CONNECTED, State.CLOSING, State.ENDED
 
@@ -109,6 +113,7 @@ class HostEndpoint(Machine):
         self._input_ack: InputAck | None = None
         self._ack_at: float | None = None
         self._snapshot_asked = False
+        self._resynced: float | None = None
         self.quiet_since: float | None = None
         """When the relay was last heard, while the link is quiet (``LinkQuiet``)."""
 
@@ -301,6 +306,12 @@ class HostEndpoint(Machine):
                 self.rtt = sample if old is None else (1 - RTT_WEIGHT) * old + RTT_WEIGHT * sample
         elif isinstance(msg, Notice):
             pass
+        elif isinstance(msg, Resync):
+            # a join client needs a starting point; one snapshot a second at most,
+            # whatever the relay asks
+            if self._resynced is None or now - self._resynced >= RESYNC_EVERY:
+                self._resynced = now
+                self.resync(now)
         elif isinstance(msg, Error):
             self._go("fail")
             self._emit(PeerClosed(f"relay: {msg.message}"))

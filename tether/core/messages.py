@@ -22,8 +22,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is 0.5 MiB and 4 ms in every replica worker
     from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 2
-"""2: ``Frame`` events (a flooding pane sent as compressed screens)."""
+PROTOCOL_VERSION = 3
+"""2: ``Frame`` events (a flooding pane sent as compressed screens).
+3: ``Resync`` (the relay asks its host for a snapshot) and the join role
+(``Join``/``Joined``: a mate's client fed the host's log)."""
 
 
 class Message(Record):
@@ -278,6 +280,43 @@ class End(Message):
     reason: str
 
 
+@message(37)
+class Resync(Message):
+    """Relay to host: send a snapshot next (a join client needs a starting
+    point the relay no longer holds)."""
+
+
+# --- a join client (``tether join``) and the relay ---------------------------------
+
+
+@message(50)
+class Join(Message):
+    """First frame from a join client. Over SSH the token is the login name;
+    ``resume`` (the secret of an earlier ``Joined``) takes the same place again,
+    over any link, from ``next_seq`` of the host's log (None: a snapshot)."""
+
+    version: int
+    client: str
+    resume: bytes | None = None
+    next_seq: int | None = None
+    cols: int = 80
+    rows: int = 24
+
+
+@message(51)
+class Joined(Message):
+    """The relay's answer to ``Join``: who we are in the session, and how to come
+    back (``resume``, over QUIC at ``quic`` with that certificate)."""
+
+    version: int
+    session: str
+    mate: int
+    readonly: bool
+    resume: bytes
+    quic: tuple[str, ...] = ()
+    quic_fingerprint: str = ""
+
+
 # --- relay <-> replica worker (never on the network) ----------------------------
 
 
@@ -347,6 +386,8 @@ __all__ = [
     "HostPresence",
     "Input",
     "InputAck",
+    "Join",
+    "Joined",
     "MateAttach",
     "Message",
     "MessageDecoder",
@@ -357,6 +398,7 @@ __all__ = [
     "Ping",
     "Pong",
     "Resize",
+    "Resync",
     "Snapshot",
     "Status",
     "Structure",

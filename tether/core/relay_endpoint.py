@@ -33,6 +33,7 @@ from .messages import (
     Ping,
     Pong,
     Resize,
+    Resync,
     Welcome,
 )
 from .ratelimit import TokenBucket
@@ -194,6 +195,7 @@ class RelayHostEndpoint(Machine):
         self._pings = TokenBucket(PING_RATE, PING_BURST, 0.0)
         self._silence_at: float | None = None
         self._ack_at: float | None = None
+        self._resync_owed = False
 
     @property
     def connected(self) -> bool:
@@ -235,6 +237,9 @@ class RelayHostEndpoint(Machine):
         for msg in self.inputs.unacked():
             self._send(msg)
         self._send(Resize(*self.size))
+        if self._resync_owed:
+            self._resync_owed = False
+            self._send(Resync())
         self._emit(Presence(True, BACK_TEXT))
         return self.conn
 
@@ -277,6 +282,14 @@ class RelayHostEndpoint(Machine):
         if self.connected:
             self._send(msg)
         return msg
+
+    def request_snapshot(self) -> None:
+        """A join client needs a starting point: ask the host for a snapshot, now
+        or as soon as it is back."""
+        if self.connected:
+            self._send(Resync())
+        else:
+            self._resync_owed = True
 
     def set_size(self, cols: int, rows: int) -> None:
         """The smallest read-write mate terminal; the host hears of changes only."""

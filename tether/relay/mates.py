@@ -83,7 +83,8 @@ class Mates:
         self.registry = registry
         self.config = config
         self._ids = itertools.count(1)
-        self._backoff = FailureBackoff(free=config.failed_tokens_free)
+        self.backoff = FailureBackoff(free=config.failed_tokens_free)
+        """Wrong tokens per address, shared with join clients (``joins.Joins``)."""
 
     async def handle(self, term: Terminal) -> None:
         """One mate, from its token to its leaving."""
@@ -124,7 +125,7 @@ class Mates:
         # counts (tries while held back too) and its answer is held back, so
         # one address guesses no faster than its connections allow.
         address = term.peer.rpartition(":")[0]
-        wait = self._backoff.failure(address, time.monotonic())
+        wait = self.backoff.failure(address, time.monotonic())
         if wait:
             log.warning("address %s: too many unknown tokens, waits %.0fs", address, wait)
         await asyncio.sleep(0.05 + secrets.randbelow(150) / 1000 + min(wait, MAX_HOLD))

@@ -16,13 +16,15 @@ import logging
 from collections.abc import Callable
 
 from tether.core import tokens
-from tether.core.messages import Message
+from tether.core.messages import Join, Message
 from tether.transport import quic, ssh
+from tether.transport.link import LinkClosed, Pushback
 
 from .cgroup import cgroup_warning
 from .config import RelayConfig
 from .hosts import HOST_SILENCE, Hosts
 from .jail import jail_unavailable, jail_warning
+from .joins import Joins
 from .mates import INVALID_TOKEN, MATE_COLS, MATE_ROWS, MATE_WAIT_SCREEN, Mates, clamp_size
 from .registry import Registry
 from .replica import ReplicaHandle
@@ -65,6 +67,7 @@ class Relay:
         self.registry = Registry(config, self._new_replica)
         self.hosts = Hosts(self.registry, config, self)
         self.mates = Mates(self.registry, config)
+        self.joins = Joins(self.registry, config, self.mates.backoff)
 
     def _new_replica(self, sid: str, on_message: Callable[[Message], None]) -> ReplicaHandle:
         return ReplicaHandle(sid, on_message, self.config.jail)
@@ -135,6 +138,7 @@ class Relay:
             self.mates.handle,
             key_check=(lambda key: key.public_data in allowed) if allowed is not None else None,
             mate_keys=self.registry.mate_keys_for,
+            on_join=self.joins.handle_ssh,
             max_per_address=self.config.max_connections_per_address,
         )
         self._acceptor = acceptor
@@ -146,8 +150,23 @@ class Relay:
         # a silent host's connection outlives the wait for it (a minute more:
         # the session's own expiry, not QUIC's, ends it)
         server = await quic.start_quic_server(
-            self.config.bind, port, cert, key, self.hosts.handle_quic,
+            self.config.bind, port, cert, key, self._on_quic,
             idle_timeout=self.config.host_away_timeout + 60,
         )
         self._quic_server = server
         self.quic_port = server._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+        self.joins.quic = (f"{self.config.public_host}:{self.quic_port}",)
+        self.joins.quic_fingerprint = self.quic_fingerprint
+
+    async def _on_quic(self, link: quic.QuicLink) -> None:
+        """A QUIC connection's first message says who it is: a host resuming its
+        session (``Hello``) or a join client resuming its place (``Join``)."""
+        try:
+            first = await link.recv()  # delivered already: QUIC calls us on it
+        except LinkClosed:
+            link.close()
+            return
+        if isinstance(first, Join):
+            await self.joins.handle_resume(link, first, link.peer)
+        else:
+            await self.hosts.handle_quic(Pushback(link, first))  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ import time
 from dataclasses import InitVar, dataclass, field
 from typing import Protocol
 
+from tether.core.join_endpoint import SnapshotCache
 from tether.core.messages import Ack, Error, Event, Hello, Input, Message, Snapshot, Status
 from tether.core.ratelimit import TokenBucket
 from tether.core.relay_endpoint import RelayHostEndpoint
@@ -117,6 +118,10 @@ class Session:
     """The protocol with the host; it decides, the session moves bytes."""
     subscribers: list[Subscriber] = field(init=False)
     """Who gets the host's stream; the replica first, always."""
+    cache: SnapshotCache = field(default_factory=SnapshotCache)
+    """The host's log from its last snapshot on: where join clients start."""
+    joins: int = 0
+    """Join clients of this session (they hold the cache past its bound)."""
     _undrained: bool = field(default=False, init=False)
 
     def __post_init__(self, endpoint: RelayHostEndpoint | None) -> None:
@@ -214,6 +219,10 @@ class Session:
         subscriber, in order; ``drain`` then waits for them."""
         if isinstance(msg.body, Status):
             self.status_rows = status_rows(msg.body)
+        self.cache.hold = self.joins > 0
+        if self.cache.add(msg):
+            self.ep.request_snapshot()  # join clients read a long cache: start it over
+            self.flush(time.monotonic())
         self._undrained = True
         for sub in self.subscribers:
             sub.send(msg)

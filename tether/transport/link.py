@@ -57,6 +57,25 @@ class Link(Protocol):
         ...
 
 
+class Pushback:
+    """A link whose first message was already read (to tell what it is for):
+    ``recv`` gives that message back first; everything else is the link's."""
+
+    def __init__(self, link: Any, first: Message) -> None:
+        self._link = link
+        self._first: Message | None = first
+
+    async def recv(self) -> Message:
+        first, self._first = self._first, None
+        if first is not None:
+            return first
+        msg: Message = await self._link.recv()
+        return msg
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._link, name)
+
+
 class StreamLink:
     """Messages as length-prefixed frames over a byte stream: the relay's side of an
     SSH channel, or the host's ``ssh`` process. Subclasses say how the stream

@@ -53,6 +53,8 @@ class RelayAddress:
     """known_hosts file when nothing is pinned (default ~/.ssh/known_hosts)."""
     fallback_identity: str | None = None
     """A key of tether's own (made if missing), offered after the user's keys."""
+    user: str = HOST_USER
+    """The login name: ``HOST_USER`` for a host, the session token for a join client."""
 
 
 def load_public_keys(path: str) -> list[str]:
@@ -133,7 +135,7 @@ def ssh_command(addr: RelayAddress, timeout: float) -> list[str]:
         raise LinkClosed("tether needs the OpenSSH client (`ssh`): install openssh-client")
     argv = [
         ssh, "-F", "none", "-T", "-x", "-a", "-s",
-        "-p", str(addr.port), "-l", HOST_USER,
+        "-p", str(addr.port), "-l", addr.user,
         "-o", "BatchMode=yes",
         "-o", "LogLevel=VERBOSE",
         "-o", f"ConnectTimeout={max(1, round(timeout))}",

@@ -200,6 +200,8 @@ def parse_public_keys(lines: Sequence[str], limit: int = 256) -> set[bytes]:
 HostHandler = Callable[[SSHLink, str, str], Awaitable[None]]
 """(link, host key fingerprint, peer address)"""
 MateHandler = Callable[[MateTerminal], Awaitable[None]]
+JoinHandler = Callable[[SSHLink, str, str], Awaitable[None]]
+"""(link, token, peer address): a join client's ``tether`` subsystem"""
 KeyCheck = Callable[[asyncssh.SSHKey], bool]
 MateKeys = Callable[[str], set[bytes] | None]
 """token -> the public keys its session requires of mates (None: no key needed)."""
@@ -251,6 +253,7 @@ async def start_ssh_server(
     on_mate: MateHandler,
     key_check: KeyCheck | None = None,
     mate_keys: MateKeys | None = None,
+    on_join: JoinHandler | None = None,
     *,
     max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
     max_connections: int = MAX_CONNECTIONS,
@@ -268,7 +271,7 @@ async def start_ssh_server(
     admission = Admission(max_per_address, max_connections)
 
     async def handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
-        await _session(process, on_host, on_mate)
+        await _session(process, on_host, on_mate, on_join)
 
     return await asyncssh.create_server(
         lambda: _RelaySSHServer(key_check, mate_keys, admission, idle_timeout),
@@ -290,7 +293,10 @@ async def start_ssh_server(
 
 
 async def _session(
-    process: asyncssh.SSHServerProcess[bytes], on_host: HostHandler, on_mate: MateHandler
+    process: asyncssh.SSHServerProcess[bytes],
+    on_host: HostHandler,
+    on_mate: MateHandler,
+    on_join: JoinHandler | None = None,
 ) -> None:
     """One SSH session, counted by its connection's idle timer while it runs."""
     owner = process.channel.get_connection().get_owner()
@@ -298,16 +304,20 @@ async def _session(
     if server is not None:
         server.session_began()
     try:
-        await _serve(process, on_host, on_mate)
+        await _serve(process, on_host, on_mate, on_join)
     finally:
         if server is not None:
             server.session_ended()
 
 
 async def _serve(
-    process: asyncssh.SSHServerProcess[bytes], on_host: HostHandler, on_mate: MateHandler
+    process: asyncssh.SSHServerProcess[bytes],
+    on_host: HostHandler,
+    on_mate: MateHandler,
+    on_join: JoinHandler | None = None,
 ) -> None:
-    """Hand a host's ``tether`` subsystem to ``on_host``, a mate's terminal to ``on_mate``."""
+    """Hand a host's ``tether`` subsystem to ``on_host``, a join client's (its
+    login name a token) to ``on_join``, a mate's terminal to ``on_mate``."""
     user = process.get_extra_info("username") or ""
     peer = process.get_extra_info("peername") or ("?", 0)
     peer_s = f"{peer[0]}:{peer[1]}"
@@ -321,6 +331,16 @@ async def _serve(
             await on_host(link, process.get_extra_info("tether_host_key") or "", peer_s)
             link.close()
             process.exit(0)
+            return
+        if process.subsystem == SUBSYSTEM and on_join is not None:
+            link = SSHLink(process.stdin, process.stdout, f"ssh {peer_s}")
+            await on_join(link, user, peer_s)
+            link.close()
+            process.exit(0)
+            return
+        if process.subsystem is not None:
+            process.stderr.write(b"unknown subsystem\r\n")
+            process.exit(1)
             return
         term = process.get_terminal_type()
         cols, rows, _, _ = process.get_terminal_size()

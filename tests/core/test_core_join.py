@@ -1,0 +1,180 @@
+"""The relay's end of a join client: where it starts in the host's log, how it
+resumes, its input, and the snapshot cache it reads from."""
+
+from __future__ import annotations
+
+import pytest
+
+from tether.core.errors import RemoteProtocolError
+from tether.core.join_endpoint import (
+    JoinFailed,
+    MateResized,
+    MateTyped,
+    RelayJoinEndpoint,
+    ResyncNeeded,
+    SnapshotCache,
+    check_join,
+)
+from tether.core.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Bindings,
+    Error,
+    Event,
+    Input,
+    InputAck,
+    Join,
+    Joined,
+    Output,
+    Ping,
+    Pong,
+    Snapshot,
+    Status,
+    Structure,
+)
+from tether.core.session import JUMP_BYTES
+
+SNAP = Snapshot(Structure((), 0), Status(()), Bindings("C-b", ()))
+
+
+def out(seq: int, size: int = 10) -> Event:
+    return Event(seq, Output(1, b"x" * size))
+
+
+def events(ep: RelayJoinEndpoint, now: float = 0.0) -> list[object]:
+    return [o.message for o in ep.messages_to_send(now, limit_bytes=None)]
+
+
+def drain_events(ep: RelayJoinEndpoint) -> list[object]:
+    got = []
+    while (ev := ep.next_event()) is not None:
+        got.append(ev)
+    return got
+
+
+def endpoint(cache: SnapshotCache, readonly: bool = False) -> RelayJoinEndpoint:
+    return RelayJoinEndpoint("s1", 7, readonly, b"r" * 32, cache)
+
+
+def test_cache_holds_the_log_from_the_last_snapshot() -> None:
+    c = SnapshotCache()
+    assert not c.valid and c.take(1, None) == []
+    c.add(out(1))  # nothing to start from yet
+    assert not c.valid
+    c.add(Event(2, SNAP))
+    for seq in (3, 4, 5):
+        c.add(out(seq))
+    assert (c.first_seq, c.next_seq) == (2, 6)
+    assert [e.seq for e in c.take(4, None)] == [4, 5]
+    assert [e.seq for e in c.take(2, 25)] == [2]  # the snapshot weighs 256
+    c.add(out(7))  # a gap: no valid start until the next snapshot
+    assert not c.valid
+    c.add(Event(8, SNAP))
+    assert c.first_seq == 8
+
+
+def test_cache_overflow_drops_it_or_asks_for_a_snapshot_when_clients_read() -> None:
+    c = SnapshotCache(max_bytes=1000)
+    c.add(Event(1, SNAP))
+    asks = [c.add(out(seq, 100)) for seq in range(2, 12)]
+    assert not c.valid and not any(asks), "no client: dropped, nobody asked"
+    c.hold = True
+    c.add(Event(20, SNAP))
+    asks = [c.add(out(seq, 100)) for seq in range(21, 40)]
+    assert asks.count(True) == 1 and c.valid, "asked once, kept growing"
+    assert [c.add(out(seq, 100)) for seq in range(40, 80)].count(True) == 0
+    assert not c.valid, "past four times the bound it is dropped all the same"
+
+
+def test_a_new_client_waits_for_a_snapshot_then_starts_from_it() -> None:
+    c = SnapshotCache()
+    ep = endpoint(c)
+    ep.attach(Join(PROTOCOL_VERSION, "t"), 0.0)
+    assert drain_events(ep) == [ResyncNeeded()]
+    [joined] = events(ep)
+    assert isinstance(joined, Joined) and joined.mate == 7 and not joined.readonly
+    c.add(Event(5, SNAP))
+    c.add(out(6))
+    ep.log_advanced()
+    assert [m.seq for m in events(ep)] == [5, 6]  # type: ignore[attr-defined]
+    c.add(out(7))
+    ep.log_advanced()
+    assert [m.seq for m in events(ep)] == [7]  # type: ignore[attr-defined]
+    assert drain_events(ep) == []
+
+
+def test_a_client_resumes_where_it_stopped_or_jumps_when_that_is_long() -> None:
+    c = SnapshotCache(max_bytes=10 * JUMP_BYTES)
+    c.add(Event(1, SNAP))
+    for seq in range(2, 10):
+        c.add(out(seq))
+    ep = endpoint(c)
+    ep.attach(Join(PROTOCOL_VERSION, "t", b"r" * 32, next_seq=6), 0.0)
+    assert [m.seq for m in events(ep)[1:]] == [6, 7, 8, 9]  # type: ignore[attr-defined]
+    ep.connection_lost()
+    for seq in range(10, 10 + JUMP_BYTES // 20):  # a long backlog meanwhile
+        c.add(out(seq))
+    ep.attach(Join(PROTOCOL_VERSION, "t", b"r" * 32, next_seq=10), 1.0)
+    sent = events(ep)
+    assert sent[1] == Event(1, SNAP), "the present, not the history"
+    assert ep.conn == 2
+
+
+def test_a_client_behind_a_new_snapshot_jumps_to_it() -> None:
+    c = SnapshotCache()
+    c.add(Event(1, SNAP))
+    ep = endpoint(c)
+    ep.attach(Join(PROTOCOL_VERSION, "t"), 0.0)
+    events(ep)
+    ep.connection_lost()
+    c.add(out(2))
+    c.add(Event(3, SNAP))
+    ep.log_advanced()
+    ep.attach(Join(PROTOCOL_VERSION, "t", b"r" * 32, next_seq=2), 1.0)
+    assert [m.seq for m in events(ep)[1:]] == [3]  # type: ignore[attr-defined]
+
+
+def test_input_reaches_the_host_once_and_is_acked() -> None:
+    c = SnapshotCache()
+    ep = endpoint(c)
+    ep.attach(Join(PROTOCOL_VERSION, "t", cols=100, rows=30), 0.0)
+    assert MateResized(100, 30) in drain_events(ep)
+    events(ep)
+    for seq in (1, 2, 2, 1, 3):  # resends after a reconnect are dropped
+        ep.receive(Input(1, seq, 4, f"k{seq}".encode()), 0.0)
+    assert [e.keys for e in drain_events(ep) if isinstance(e, MateTyped)] == [b"k1", b"k2", b"k3"]
+    assert ep.next_timer() is not None
+    ep.handle_timer(1.0)
+    assert events(ep, 1.0) == [InputAck(1, 3)]
+    ep.receive(Ping(9), 1.0)
+    assert events(ep, 1.0) == [Pong(9)]
+
+
+def test_a_read_only_client_cannot_type() -> None:
+    ep = endpoint(SnapshotCache(), readonly=True)
+    ep.attach(Join(PROTOCOL_VERSION, "t"), 0.0)
+    drain_events(ep)
+    events(ep)
+    ep.receive(Input(1, 1, 0, b"rm -rf /\r"), 0.0)
+    evs = drain_events(ep)
+    assert not any(isinstance(e, MateTyped) for e in evs)
+    assert isinstance(evs[-1], JoinFailed) and "read-only" in evs[-1].text
+    assert isinstance(events(ep)[0], Error)
+    ep.receive(Input(1, 2, 0, b"x"), 0.0)  # the link is being closed: ignored
+    assert drain_events(ep) == []
+
+
+def test_bad_acks_and_strangers_are_refused() -> None:
+    c = SnapshotCache()
+    c.add(Event(1, SNAP))
+    ep = endpoint(c)
+    ep.attach(Join(PROTOCOL_VERSION, "t"), 0.0)
+    events(ep)
+    ep.receive(Ack(1), 0.0)
+    assert ep.acked == 1
+    ep.receive(Ack(5), 0.0)
+    assert isinstance(drain_events(ep)[-1], JoinFailed)
+    with pytest.raises(RemoteProtocolError, match="expected Join"):
+        check_join(Ping(1))
+    with pytest.raises(RemoteProtocolError, match="upgrade tether"):
+        check_join(Join(PROTOCOL_VERSION + 1, "t"))

@@ -1,0 +1,317 @@
+"""The relay's end of a join client (``tether join``), sans-I/O.
+
+A join client is fed the host's replication log itself, not a rendering of
+the relay's replica: its own tmux applies the events. The relay keeps the log
+from the host's last snapshot on (``SnapshotCache``, one per session), so a
+client that is new, or comes back after an outage, starts from the present:
+it resumes where it stopped when that is a short replay, and otherwise jumps
+to the snapshot. Where the relay holds no snapshot (the cache overflowed, or
+the session is new), the endpoint asks for one (``ResyncNeeded``: the
+adapter sends ``Resync`` to the host).
+
+The endpoint outlives its links: a client that reconnects (any address, any
+transport) with the ``resume`` secret of its ``Joined`` takes its place
+again, and its keystrokes, numbered by the client, reach the host exactly
+once (``core.inputs``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .errors import RemoteProtocolError
+from .inputs import InputReceiver
+from .messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Binding,
+    Error,
+    Event,
+    Input,
+    InputAck,
+    Join,
+    Joined,
+    Message,
+    Ping,
+    Pong,
+    Resize,
+    Snapshot,
+    event_size,
+)
+from .records import Record
+from .session import ACK_EVERY, JUMP_BYTES, SEND_CHUNK, Channel, Outgoing
+
+CACHE_MAX_BYTES = 1024 * 1024
+"""Log bytes kept after the host's last snapshot. Past this, with join clients
+present, the host is asked for a new snapshot (which resets the cache) while
+the cache grows on, up to four times this; with none, or past that, the
+cache is dropped and the next client that needs a start asks for one."""
+
+
+class SnapshotCache:
+    """The host's log from its last snapshot on: where any join client can start."""
+
+    def __init__(self, max_bytes: int = CACHE_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.hold = False
+        """Join clients read from the cache: past ``max_bytes`` ask for a
+        snapshot and keep growing (to 4x) rather than drop their positions."""
+        self._events: deque[Event] = deque()
+        self._bytes = 0
+        self._asked = False
+
+    @property
+    def valid(self) -> bool:
+        """Holds a snapshot (and everything after it)."""
+        return bool(self._events)
+
+    @property
+    def first_seq(self) -> int | None:
+        """The snapshot's sequence number (None: no snapshot held)."""
+        return self._events[0].seq if self._events else None
+
+    @property
+    def next_seq(self) -> int | None:
+        """The sequence number the next event will have, as far as the cache knows."""
+        return self._events[-1].seq + 1 if self._events else None
+
+    def add(self, event: Event) -> bool:
+        """One new event of the host's log, in order; True: ask the host for a
+        snapshot now (``Resync``), the cache is long."""
+        if isinstance(event.body, Snapshot):
+            self._events.clear()
+            self._bytes = 0
+            self._asked = False
+        elif not self._events or event.seq != self._events[-1].seq + 1:
+            self.clear()  # nothing to start from, or a gap: wait for a snapshot
+            return False
+        self._events.append(event)
+        self._bytes += event_size(event.body)
+        if self._bytes <= self.max_bytes:
+            return False
+        if not self.hold or self._bytes > self.max_bytes * 4:
+            self.clear()
+            return False
+        ask, self._asked = not self._asked, True
+        return ask
+
+    def clear(self) -> None:
+        self._events.clear()
+        self._bytes = 0
+        self._asked = False
+
+    def bytes_from(self, seq: int) -> int:
+        """What replaying from ``seq`` would cost."""
+        return sum(event_size(e.body) for e in self._events if e.seq >= seq)
+
+    def take(self, seq: int, limit_bytes: int | None) -> list[Event]:
+        """Events from ``seq`` on (held ones only), at most ``limit_bytes`` (one at least)."""
+        first = self.first_seq
+        if first is None or seq < first:
+            return []
+        out: list[Event] = []
+        total = 0
+        for i in range(seq - first, len(self._events)):
+            ev = self._events[i]
+            size = event_size(ev.body)
+            if limit_bytes is not None and out and total + size > limit_bytes:
+                break
+            out.append(ev)
+            total += size
+        return out
+
+
+# --- events for the adapter ------------------------------------------------------
+
+
+class ResyncNeeded(Record):
+    """The client needs a starting point the cache does not hold: ask the host."""
+
+
+class MateTyped(Record):
+    """Keys (or a host binding) the client typed, once and in order: for the host."""
+
+    pane: int
+    keys: bytes
+    binding: Binding | None
+
+
+class MateResized(Record):
+    """The client's terminal size changed (read-write clients count for the size)."""
+
+    cols: int
+    rows: int
+
+
+class JoinFailed(Record):
+    """The client broke the protocol: send the queued ``Error`` and close the link."""
+
+    text: str
+
+
+JoinEvent = ResyncNeeded | MateTyped | MateResized | JoinFailed
+
+
+class RelayJoinEndpoint:
+    """One join client's place in a session: log position, input stream, size."""
+
+    def __init__(
+        self,
+        session: str,
+        mate: int,
+        readonly: bool,
+        resume: bytes,
+        cache: SnapshotCache,
+        quic: tuple[str, ...] = (),
+        quic_fingerprint: str = "",
+    ) -> None:
+        self.session = session
+        self.mate = mate
+        self.readonly = readonly
+        self.resume = resume
+        self.cache = cache
+        self.quic = quic
+        self.quic_fingerprint = quic_fingerprint
+        self.inputs = InputReceiver()
+        self.size = (80, 24)
+        self.connected = False
+        self.conn = 0
+        self.next_send: int | None = None
+        """The next event to send; None: waiting for a starting point."""
+        self.acked = 0
+        self._outbox: list[Outgoing] = []
+        self._events: deque[JoinEvent] = deque()
+        self._input_ack: InputAck | None = None
+        self._ack_at: float | None = None
+        self._resync_asked = False
+
+    # --- links -------------------------------------------------------------------------
+
+    def attach(self, join: Join, now: float) -> int:
+        """A link said ``Join`` (checked by the adapter: version, token or resume):
+        answer, and place the client in the log. Returns the link's number."""
+        self.conn += 1
+        self.connected = True
+        self._outbox.clear()
+        self._input_ack = None
+        self._ack_at = None
+        self._send(
+            Joined(PROTOCOL_VERSION, self.session, self.mate, self.readonly, self.resume,
+                   self.quic, self.quic_fingerprint)
+        )
+        self._resize(join.cols, join.rows)
+        self.next_send = None
+        want = join.next_seq
+        if want is not None and self.cache.valid:
+            first, nxt = self.cache.first_seq, self.cache.next_seq
+            assert first is not None and nxt is not None
+            if first < want <= nxt and self.cache.bytes_from(want) <= JUMP_BYTES:
+                self.next_send = want  # a short replay: where the client stopped
+        if self.next_send is None:
+            self._start()
+        return self.conn
+
+    def connection_lost(self, conn: int | None = None) -> None:
+        if conn is not None and conn != self.conn:
+            return
+        self.connected = False
+        self._outbox.clear()
+        self._ack_at = None
+
+    def _start(self) -> None:
+        """From the cache's snapshot, or ask the host for one."""
+        if self.cache.valid:
+            self.next_send = self.cache.first_seq
+            self._resync_asked = False
+        else:
+            self.next_send = None
+            if not self._resync_asked:
+                self._resync_asked = True
+                self._events.append(ResyncNeeded())
+
+    # --- the host's log ---------------------------------------------------------------
+
+    def log_advanced(self) -> None:
+        """The cache took an event (or a snapshot): a client waiting for a start
+        may have one now; one whose position the cache dropped jumps."""
+        first = self.cache.first_seq
+        if self.next_send is None or first is None or self.next_send < first:
+            self._start()
+
+    # --- from the client -------------------------------------------------------------
+
+    def receive(self, msg: Message, now: float, conn: int | None = None) -> None:
+        if not self.connected or (conn is not None and conn != self.conn):
+            return
+        try:
+            self._dispatch(msg, now)
+        except RemoteProtocolError as exc:
+            self.connected = False
+            self._send(Error(str(exc)))
+            self._events.append(JoinFailed(str(exc)))
+
+    def _dispatch(self, msg: Message, now: float) -> None:
+        if isinstance(msg, Ack):
+            if self.next_send is not None and msg.seq >= self.next_send:
+                raise RemoteProtocolError(f"ack {msg.seq} for an event never sent")
+            self.acked = max(self.acked, msg.seq)
+        elif isinstance(msg, Input):
+            if self.readonly:
+                raise RemoteProtocolError("this is a read-only join: input is not accepted")
+            if self.inputs.accept(msg):
+                self._events.append(MateTyped(msg.pane, msg.keys, msg.binding))
+            self._input_ack = InputAck(msg.stream, msg.seq)
+            if self._ack_at is None:
+                self._ack_at = now + ACK_EVERY
+        elif isinstance(msg, Resize):
+            self._resize(msg.cols, msg.rows)
+        elif isinstance(msg, Ping):
+            self._send(Pong(msg.token), Channel.DATAGRAM)
+        elif not isinstance(msg, Pong):
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a join client")
+
+    def _resize(self, cols: int, rows: int) -> None:
+        if (cols, rows) != self.size:
+            self.size = (cols, rows)
+            self._events.append(MateResized(cols, rows))
+
+    # --- to the client ----------------------------------------------------------------
+
+    def _send(self, msg: Message, channel: Channel = Channel.STREAM) -> None:
+        self._outbox.append(Outgoing(msg, channel))
+
+    def messages_to_send(self, now: float, limit_bytes: int | None = SEND_CHUNK) -> list[Outgoing]:
+        """Control messages, then the log from the client's position (a batch;
+        call again after draining until empty)."""
+        out, self._outbox = self._outbox, []
+        if self.connected and self.next_send is not None:
+            events = self.cache.take(self.next_send, limit_bytes)
+            if events:
+                self.next_send = events[-1].seq + 1
+                out += [Outgoing(ev) for ev in events]
+        return out
+
+    def next_event(self) -> JoinEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def next_timer(self) -> float | None:
+        return self._ack_at
+
+    def handle_timer(self, now: float) -> None:
+        if self._ack_at is not None and now >= self._ack_at:
+            self._ack_at = None
+            ack, self._input_ack = self._input_ack, None
+            if ack is not None and self.connected:
+                self._send(ack, Channel.ACK)
+
+
+def check_join(msg: Message) -> Join:
+    """The first frame of a join link, or why not."""
+    if not isinstance(msg, Join):
+        raise RemoteProtocolError(f"expected Join first, got {type(msg).__name__}")
+    if msg.version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(
+            f"protocol version {msg.version} is not supported (relay speaks "
+            f"{PROTOCOL_VERSION}); upgrade tether"
+        )
+    return msg
