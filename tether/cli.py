@@ -29,7 +29,7 @@ commands:
   show-messages                  tether's log, including connection strings
   relay [OPTIONS]                run a relay (see `tether relay --help`)
   netsim ...                     the network-fault harness (`tether netsim --help`)
-  join TOKEN@HOST[:PORT]         the roaming mate client (not available yet: use ssh)
+  join TOKEN@HOST[:PORT]         join a session as a roaming mate (`tether join --help`)
   ANY TMUX COMMAND               passed through to the session's tmux
 
 options:
@@ -131,10 +131,9 @@ def _run_program(command: str | None, args: list[str]) -> int | None:
             return _die(f"netsim is not available: {exc}")
         return netsim_main(args)
     if command == "join":
-        return _die(
-            "the roaming client is not available yet; join with the ssh command "
-            "from `tether show-messages`"
-        )
+        from tether.client.join_cli import main as join_main
+
+        return join_main(args)
     if command == "_zygote":
         from tether.zygote import main as zygote_main
 

@@ -23,6 +23,7 @@ from tether.core.messages import (
     Output,
     Snapshot,
 )
+from tether.core.tokens import new_token
 from tether.transport.link import Link, LinkClosed
 from tether.transport.openssh import RelayAddress, connect_host
 from tether.transport.quic import connect_quic
@@ -155,4 +156,4 @@ async def test_a_read_only_join_cannot_type(shared: tuple[RelayProcess, Host]) -
 async def test_a_wrong_token_is_refused(shared: tuple[RelayProcess, Host]) -> None:
     relay, _ = shared
     with pytest.raises(LinkClosed, match="invalid or expired"):
-        await join(relay, "a" * 32)
+        await join(relay, new_token())

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tether.core.errors import AuthError
-from tether.core.messages import Welcome
+from tether.core.messages import Joined, Welcome
 
 from .link import Link, LinkClosed
 from .openssh import RelayAddress, connect_host
@@ -63,8 +63,9 @@ class Connector:
     """Set when a QUIC certificate did not match the pinned fingerprint."""
     _probe_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def learn(self, welcome: Welcome) -> None:
-        """Take the QUIC endpoints and fingerprint the relay announced over SSH."""
+    def learn(self, welcome: Welcome | Joined) -> None:
+        """Take the QUIC endpoints and fingerprint the relay announced over SSH
+        (to a host in ``Welcome``, to a join client in ``Joined``)."""
         if not self.use_quic or not welcome.quic or not welcome.quic_fingerprint:
             return
         endpoints = []

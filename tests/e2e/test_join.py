@@ -1,0 +1,113 @@
+"""`tether join` as a mate uses it: the command in a terminal (a local tmux the
+test reads with capture-pane), a real relay and host, real tmux on both ends."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tether.core.tokens import new_token
+from tether.testing.env import tether_cmd, tether_env, tmux
+
+from .helpers import Host, RelayProcess, wait_for
+
+
+class JoinMate:
+    """A person at another terminal running `tether join`."""
+
+    def __init__(self, home: Path, argv: list[str], size: tuple[int, int] = (100, 30)) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        # the mate's own tmux config: a prefix of its own, to tell it applies locally
+        (home / ".tmux.conf").write_text("set -g prefix C-a\nset -g status-style bg=blue\n")
+        self.env = tether_env(home)
+        self.env["TMPDIR"] = tempfile.mkdtemp(prefix="tether-test-")
+        self.sock = str(Path(self.env["TMPDIR"]) / "term.sock")
+        conf = home / "term.tmux.conf"
+        conf.write_text("set -g remain-on-exit on\nset -g default-terminal tmux-256color\n")
+        cmd = shlex.join(argv) + '; echo "[join exited: $?]"; sleep 3600'
+        subprocess.run(["tmux", "-S", self.sock, "-f", str(conf), "new-session", "-d", "-x",
+                        str(size[0]), "-y", str(size[1]), cmd], check=True, env=self.env)
+
+    def screen(self) -> str:
+        return tmux(self.sock, "capture-pane", "-p")
+
+    def type(self, text: str, enter: bool = True) -> None:
+        tmux(self.sock, "send-keys", "-l", text)
+        if enter:
+            tmux(self.sock, "send-keys", "Enter")
+
+    def wait_text(self, text: str, timeout: float = 30) -> str:
+        try:
+            return wait_for(lambda: s if text in (s := self.screen()) else "", timeout,
+                            f"{text!r} on the join mate's screen")
+        except Exception as exc:
+            raise AssertionError(f"{exc}\nscreen:\n{self.screen()}") from None
+
+    def close(self) -> None:
+        tmux(self.sock, "kill-server", check=False)
+
+
+def join_argv(relay: RelayProcess, ssh_line: str) -> list[str]:
+    token = ssh_line.split()[-1].split("@")[0]
+    return tether_cmd("join", "-p", str(relay.port), "--pin", relay.fingerprint,
+                      "--log", os.environ.get("TETHER_JOIN_LOG", "/dev/null"), f"{token}@127.0.0.1")
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[tuple[RelayProcess, Host]]:
+    relay = RelayProcess(tmp_path / "relay")
+    host = Host(tmp_path / "host", relay.conf())
+    yield relay, host
+    host.close()
+    relay.close()
+
+
+def test_join_shows_the_session_and_types_into_it(
+    shared: tuple[RelayProcess, Host], tmp_path: Path
+) -> None:
+    relay, host = shared
+    host.type("echo host-says-$((6*7))")
+    mate = JoinMate(tmp_path / "mate", join_argv(relay, host.ssh_rw))
+    try:
+        mate.wait_text("host-says-42", 40)
+        mate.type("echo mate-typed-$((7*6))")
+        wait_for(lambda: "mate-typed-42" in host.screen().split("echo mate-typed")[-1], 20,
+                 "the join mate's command to run on the host")
+        mate.wait_text("mate-typed-42", 20)  # and its output back on the mate's screen
+    finally:
+        mate.close()
+
+
+def test_a_read_only_join_sees_but_cannot_type(
+    shared: tuple[RelayProcess, Host], tmp_path: Path
+) -> None:
+    relay, host = shared
+    host.type("echo visible-$((2*21))")
+    mate = JoinMate(tmp_path / "ro", join_argv(relay, host.ssh_ro))
+    try:
+        mate.wait_text("visible-42", 40)
+        mate.type("echo never-$((6*7))")
+        host.type("echo marker-after")
+        mate.wait_text("marker-after", 20)
+        assert "never-42" not in host.screen()
+    finally:
+        mate.close()
+
+
+def test_a_wrong_token_says_so_and_exits(shared: tuple[RelayProcess, Host],
+                                         tmp_path: Path) -> None:
+    relay, _ = shared
+    argv = tether_cmd("join", "-p", str(relay.port), "--pin", relay.fingerprint,
+                      f"{new_token()}@127.0.0.1")
+    mate = JoinMate(tmp_path / "wrong", argv)
+    try:
+        text = mate.wait_text("[join exited:", 40)
+        assert "invalid or expired" in text and "[join exited: 1]" in text
+    finally:
+        mate.close()

@@ -1,0 +1,282 @@
+"""The join client's link: the host's log in, the mate's keys out, over any path.
+
+A mate's ``tether join`` logs in to the relay with its token (the system's
+OpenSSH client, the relay's key pinned or checked against known_hosts), asks
+for its place in the session (``Join``), and from then on resumes that place
+with the secret of its ``Joined`` over whatever link gets through: QUIC when
+UDP works (the connection rides out address changes), the SSH channel when it
+does not. As the host's agent does (``relay_side``), it never gives a quiet
+link up: after ``QUIET_AFTER`` of silence it races new links beside it
+(``Connector.race``), and keeps whichever gets through first. Events go to
+a local tmux server (``local_replica``); keys come back numbered, and reach
+the host exactly once across every reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from tether.core.errors import AuthError, RemoteProtocolError
+from tether.core.inputs import InputSender
+from tether.core.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Binding,
+    Error,
+    Event,
+    EventBody,
+    InputAck,
+    Join,
+    Joined,
+    Message,
+    Notice,
+    Ping,
+    Pong,
+    Resize,
+)
+from tether.core.replog import LogReceiver
+from tether.core.session import ACK_EVERY, PING_QUIET, QUIET_AFTER
+from tether.transport.link import Link, LinkClosed
+from tether.transport.reconnect import Connector
+
+log = logging.getLogger("tether.join")
+
+PING_EVERY = 1.0
+"""A ping a second keeps the relay's view of us fresh and tells us of silence."""
+JOIN_TIMEOUT = 20.0
+"""How long a link may take to answer ``Join``."""
+UPGRADE_EVERY = 10.0
+"""On the SSH channel: how often to try QUIC again."""
+BACKOFF_MAX = 1.0
+
+
+class Replica(Protocol):
+    """Where the host's session is shown: the mate's local tmux (``LocalReplica``)."""
+
+    async def apply(self, body: EventBody) -> None: ...
+
+    async def presence(self, present: bool, text: str) -> None: ...
+
+
+class JoinRefused(Exception):
+    """The relay will not have us (wrong token, full session, ...): stop, and say why."""
+
+
+class JoinClient:
+    """A mate's place in a session, kept across links for as long as it runs."""
+
+    def __init__(
+        self,
+        connector: Connector,
+        replica: Replica,
+        cols: int = 80,
+        rows: int = 24,
+        notify: Callable[[str], None] = lambda text: None,
+    ) -> None:
+        self.connector = connector
+        self.replica = replica
+        self.notify = notify
+        self.size = (cols, rows)
+        self.receiver = LogReceiver()
+        self.inputs = InputSender(1 + secrets.randbelow(2**30))
+        self.joined: Joined | None = None
+        self.link: Link | None = None
+        self.last_heard = 0.0
+        self.quiet_since: float | None = None
+        self._next: Link | None = None
+        self._ack: int | None = None
+        self.ready = asyncio.Event()
+        """Set once the first screen is applied."""
+        self.refused: str | None = None
+
+    # --- what the mate does ------------------------------------------------------
+
+    def type(self, pane: int, keys: bytes, binding: Binding | None = None) -> None:
+        """Keys for a host pane: numbered, sent now, and again after a reconnect
+        until the relay acknowledges them."""
+        if self.joined is not None and self.joined.readonly:
+            return  # the relay would refuse them; the local replica shows as much
+        msg = self.inputs.push(pane, keys, binding)
+        self._send(msg)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.size = (cols, rows)
+        self._send(Resize(cols, rows))
+
+    def _send(self, msg: Message) -> None:
+        link = self.link
+        if link is not None:
+            with contextlib.suppress(LinkClosed):
+                link.send_nowait(msg)
+
+    # --- links, one after another ---------------------------------------------------
+
+    async def run(self) -> None:
+        """Join, then keep the place until the relay refuses us (``JoinRefused``)."""
+        delay = 0.2
+        while True:
+            try:
+                link = self._next or await self.connector.race()
+            except AuthError as exc:
+                raise JoinRefused(str(exc)) from None
+            self._next = None
+            start = time.monotonic()
+            try:
+                await self._session(link)
+            except JoinRefused:
+                raise
+            except (LinkClosed, TimeoutError, ConnectionError, OSError) as exc:
+                if self._next is None:
+                    self.notify(f"link to the relay lost: {exc}")
+            except RemoteProtocolError as exc:
+                self.notify(f"relay: {exc}")
+            finally:
+                link.close()
+                self.link = None
+            if self._next is not None:
+                continue
+            if time.monotonic() - start > 10:
+                delay = 0.2
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _session(self, link: Link) -> None:
+        """Join on ``link``, then apply the log until the link ends."""
+        resume = self.joined.resume if self.joined is not None else None
+        link.send_nowait(Join(PROTOCOL_VERSION, "tether-join", resume,
+                              self.receiver.next_seq if resume else None, *self.size))
+        first = await asyncio.wait_for(link.recv(), JOIN_TIMEOUT)
+        if isinstance(first, Error):
+            self._refused(first.message, link)
+        if not isinstance(first, Joined):
+            raise RemoteProtocolError(f"expected Joined, got {type(first).__name__}")
+        if self.joined is not None and first.mate != self.joined.mate:
+            # a new place (the relay restarted): a new input stream, from a snapshot
+            self.inputs = InputSender(1 + secrets.randbelow(2**30))
+            self.receiver = LogReceiver()
+        was_quiet = self.quiet_since
+        self.joined = first
+        self.connector.learn(first)
+        self.link = link
+        self.last_heard = time.monotonic()
+        self.quiet_since = None
+        if was_quiet is not None:
+            await self._back(time.monotonic() - was_quiet, f"over {link.description}")
+        for msg in self.inputs.unacked():
+            link.send_nowait(msg)
+        tasks = [asyncio.create_task(self._timers(link))]
+        if link.kind != "quic":
+            tasks.append(asyncio.create_task(self._upgrade(link)))
+        try:
+            while True:
+                msg = await link.recv()
+                await self._receive(msg)
+        finally:
+            for t in tasks:
+                t.cancel()
+            if self.quiet_since is None:
+                self.quiet_since = self.last_heard
+
+    def _refused(self, text: str, link: Link) -> None:
+        if "unknown join" in text:
+            # the relay forgot our place (it restarted): start over with the token
+            self.joined = None
+            self.connector.quic_failed_at = time.monotonic()
+            raise LinkClosed(text)
+        if self.joined is None or "token" in text:
+            self.refused = text
+            raise JoinRefused(text)
+        raise LinkClosed(text)
+
+    async def _receive(self, msg: Message) -> None:
+        now = time.monotonic()
+        self.last_heard = now
+        if self.quiet_since is not None:
+            since, self.quiet_since = self.quiet_since, None
+            await self._back(now - since, "on the same connection")
+        if isinstance(msg, Event):
+            if self.receiver.receive(msg):
+                try:
+                    await self.replica.apply(msg.body)
+                except ValueError as exc:
+                    # refused (a structure the mirror cannot build): start over
+                    # from a snapshot on a new link rather than drift
+                    log.warning("event %d refused: %s; resyncing", msg.seq, exc)
+                    self.receiver.forget()
+                    raise LinkClosed(f"event refused: {exc}") from None
+                self._ack = msg.seq
+                if not self.ready.is_set():
+                    self.ready.set()
+        elif isinstance(msg, InputAck):
+            if msg.stream == self.inputs.stream:
+                self.inputs.on_ack(msg.seq)
+        elif isinstance(msg, Notice):
+            await self.replica.presence("back" in msg.text, msg.text)
+        elif isinstance(msg, Error):
+            self._refused(msg.message, self.link)  # type: ignore[arg-type]
+        elif not isinstance(msg, Pong | Ping):
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the relay")
+
+    async def _back(self, quiet: float, how: str) -> None:
+        if quiet >= QUIET_AFTER:
+            self.notify(f"the relay is back after {quiet:.1f}s, {how}")
+            await self.replica.presence(True, "")
+
+    async def _timers(self, link: Link) -> None:
+        """Acks (coalesced), pings, and the quiet-link race."""
+        token = 0
+        next_ping = time.monotonic()
+        racing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(ACK_EVERY)
+                now = time.monotonic()
+                if self._ack is not None:
+                    link.send_ack(Ack(self._ack))
+                    self._ack = None
+                quiet = now - max(self.last_heard, getattr(link, "last_activity", 0.0))
+                if now >= next_ping:
+                    token += 1
+                    datagram = getattr(link, "send_datagram", None)
+                    (datagram or link.send_nowait)(Ping(token))
+                    next_ping = now + (PING_QUIET if quiet > QUIET_AFTER else PING_EVERY)
+                if quiet > QUIET_AFTER and racing is None:
+                    self.quiet_since = now - quiet
+                    text = f"tether: last contact {quiet:.0f}s ago, reconnecting"
+                    self.notify(text)
+                    await self.replica.presence(False, text)
+                    racing = asyncio.create_task(self._race(link))
+                elif quiet <= QUIET_AFTER and racing is not None:
+                    racing.cancel()
+                    racing = None
+        finally:
+            if racing is not None:
+                racing.cancel()
+
+    async def _race(self, link: Link) -> None:
+        with contextlib.suppress(AuthError):
+            new = await self.connector.race()
+            now = time.monotonic()
+            if now - max(self.last_heard, getattr(link, "last_activity", 0.0)) <= QUIET_AFTER:
+                new.close()  # the link came back first
+                return
+            self._next = new
+            link.close()
+
+    async def _upgrade(self, link: Link) -> None:
+        """On the SSH channel: move to QUIC as soon as it gets through."""
+        while True:
+            if self.connector.quic is not None and self.connector.quic_preferred():
+                quic = await self.connector.try_quic()
+                if quic is not None:
+                    self._next = quic
+                    link.close()
+                    return
+            await asyncio.sleep(UPGRADE_EVERY)

@@ -1,0 +1,403 @@
+"""The join client's tmux server: the host's session mirrored on the mate's own machine.
+
+``tether join`` applies the host's replication events to a private tmux server
+(its own socket) that the mate's terminal attaches to, exactly as the relay's
+replica worker (``tether.relay.worker.Replica``) does for ssh mates, but on
+asyncio and without a jail: ``tether.mirror`` decides what tmux runs (windows,
+panes running ``sleep``, names, layouts, the host's status line and bindings,
+all of it defused there), the host's pane bytes are written into the local
+panes' ttys so tmux renders them, and what the mate types into a pane is read
+back from its tty and handed to ``on_input`` for the host, with the MAGIC
+markers of the host's key bindings decoded into a ``Binding``.
+
+Key tables, the one deliberate difference from the relay: its ``lock_keys``
+replaces all of tmux's key tables because nothing may run on a relay for a
+mate. Here the tmux is the mate's own, so copy mode is left as the mate's
+config (or tmux's defaults) has it, pipes to their clipboard included; its
+keys only read the screen. The prefix and root tables stay locked as on the
+relay, though, for the mirror's sake rather than for safety: tmux's default
+``C-b $`` (rename-session), ``C-b ,`` and ``C-b .`` (rename and move a window),
+choose-tree's ``x`` and a mate's own structural bindings would change the
+replica behind the ``Mirror``'s back, and its next plan would fail (a renamed
+session fails every later one). Every prefix key then runs the host's binding
+on the host, or one of the relay's safe local keys (detach, copy mode,
+redraw, clock), or ``]``: pasting the mate's own buffer, which types it to the
+host. The mate's config still sets everything else (colours, borders,
+terminal features, copy-mode keys), except the options ``Mirror.setup`` sets
+and the host's status line. The relay's worker starts its tmux with
+``-f /dev/null``; this one reads ``~/.tmux.conf`` unless told otherwise.
+
+Nothing here blocks the loop: pane ttys are non-blocking, bytes tmux has not
+taken yet wait in a bounded buffer per pane (``PANE_BUFFER``), and past the
+bound they are dropped and ``on_overflow`` asks for the pane's next reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import termios
+import tty
+from collections.abc import Callable
+
+from tether.core.codec import decompress
+from tether.core.control import Notification, PaneOutput
+from tether.core.errors import RemoteProtocolError
+from tether.core.limits import MAX_DATA, MAX_DIMENSION
+from tether.core.messages import (
+    Binding,
+    Bindings,
+    EventBody,
+    Frame,
+    Output,
+    PaneImage,
+    PaneReset,
+    Snapshot,
+    Status,
+    Structure,
+)
+from tether.core.queries import QueryFilter
+from tether.core.tmuxtext import SAFE_PREFIX_KEYS
+from tether.mirror.apply import MAGIC, MAGIC_END, PANE_ARGV, SESSION, Mirror
+from tether.mirror.plan import Command, PaneOwner, Plan
+from tether.mirror.run_async import run_plan
+from tether.transport.tmux import TmuxControl, TmuxError, tmux_cmd
+
+__all__ = ["MATE_PREFIX_KEYS", "PANE_BUFFER", "SESSION", "LocalReplica", "MateMirror"]
+
+PANE_BUFFER = 2 * MAX_DATA
+"""Most bytes waiting for one pane's tty: a whole pane image (up to MAX_DATA)
+plus the output after it. Past it the backlog is dropped; a reset redraws."""
+READ_SIZE = 65536
+MAX_MARKER = 64
+"""Bytes after MAGIC before a marker is given up on (an index is a few digits)."""
+
+MATE_PREFIX_KEYS: dict[str, str] = {**SAFE_PREFIX_KEYS, "]": "paste-buffer -p"}
+"""The local prefix keys: the relay's, plus pasting the mate's own buffer (on a
+relay buffers are shared by every mate, here they are the mate's alone)."""
+
+InputHandler = Callable[[int, bytes, Binding | None], None]
+
+
+class MateMirror(Mirror):
+    """The relay's ``Mirror`` with the mate's copy-mode tables left alone (see above)."""
+
+    def lock_keys(self) -> Plan:
+        """Lock the prefix and root tables as the relay does; keep copy mode as configured."""
+        for table in ("prefix", "root"):
+            yield Command(f"unbind-key -a -T {table}")
+        for key, command in MATE_PREFIX_KEYS.items():
+            yield Command(f"bind-key -T prefix {key} {command}")
+
+
+class _Pane:
+    """One local pane: its tty (opened here, raw) and the bytes tmux has not taken."""
+
+    __slots__ = ("carry", "fd", "host_id", "out", "queries", "replica_id", "tty")
+
+    def __init__(self, host_id: int, replica_id: str, fd: int, tty_path: str) -> None:
+        self.host_id = host_id
+        self.replica_id = replica_id  # e.g. "%3"
+        self.fd = fd
+        self.tty = tty_path
+        self.out = bytearray()
+        self.carry = b""
+        """A partial MAGIC marker at the end of the last read."""
+        self.queries = QueryFilter()
+        """The host's tmux already answered its programs' terminal queries; this
+        tmux's answers would reach the host as the mate's input, a second reply."""
+
+
+class LocalReplica(PaneOwner):
+    """The join client's tmux server: the host's session mirrored on the mate's machine.
+
+    ``apply`` and ``presence`` calls are serialised (a plan waits on tmux between
+    commands and the mirror's state follows each one), so events may come from
+    any task in order. ``TmuxError`` from them means this tmux refused a command
+    (or is gone); ``ValueError`` means the event was refused (out of bounds).
+    """
+
+    def __init__(
+        self,
+        sock: str,
+        on_input: InputHandler,
+        config_file: str | None = None,
+        on_overflow: Callable[[int], None] | None = None,
+    ) -> None:
+        """``sock``: the private tmux socket path. ``on_input(host_pane, keys,
+        binding)``: keys the mate typed into a pane (``binding`` None), or a host
+        binding they pressed (``keys`` empty). ``config_file`` None: tmux's
+        default config (the mate's ``~/.tmux.conf``). ``on_overflow(host_pane)``:
+        a pane's bytes were dropped; a ``PaneReset`` of it would redraw it."""
+        self._sock = sock
+        self.on_input = on_input
+        self.on_overflow = on_overflow
+        self.config_file = config_file
+        self.mirror: Mirror = MateMirror()
+        self.tmux: TmuxControl | None = None
+        self.panes: dict[int, _Pane] = {}  # host pane id -> local pane
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = asyncio.Lock()
+        self._started = False
+        self._closed = False
+
+    @property
+    def sock(self) -> str:
+        """The tmux socket: attach with ``tmux -S SOCK attach -t SESSION``."""
+        return self._sock
+
+    @property
+    def session(self) -> str:
+        """The tmux session holding the host's windows."""
+        return SESSION
+
+    def attach_argv(self) -> list[str]:
+        """The command line that attaches the mate's terminal to this tmux."""
+        return ["tmux", "-S", self._sock, "attach", "-t", SESSION]
+
+    # --- the tmux server ------------------------------------------------------------
+
+    async def start(self, cols: int, rows: int) -> None:
+        """Start the tmux server, its control client and the mirror's setup.
+
+        ``cols`` x ``rows`` is only the placeholder window's size: the host's
+        windows get the host's sizes. On failure everything started is stopped."""
+        self._loop = asyncio.get_running_loop()
+        env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE")}
+        cols = max(1, min(cols, MAX_DIMENSION))
+        rows = max(1, min(rows, MAX_DIMENSION))
+        config = ["-f", self.config_file] if self.config_file is not None else []
+        self._started = True
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "tmux", "-S", self._sock, *config, "new-session", "-d", "-s", SESSION,
+                "-x", str(cols), "-y", str(rows), *PANE_ARGV,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE, env=env,
+            )  # fmt: skip
+            _, err = await proc.communicate()
+            if proc.returncode != 0:
+                text = err.decode(errors="replace").strip()
+                raise TmuxError(f"cannot start the local tmux server: {text}"[:500])
+            self.tmux = TmuxControl(self._sock, self._on_tmux)
+            await self.tmux.start(["attach", "-t", SESSION], env)
+            await self.tmux.run("refresh-client -f no-output")
+            async with self._lock:
+                await self.run(self.mirror.setup())
+        except BaseException:
+            await self.close()
+            raise
+
+    async def run(self, plan: Plan) -> None:
+        """Carry out one of the mirror's plans on this tmux."""
+        if self.tmux is None or self._closed:
+            plan.close()
+            raise TmuxError("the local tmux is not running")
+        await run_plan(plan, self.tmux, self)
+
+    def _on_tmux(self, item: PaneOutput | Notification) -> None:
+        """Control-mode news; with ``no-output`` only notifications, none needed here."""
+
+    async def close(self) -> None:
+        """Stop reading and writing panes, kill the tmux server, end the control client."""
+        if self._closed:
+            return
+        self._closed = True
+        for pane in list(self.panes.values()):
+            self._close_pane(pane)
+        self.panes.clear()
+        if self._started:
+            with contextlib.suppress(OSError, TmuxError):
+                await asyncio.wait_for(tmux_cmd(self._sock, "kill-server", check=False), 5)
+        if self.tmux is not None:
+            with contextlib.suppress(OSError, TmuxError):
+                await self.tmux.close()
+
+    # --- events -----------------------------------------------------------------------
+
+    async def apply(self, body: EventBody) -> None:
+        """One replication event, applied as the relay's replica applies it."""
+        async with self._lock:
+            m = self.mirror
+            if isinstance(body, Output):
+                self.write(body.pane, body.data)
+            elif isinstance(body, Frame):
+                try:
+                    data = decompress(body.data)
+                except RemoteProtocolError as exc:
+                    raise ValueError(str(exc)) from None
+                self.write(body.pane, data)
+            elif isinstance(body, Structure):
+                await self.run(m.reconcile(body))
+            elif isinstance(body, PaneReset):
+                await self._reset_pane(body.image)
+            elif isinstance(body, Status):
+                await self.run(m.set_status(body))
+            elif isinstance(body, Bindings):
+                await self.run(m.set_bindings(body))
+            elif isinstance(body, Snapshot):
+                await self.run(m.reconcile(body.structure))
+                await self.run(m.set_status(body.status))
+                await self.run(m.set_bindings(body.bindings))
+
+    async def presence(self, present: bool, text: str) -> None:
+        """The host's absence (``text``) in the status line, or its return."""
+        async with self._lock:
+            await self.run(self.mirror.presence(present, text))
+
+    # --- pane ttys (PaneOwner) --------------------------------------------------------
+
+    def open_pane(self, host: int, replica: str, tty: str) -> None:
+        """A new local pane: its tty opened raw, without echo, and watched for keys.
+
+        Raw, so tmux's keys arrive byte for byte and our bytes reach tmux as
+        written; no echo, or the mate's keys would show up as pane output."""
+        if self._closed:
+            return
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        old = self.panes.pop(host, None)
+        if old is not None:
+            self._close_pane(old)
+        fd = os.open(tty, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            _raw_no_echo(fd)
+            pane = _Pane(host, replica, fd, tty)
+            self._loop.add_reader(fd, self._on_keys, pane)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.panes[host] = pane
+
+    def close_pane(self, host: int) -> None:
+        pane = self.panes.pop(host, None)
+        if pane is not None:
+            self._close_pane(pane)
+
+    def _close_pane(self, pane: _Pane) -> None:
+        if pane.fd < 0:
+            return
+        pane.out.clear()
+        if self._loop is not None:
+            self._loop.remove_reader(pane.fd)
+            self._loop.remove_writer(pane.fd)
+        with contextlib.suppress(OSError):
+            os.close(pane.fd)
+        pane.fd = -1
+
+    # --- bytes to panes ---------------------------------------------------------------
+
+    def write(self, host_pane: int, data: bytes) -> None:
+        """Queue host bytes for a pane's tty: written now if it takes them, else later."""
+        pane = self.panes.get(host_pane)
+        if pane is None or pane.fd < 0 or self._loop is None:
+            return  # output of a pane the structure has not shown yet; a reset follows
+        data = pane.queries.feed(data)
+        if not data:
+            return
+        if not pane.out:
+            try:
+                n = os.write(pane.fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._close_pane(pane)
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+            self._loop.add_writer(pane.fd, self._flush, pane)
+        if len(pane.out) + len(data) > PANE_BUFFER:
+            # tmux is not reading this pane: drop the backlog, not the loop's memory
+            pane.out.clear()
+            self._loop.remove_writer(pane.fd)
+            if self.on_overflow is not None:
+                self.on_overflow(pane.host_id)
+            return
+        pane.out += data
+
+    def _flush(self, pane: _Pane) -> None:
+        """Write what a pane's tty would not take before (it is writable now)."""
+        if pane.fd < 0:
+            return
+        try:
+            n = os.write(pane.fd, pane.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close_pane(pane)
+            return
+        del pane.out[:n]
+        if not pane.out and self._loop is not None:
+            self._loop.remove_writer(pane.fd)
+
+    def backlog(self) -> int:
+        """Bytes waiting for the panes' ttys (for acks that follow what tmux took)."""
+        return sum(len(p.out) for p in self.panes.values())
+
+    async def _reset_pane(self, image: PaneImage) -> None:
+        """Redraw a pane from an image: what was still queued for it is superseded."""
+        pane = self.panes.get(image.pane)
+        if pane is None or pane.fd < 0:
+            return
+        if pane.out:
+            pane.out.clear()
+            if self._loop is not None:
+                self._loop.remove_writer(pane.fd)
+        with contextlib.suppress(OSError):
+            termios.tcflush(pane.fd, termios.TCOFLUSH)
+        pane.queries = QueryFilter()  # an unfinished sequence is superseded too
+        await self.run(self.mirror.reset(image.pane))
+        self.write(image.pane, image.data)
+
+    # --- keys from panes --------------------------------------------------------------
+
+    def _on_keys(self, pane: _Pane) -> None:
+        """What the mate typed into a pane: raw keys, or MAGIC markers of host bindings."""
+        if pane.fd < 0:
+            return
+        try:
+            data = os.read(pane.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_pane(pane)  # the local pane is gone
+            return
+        data = pane.carry + data
+        pane.carry = b""
+        while data:
+            i = data.find(MAGIC)
+            if i < 0:
+                # keep a possible partial marker for the next read
+                for k in range(min(len(MAGIC) - 1, len(data)), 0, -1):
+                    if MAGIC.startswith(data[-k:]):
+                        pane.carry = data[-k:]
+                        data = data[:-k]
+                        break
+                if data:
+                    self.on_input(pane.host_id, data, None)
+                return
+            if i:
+                self.on_input(pane.host_id, data[:i], None)
+            j = data.find(MAGIC_END, i)
+            if j < 0:
+                if len(data) - i > MAX_MARKER:
+                    data = data[i + 1 :]  # not ours after all; drop the ESC
+                    continue
+                pane.carry = data[i:]
+                return
+            body = data[i + len(MAGIC) : j]
+            data = data[j + len(MAGIC_END) :]
+            bindings = self.mirror.bindings
+            if body.isdigit() and int(body) < len(bindings):
+                self.on_input(pane.host_id, b"", bindings[int(body)])
+
+
+def _raw_no_echo(fd: int) -> None:
+    tty.setraw(fd)
+    attrs = termios.tcgetattr(fd)
+    attrs[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
