@@ -26,6 +26,7 @@ commands:
   wait tether-ready              block until the session is shared
   display -p '#{tether_ssh}'     print the read-write ssh connection string
   display -p '#{tether_ssh_ro}'  print the read-only ssh connection string
+  display -p '#{tether_join}'    print the read-write `tether join` command (and _ro)
   show-messages                  tether's log, including connection strings
   relay [OPTIONS]                run a relay (see `tether relay --help`)
   netsim ...                     the network-fault harness (`tether netsim --help`)

@@ -53,10 +53,12 @@ class JoinMate:
         tmux(self.sock, "kill-server", check=False)
 
 
-def join_argv(relay: RelayProcess, ssh_line: str) -> list[str]:
-    token = ssh_line.split()[-1].split("@")[0]
-    return tether_cmd("join", "-p", str(relay.port), "--pin", relay.fingerprint,
-                      "--log", os.environ.get("TETHER_JOIN_LOG", "/dev/null"), f"{token}@127.0.0.1")
+def join_argv(join_line: str) -> list[str]:
+    """The host's printed `tether join ...` line, run as it is (with a log)."""
+    words = join_line.split()
+    assert words[:2] == ["tether", "join"] and "--pin" in words, join_line
+    return tether_cmd("join", "--log", os.environ.get("TETHER_JOIN_LOG", "/dev/null"),
+                      *words[2:])
 
 
 @pytest.fixture
@@ -71,9 +73,9 @@ def shared(tmp_path: Path) -> Iterator[tuple[RelayProcess, Host]]:
 def test_join_shows_the_session_and_types_into_it(
     shared: tuple[RelayProcess, Host], tmp_path: Path
 ) -> None:
-    relay, host = shared
+    _, host = shared
     host.type("echo host-says-$((6*7))")
-    mate = JoinMate(tmp_path / "mate", join_argv(relay, host.ssh_rw))
+    mate = JoinMate(tmp_path / "mate", join_argv(host.join_rw))
     try:
         mate.wait_text("host-says-42", 40)
         mate.type("echo mate-typed-$((7*6))")
@@ -87,9 +89,9 @@ def test_join_shows_the_session_and_types_into_it(
 def test_a_read_only_join_sees_but_cannot_type(
     shared: tuple[RelayProcess, Host], tmp_path: Path
 ) -> None:
-    relay, host = shared
+    _, host = shared
     host.type("echo visible-$((2*21))")
-    mate = JoinMate(tmp_path / "ro", join_argv(relay, host.ssh_ro))
+    mate = JoinMate(tmp_path / "ro", join_argv(host.join_ro))
     try:
         mate.wait_text("visible-42", 40)
         mate.type("echo never-$((6*7))")

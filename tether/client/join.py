@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from tether.core.errors import AuthError, RemoteProtocolError
+from tether.core.errors import AuthError, RemoteProtocolError, TetherError
 from tether.core.inputs import InputSender
 from tether.core.messages import (
     PROTOCOL_VERSION,
@@ -65,7 +65,7 @@ class Replica(Protocol):
     async def presence(self, present: bool, text: str) -> None: ...
 
 
-class JoinRefused(Exception):
+class JoinRefused(TetherError):
     """The relay will not have us (wrong token, full session, ...): stop, and say why."""
 
 

@@ -333,11 +333,16 @@ class RelaySide:
         for name, value in (
             ("@tether_ssh", welcome.ssh_rw),
             ("@tether_ssh_ro", welcome.ssh_ro),
+            ("@tether_join", welcome.join_rw),
+            ("@tether_join_ro", welcome.join_ro),
             ("@tether_session", welcome.session),
         ):
             t.send(f"set -g {name} {quote(value)}")
         t.send(f"set -gu {ERROR_OPTION}")
         if announce:
+            if welcome.join_ro:
+                self.publish(f"join session read only: {welcome.join_ro}", False)
+                self.publish(f"join session: {welcome.join_rw}", False)
             self.publish(f"ssh session read only: {welcome.ssh_ro}", True)
             self.publish(f"ssh session: {welcome.ssh_rw}", True)
             t.send("wait-for -S tether-ready")

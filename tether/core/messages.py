@@ -123,6 +123,9 @@ class Welcome(Message):
     """QUIC endpoints, ``host:port``; an empty host means the host used for SSH."""
     quic_fingerprint: str = ""
     """SHA256 fingerprint of the relay's QUIC certificate, the only one to accept."""
+    join_rw: str = ""
+    join_ro: str = ""
+    """``tether join`` command lines, the relay's host key pinned in them."""
 
 
 @message(3)

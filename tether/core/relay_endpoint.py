@@ -202,14 +202,15 @@ class RelayHostEndpoint(Machine):
         return self.state in (State.CONNECTED, State.SILENT)
 
     def set_addresses(
-        self, ssh_rw: str, ssh_ro: str, quic: tuple[str, ...], quic_fingerprint: str
+        self, ssh_rw: str, ssh_ro: str, quic: tuple[str, ...], quic_fingerprint: str,
+        join_rw: str = "", join_ro: str = "",
     ) -> None:
         """Where the relay is reached, for the next Welcome: a front (QUIC) may
         start listening after the first host came in."""
         w = self.welcome
         self.welcome = Welcome(
             w.version, w.session, w.secret, w.rw_token, w.ro_token, ssh_rw, ssh_ro, None,
-            quic, quic_fingerprint,
+            quic, quic_fingerprint, join_rw, join_ro,
         )
 
     # --- host links -------------------------------------------------------------------
@@ -231,7 +232,7 @@ class RelayHostEndpoint(Machine):
         self._send(
             Welcome(
                 w.version, w.session, w.secret, w.rw_token, w.ro_token, w.ssh_rw, w.ssh_ro,
-                self.receiver.next_seq, w.quic, w.quic_fingerprint,
+                self.receiver.next_seq, w.quic, w.quic_fingerprint, w.join_rw, w.join_ro,
             )
         )
         for msg in self.inputs.unacked():

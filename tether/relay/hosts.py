@@ -53,6 +53,8 @@ class Endpoints(Protocol):
 
     def ssh_string(self, token: str) -> str: ...
 
+    def join_string(self, token: str) -> str: ...
+
 
 class Hosts:
     def __init__(self, registry: Registry, config: RelayConfig, endpoints: Endpoints) -> None:
@@ -73,6 +75,7 @@ class Hosts:
             ends.ssh_string(w.rw_token), ends.ssh_string(w.ro_token),
             (f"{self.config.public_host}:{ends.quic_port}",) if ends.quic_port else (),
             ends.quic_fingerprint,
+            ends.join_string(w.rw_token), ends.join_string(w.ro_token),
         )
 
     async def handle_quic(self, link: quic.QuicLink) -> None:

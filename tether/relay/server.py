@@ -86,12 +86,25 @@ class Relay:
         """(config option name, SHA256 fingerprint) for each host key."""
         return [(ssh.key_option_name(k), ssh.fingerprint(k)) for k in self.host_keys]
 
-    def ssh_string(self, token: str) -> str:
+    def _public(self) -> tuple[str, int]:
         host = self.config.public_host or self.config.bind
         if host in ("", "0.0.0.0", "::"):
             host = "127.0.0.1"
-        port = self.config.public_port or self.port
+        return host, self.config.public_port or self.port
+
+    def ssh_string(self, token: str) -> str:
+        host, port = self._public()
         return f"ssh -p {port} {token}@{host}" if port != 22 else f"ssh {token}@{host}"
+
+    def join_string(self, token: str) -> str:
+        """A complete `tether join` line: the relay's key pinned, nothing to trust blindly."""
+        host, port = self._public()
+        pin = next((fp for name, fp in self.fingerprints if "ed25519" in name), "")
+        if not pin and self.fingerprints:
+            pin = self.fingerprints[0][1]
+        where = f"[{host}]" if ":" in host else host
+        return " ".join(["tether join", *(["-p", str(port)] if port != 22 else []),
+                         *(["--pin", pin] if pin else []), f"{token}@{where}"])
 
     # --- lifecycle ----------------------------------------------------------------
 

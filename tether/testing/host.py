@@ -84,6 +84,14 @@ class Host:
     def ssh_ro(self) -> str:
         return self.display("#{tether_ssh_ro}")
 
+    @property
+    def join_rw(self) -> str:
+        return self.display("#{tether_join}")
+
+    @property
+    def join_ro(self) -> str:
+        return self.display("#{tether_join_ro}")
+
     def ssh_argv(self, readonly: bool = False) -> list[str]:
         """The mate's ssh command (argv), with options that keep it non-interactive."""
         line = self.read_format("#{tether_ssh_ro}" if readonly else "#{tether_ssh}")
