@@ -28,6 +28,7 @@ from tether.core.messages import (
     Output,
     Ping,
     Pong,
+    Resize,
     Snapshot,
     Status,
     Structure,
@@ -178,3 +179,18 @@ def test_bad_acks_and_strangers_are_refused() -> None:
         check_join(Ping(1))
     with pytest.raises(RemoteProtocolError, match="upgrade tether"):
         check_join(Join(PROTOCOL_VERSION + 1, "t"))
+
+
+@pytest.mark.parametrize(("make", "what"), [
+    (lambda i: Ping(i), "pings"),
+    (lambda i: Resize(80 + i % 2, 24), "resizes"),
+])
+def test_a_flood_of_pings_or_resizes_ends_the_link(make, what) -> None:  # type: ignore[no-untyped-def]
+    ep = endpoint(SnapshotCache())
+    ep.attach(Join(PROTOCOL_VERSION, "t"), 100.0)
+    drain_events(ep)
+    for i in range(400):  # all in the same instant: past any burst
+        ep.receive(make(i), 100.0)
+    failed = [e for e in drain_events(ep) if isinstance(e, JoinFailed)]
+    assert len(failed) == 1 and what in failed[0].text
+    assert not ep.connected

@@ -38,9 +38,13 @@ from .messages import (
     Snapshot,
     event_size,
 )
+from .ratelimit import TokenBucket
 from .records import Record
-from .session import ACK_EVERY, JUMP_BYTES, SEND_CHUNK, Channel, Outgoing
+from .session import ACK_EVERY, JUMP_BYTES, PING_BURST, PING_RATE, SEND_CHUNK, Channel, Outgoing
 
+RESIZE_RATE = 32.0
+RESIZE_BURST = 256.0
+"""Resizes a join client may send a second, and in a burst (as ssh window changes)."""
 CACHE_MAX_BYTES = 1024 * 1024
 """Log bytes kept after the host's last snapshot. Past this, with join clients
 present, the host is asked for a new snapshot (which resets the cache) while
@@ -184,6 +188,8 @@ class RelayJoinEndpoint:
         self._input_ack: InputAck | None = None
         self._ack_at: float | None = None
         self._resync_asked = False
+        self._pings = TokenBucket(PING_RATE, PING_BURST, 0.0)
+        self._resizes = TokenBucket(RESIZE_RATE, RESIZE_BURST, 0.0)
 
     # --- links -------------------------------------------------------------------------
 
@@ -264,8 +270,12 @@ class RelayJoinEndpoint:
             if self._ack_at is None:
                 self._ack_at = now + ACK_EVERY
         elif isinstance(msg, Resize):
+            if not self._resizes.allow(1, now):
+                raise RemoteProtocolError(f"more than {RESIZE_RATE:.0f} resizes a second")
             self._resize(msg.cols, msg.rows)
         elif isinstance(msg, Ping):
+            if not self._pings.allow(1, now):
+                raise RemoteProtocolError(f"more than {PING_RATE:.0f} pings a second")
             self._send(Pong(msg.token), Channel.DATAGRAM)
         elif not isinstance(msg, Pong):
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a join client")
