@@ -113,3 +113,44 @@ def test_a_wrong_token_says_so_and_exits(shared: tuple[RelayProcess, Host],
         assert "invalid or expired" in text and "[join exited: 1]" in text
     finally:
         mate.close()
+
+
+def test_the_join_ends_when_the_host_ends_the_session(
+    shared: tuple[RelayProcess, Host], tmp_path: Path
+) -> None:
+    _, host = shared
+    host.type("echo joined-$((6*7))")
+    mate = JoinMate(tmp_path / "mate", join_argv(host.join_rw))
+    try:
+        mate.wait_text("joined-42", 40)
+        host.tmux("kill-server", check=False)
+        text = mate.wait_text("[join exited:", 30)
+        assert "ended the session" in text and "[join exited: 0]" in text
+    finally:
+        mate.close()
+
+
+def test_the_join_comes_back_by_itself_after_a_relay_restart(
+    shared: tuple[RelayProcess, Host], tmp_path: Path
+) -> None:
+    relay, host = shared
+    mate = JoinMate(tmp_path / "mate", join_argv(host.join_rw))
+    try:
+        host.type("echo before-$((6*7))")
+        mate.wait_text("before-42", 40)
+        port = relay.port
+        relay.close()
+        relay2 = RelayProcess(relay.dir, port)  # same keys, same port
+        try:
+            wait_for(lambda: "attached to session" in relay2.log.read_text(), 30,
+                     "the host to come back to the restarted relay")
+            host.type("echo after-$((6*7))")
+            mate.wait_text("after-42", 40)
+            mate.type("echo typed-after-restart")
+            wait_for(lambda: "typed-after-restart" in host.screen(), 20,
+                     "the join mate's keys on the re-created session")
+            assert "[join exited" not in mate.screen()
+        finally:
+            relay2.close()
+    finally:
+        mate.close()

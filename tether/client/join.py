@@ -42,7 +42,7 @@ from tether.core.messages import (
     Resize,
 )
 from tether.core.replog import LogReceiver
-from tether.core.session import ACK_EVERY, PING_QUIET, QUIET_AFTER
+from tether.core.session import ACK_EVERY, BACK_TEXT, PING_QUIET, QUIET_AFTER
 from tether.transport.link import Link, LinkClosed
 from tether.transport.reconnect import Connector
 
@@ -55,6 +55,10 @@ JOIN_TIMEOUT = 20.0
 UPGRADE_EVERY = 10.0
 """On the SSH channel: how often to try QUIC again."""
 BACKOFF_MAX = 1.0
+TOKEN_PATIENCE = 3600.0
+"""Once joined, how long a refused token is taken for a relay that restarted and
+waits for the host to re-create the session (the host's away timeout)."""
+ENDED_TEXT = "tether: the host ended the session"
 
 
 class Replica(Protocol):
@@ -67,6 +71,10 @@ class Replica(Protocol):
 
 class JoinRefused(TetherError):
     """The relay will not have us (wrong token, full session, ...): stop, and say why."""
+
+
+class JoinEnded(JoinRefused):
+    """The host ended the session: the join is over (not an error)."""
 
 
 class JoinClient:
@@ -95,6 +103,9 @@ class JoinClient:
         self.ready = asyncio.Event()
         """Set once the first screen is applied."""
         self.refused: str | None = None
+        self.first_joined: float | None = None
+        self.ended: str | None = None
+        """Why the host ended the session (the relay said so): the join ends too."""
 
     # --- what the mate does ------------------------------------------------------
 
@@ -133,6 +144,8 @@ class JoinClient:
             except JoinRefused:
                 raise
             except (LinkClosed, TimeoutError, ConnectionError, OSError) as exc:
+                if self.ended is not None:
+                    raise JoinEnded(self.ended) from None
                 if self._next is None:
                     self.notify(f"link to the relay lost: {exc}")
             except RemoteProtocolError as exc:
@@ -162,6 +175,8 @@ class JoinClient:
             self.inputs = InputSender(1 + secrets.randbelow(2**30))
             self.receiver = LogReceiver()
         was_quiet = self.quiet_since
+        if self.first_joined is None:
+            self.first_joined = time.monotonic()
         self.joined = first
         self.connector.learn(first)
         self.link = link
@@ -184,13 +199,20 @@ class JoinClient:
             if self.quiet_since is None:
                 self.quiet_since = self.last_heard
 
-    def _refused(self, text: str, link: Link) -> None:
+    def _refused(self, text: str, link: Link | None) -> None:
         if "unknown join" in text:
             # the relay forgot our place (it restarted): start over with the token
             self.joined = None
             self.connector.quic_failed_at = time.monotonic()
             raise LinkClosed(text)
-        if self.joined is None or "token" in text:
+        if self.ended is not None:
+            raise JoinRefused(self.ended)
+        if self.first_joined is not None and "token" in text:
+            # we were in: a restarted relay knows the token again once the host
+            # is back (it re-creates the session with the same tokens)
+            if time.monotonic() - self.first_joined < TOKEN_PATIENCE:
+                raise LinkClosed(text)
+        if self.first_joined is None or "token" in text:
             self.refused = text
             raise JoinRefused(text)
         raise LinkClosed(text)
@@ -218,7 +240,9 @@ class JoinClient:
             if msg.stream == self.inputs.stream:
                 self.inputs.on_ack(msg.seq)
         elif isinstance(msg, Notice):
-            await self.replica.presence("back" in msg.text, msg.text)
+            if msg.text.startswith(ENDED_TEXT):
+                self.ended = msg.text
+            await self.replica.presence(msg.text == BACK_TEXT, msg.text)
         elif isinstance(msg, Error):
             self._refused(msg.message, self.link)  # type: ignore[arg-type]
         elif not isinstance(msg, Pong | Ping):

@@ -24,7 +24,7 @@ from tether.mirror.apply import SESSION
 from tether.transport.openssh import RelayAddress
 from tether.transport.reconnect import Connector
 
-from .join import JoinClient, JoinRefused
+from .join import JoinClient, JoinEnded, JoinRefused
 from .local_replica import LocalReplica
 
 log = logging.getLogger("tether.join")
@@ -135,10 +135,14 @@ async def _join(addr: RelayAddress, tmux_config: str | None, use_quic: bool) -> 
         if ready not in done:
             ready.cancel()
             print("tether join: no screen from the relay yet; attaching anyway", file=sys.stderr)
-        status = await _attach(sock, client)
-        if client_task.done():
+        attach = asyncio.create_task(_attach(sock, client))
+        await asyncio.wait({attach, client_task}, return_when=asyncio.FIRST_COMPLETED)
+        if client_task.done():  # refused, or the host ended the session
+            await replica.close()  # the mate's tmux client exits with it
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(attach, 5)
             return _why(client_task)
-        return status
+        return attach.result()
     finally:
         if client_task is not None:
             client_task.cancel()
@@ -151,6 +155,9 @@ async def _join(addr: RelayAddress, tmux_config: str | None, use_quic: bool) -> 
 
 def _why(task: asyncio.Task[None]) -> int:
     exc = task.exception() if not task.cancelled() else None
+    if isinstance(exc, JoinEnded):
+        print(f"{exc}", file=sys.stderr)
+        return 0
     if isinstance(exc, JoinRefused):
         print(f"tether join: {exc}", file=sys.stderr)
         return 1
