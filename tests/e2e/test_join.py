@@ -16,6 +16,7 @@ from tether.core.tokens import new_token
 from tether.testing.env import tether_cmd, tether_env, tmux
 
 from .helpers import Host, RelayProcess, wait_for
+from .test_limits import keypair
 
 
 class JoinMate:
@@ -53,12 +54,12 @@ class JoinMate:
         tmux(self.sock, "kill-server", check=False)
 
 
-def join_argv(join_line: str) -> list[str]:
+def join_argv(join_line: str, *extra: str) -> list[str]:
     """The host's printed `tether join ...` line, run as it is (with a log)."""
     words = join_line.split()
     assert words[:2] == ["tether", "join"] and "--pin" in words, join_line
     return tether_cmd("join", "--log", os.environ.get("TETHER_JOIN_LOG", "/dev/null"),
-                      *words[2:])
+                      *extra, *words[2:])
 
 
 @pytest.fixture
@@ -154,3 +155,35 @@ def test_the_join_comes_back_by_itself_after_a_relay_restart(
             relay2.close()
     finally:
         mate.close()
+
+
+def test_a_session_restricted_to_keys_admits_a_join_only_with_one(
+    relay_and_keys: tuple[RelayProcess, Host, Path], tmp_path: Path
+) -> None:
+    _, host, mate_key = relay_and_keys
+    wrong = tmp_path / "wrong_key"
+    keypair(wrong)
+    refused = JoinMate(tmp_path / "wrong", join_argv(host.join_rw, "-i", str(wrong)))
+    try:
+        text = refused.wait_text("[join exited:", 40)
+        assert "[join exited: 1]" in text and "refused" in text, text
+    finally:
+        refused.close()
+    host.type("echo listed-$((6*7))")
+    good = JoinMate(tmp_path / "good", join_argv(host.join_rw, "-i", str(mate_key)))
+    try:
+        good.wait_text("listed-42", 40)
+    finally:
+        good.close()
+
+
+@pytest.fixture
+def relay_and_keys(tmp_path: Path) -> Iterator[tuple[RelayProcess, Host, Path]]:
+    relay = RelayProcess(tmp_path / "relay")
+    mate_key = tmp_path / "mate_key"
+    (tmp_path / "mates.pub").write_text(keypair(mate_key) + "\n")
+    host = Host(tmp_path / "host",
+                relay.conf() + f"set -g tether-authorized-keys {tmp_path / 'mates.pub'}\n")
+    yield relay, host, mate_key
+    host.close()
+    relay.close()
