@@ -89,3 +89,18 @@ def test_join_rides_out_a_blackout_with_loss(rig: Rig) -> None:
     assert in_dark
     _alive(rig)
 
+
+
+def test_join_far_behind_after_a_blackout_jumps_to_the_present(rig: Rig) -> None:
+    """The host floods while the mate is dark: on its return the mate is shown
+    the present (a snapshot), not the backlog replayed; the time is printed."""
+    rig.net.link("mate", "wifi").blackout(BLACKOUT)
+    time.sleep(1)
+    rig.host.tmux("split-window", "-d", "-t", ":0",
+                  "seq 1 400000; echo flood-done-$((6*7)); sleep 600")
+    time.sleep(BLACKOUT - 1)
+    back = time.monotonic()
+    rig.mate.wait_text("flood-done-42", 60)  # type: ignore[attr-defined]
+    print(f"\njoin: after a {BLACKOUT:g}s blackout with a flood on the host, the mate "
+          f"showed the present {time.monotonic() - back:.2f}s after the link's return")
+    _alive(rig)
