@@ -271,7 +271,9 @@ class JoinClient:
                     datagram = getattr(link, "send_datagram", None)
                     (datagram or link.send_nowait)(Ping(token))
                     next_ping = now + (PING_QUIET if quiet > QUIET_AFTER else PING_EVERY)
-                if quiet > QUIET_AFTER and racing is None:
+                if racing is not None and racing.done():
+                    racing = None  # over: the old link won, or we are moving
+                if quiet > QUIET_AFTER and racing is None and self._next is None:
                     self.quiet_since = now - quiet
                     text = f"tether: last contact {quiet:.0f}s ago, reconnecting"
                     self.notify(text)
