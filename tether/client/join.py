@@ -258,6 +258,7 @@ class JoinClient:
         token = 0
         next_ping = time.monotonic()
         racing: asyncio.Task[None] | None = None
+        race_after = 0.0
         try:
             while True:
                 await asyncio.sleep(ACK_EVERY)
@@ -272,8 +273,10 @@ class JoinClient:
                     (datagram or link.send_nowait)(Ping(token))
                     next_ping = now + (PING_QUIET if quiet > QUIET_AFTER else PING_EVERY)
                 if racing is not None and racing.done():
-                    racing = None  # over: the old link won, or we are moving
-                if quiet > QUIET_AFTER and racing is None and self._next is None:
+                    racing = None  # over: the old link won, or it was refused
+                    race_after = now + BACKOFF_MAX
+                if (quiet > QUIET_AFTER and racing is None and self._next is None
+                        and now >= race_after):
                     self.quiet_since = now - quiet
                     text = f"tether: last contact {quiet:.0f}s ago, reconnecting"
                     self.notify(text)
