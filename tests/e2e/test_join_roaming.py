@@ -104,3 +104,39 @@ def test_join_far_behind_after_a_blackout_jumps_to_the_present(rig: Rig) -> None
     print(f"\njoin: after a {BLACKOUT:g}s blackout with a flood on the host, the mate "
           f"showed the present {time.monotonic() - back:.2f}s after the link's return")
     _alive(rig)
+
+
+def test_join_with_udp_blocked_uses_ssh_and_moves_to_quic_when_it_can(
+    netsim_factory, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    net: Network = netsim_factory(TOPOLOGY)
+    relay = RelayProcess(tmp_path / "relay", 2222, prefix=ns(net, "relay"), bind="0.0.0.0",
+                         public=net.addr("relay"))
+    host = Host(tmp_path / "host", relay.conf(), prefix=ns(net, "host"))
+    keys = tmp_path / "keys.txt"
+    host.type(f"stty -echo; cat > {keys}")
+    net.block_udp("mate", True)
+    log = tmp_path / "join.log"
+    words = host.join_rw.split()
+    mate = JoinMate(tmp_path / "mate",
+                    [*ns(net, "mate"), *tether_cmd("join", "--log", str(log), *words[2:])])
+    try:
+        wait_for(lambda: "tether quic" in mate.screen(), 40, "the host's screen on the mate's")
+        rig = Rig(net, relay, host, mate, keys)  # type: ignore[arg-type]
+        with Typist(rig) as typist:
+            time.sleep(2)
+            typist.stop_typing()
+            first = typist.expected()
+            assert_keys_exactly_once(rig, first, 30)
+        assert not _on_quic(log), "QUIC got through a UDP block"
+        net.block_udp("mate", False)
+        wait_for(lambda: _on_quic(log), 40, "the join client to move to QUIC")
+        with Typist(rig) as typist:  # numbered from 0 again: the file holds both
+            time.sleep(2)
+            typist.stop_typing()
+            assert_keys_exactly_once(rig, first + typist.expected(), 30)
+        _alive(rig)
+    finally:
+        mate.close()
+        host.close()
+        relay.close()
