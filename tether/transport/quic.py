@@ -71,6 +71,8 @@ ACK_REPEAT = 1.0
 """An ack sent as a datagram is sent once more after this long, unless a newer
 one of its kind went meanwhile: the last ack of a burst of activity otherwise
 waits for the next activity when it is lost."""
+PROBE_GAP = 0.4
+"""Least time between two liveness datagrams sent past a full congestion window."""
 SEND_BUFFER = 512 * 1024
 """Unacked stream bytes past which ``drain`` waits: the log stays in the log, where
 it can still be replaced by a snapshot, instead of piling up in QUIC's buffer."""
@@ -167,6 +169,7 @@ class QuicLink(QuicConnectionProtocol):
         self.last_activity = time.monotonic()
         self._piggyback = False
         self._ack_repeats: dict[type, asyncio.TimerHandle] = {}
+        self._probed = 0.0
         if hasattr(quic, "_ack_delay"):
             quic._ack_delay = ACK_DELAY
         _cap_probe_backoff(quic)
@@ -238,8 +241,27 @@ class QuicLink(QuicConnectionProtocol):
         if len(data) <= MAX_DATAGRAM and len(pending) < MAX_PENDING_DATAGRAMS:
             with contextlib.suppress(Exception):
                 self._quic.send_datagram_frame(data[4:])
+                self._probe_if_blocked()
                 self._piggyback = True
                 self._transmit_soon()
+
+    def _probe_if_blocked(self) -> None:
+        """A liveness datagram leaves even when the congestion window is full.
+
+        After an outage everything in flight counts against the window, and
+        aioquic then sends nothing but its loss-recovery probes, whose timer has
+        grown through the outage: the ping that would find the path again (or
+        the pong that answers it) waits seconds for it. Sent as a probe (one
+        packet past the window, as RFC 9002 lets probes go), each ping, at most
+        two a second, is one (``PROBE_GAP``: whatever a peer sends, a link
+        probes no more often); the window still governs everything else."""
+        loss = getattr(self._quic, "_loss", None)
+        if loss is None or not hasattr(self._quic, "_probe_pending"):
+            return
+        now = time.monotonic()
+        if loss.bytes_in_flight >= loss.congestion_window and now - self._probed >= PROBE_GAP:
+            self._probed = now
+            self._quic._probe_pending = True
 
     async def recv(self) -> Message:
         item = await self._inbox.get()
