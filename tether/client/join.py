@@ -100,6 +100,8 @@ class JoinClient:
         self.quiet_since: float | None = None
         self._next: Link | None = None
         self._ack: int | None = None
+        self._poke = asyncio.Event()
+        """Wakes the timer loop: an ack is owed."""
         self.ready = asyncio.Event()
         """Set once the first screen is applied."""
         self.refused: str | None = None
@@ -234,6 +236,7 @@ class JoinClient:
                     self.receiver.forget()
                     raise LinkClosed(f"event refused: {exc}") from None
                 self._ack = msg.seq
+                self._poke.set()
                 if not self.ready.is_set():
                     self.ready.set()
         elif isinstance(msg, InputAck):
@@ -261,7 +264,17 @@ class JoinClient:
         race_after = 0.0
         try:
             while True:
-                await asyncio.sleep(ACK_EVERY)
+                # asleep until something is due: an ack (poked), a ping, the quiet mark
+                now = time.monotonic()
+                heard = max(self.last_heard, getattr(link, "last_activity", 0.0))
+                idle_race = racing is None and self._next is None
+                due = min(next_ping, max(heard + QUIET_AFTER, race_after) if idle_race
+                          else next_ping)
+                self._poke.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), max(due - now, 0.0) + 0.001)
+                if self._ack is not None:
+                    await asyncio.sleep(ACK_EVERY)  # coalesce the acks of a burst
                 now = time.monotonic()
                 if self._ack is not None:
                     link.send_ack(Ack(self._ack))
