@@ -23,6 +23,7 @@ from tether.testing import env as harness_env
 from tether.testing.env import PY, SSH_OPTS, tether_cmd, tmux
 from tether.testing.host import Host
 from tether.testing.host import write_host_home as harness_write_host_home
+from tether.testing.join_mate import JoinMate
 from tether.testing.mate import (
     Drainer,
     PtyProc,
@@ -53,6 +54,7 @@ __all__ = [
     "Drainer",
     "Figure",
     "HostSession",
+    "JoinMate",
     "Log",
     "Mem",
     "PlainTmux",
@@ -265,6 +267,10 @@ class HostSession(Host):
 
     def ssh(self, readonly: bool = False) -> list[str]:
         return self.ssh_argv(readonly)
+
+    def join_line(self, readonly: bool = False) -> str:
+        """The printed `tether join ...` line (``#{tether_join}``), read directly."""
+        return self.read_format("#{tether_join_ro}" if readonly else "#{tether_join}")
 
 
 class PlainTmux:

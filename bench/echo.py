@@ -6,14 +6,20 @@ reads. One printable character at a time is typed into the mate's terminal
 its own terminal attached too, so each sample splits into the input path
 (mate key -> host screen) and the output path (host screen -> mate screen).
 
+A second mate, `tether join` (the host's printed ``#{tether_join}`` line), runs
+on another pty the benchmark reads, in the same session: the key is typed
+into its terminal (the local tmux client it attaches) and timed the same way.
+
 Floor: a plain tmux server running ``cat`` with a local client on a pty the
-benchmark reads directly. Keystrokes alternate tether / floor (A B B A ...).
+benchmark reads directly. Keystrokes go round ssh / join / floor, each order
+in turn (with two sides, A B B A ...).
 
 Run alone: ``python3 -m bench.echo [--quick]``.
 """
 
 from __future__ import annotations
 
+import itertools
 import string
 import sys
 import time
@@ -25,6 +31,7 @@ from bench.common import (
     Ctx,
     Figure,
     HostSession,
+    JoinMate,
     Log,
     PlainTmux,
     PtyProc,
@@ -32,6 +39,7 @@ from bench.common import (
     Workdir,
     attach_argv,
     cpu_of,
+    percentile,
     wait_visible_all,
     write_host_home,
 )
@@ -51,43 +59,59 @@ def _settle(*ptys: PtyProc) -> None:
 
 
 def measure_echo(mate: PtyProc, host_term: PtyProc, local: PtyProc, samples: int,
-                 warm: int = 10, budget: float = 300) -> dict[str, Any]:
-    """Keystrokes into the mate's ssh and the floor's tmux client, A B B A ..., each
-    timed until visible; the host's own terminal is read too (the input path).
-    Stops early after ``budget`` seconds (a relay too busy to echo)."""
+                 warm: int = 10, budget: float = 300,
+                 join: PtyProc | None = None) -> dict[str, Any]:
+    """Keystrokes into the mate's ssh, the join mate's terminal (if ``join``) and
+    the floor's tmux client, each order of the three in turn (A B B A ... for
+    two), each timed until visible; the host's own terminal is read too (the
+    input path). Stops early after ``budget`` seconds (a relay too busy to echo).
+
+    Both mates type into the one ``cat``: each gets its own characters, so a
+    line never shows one twice, and a line ends after ``LINE`` of them."""
     deadline = time.monotonic() + budget
     stopped = False
-    mate_ms: list[float] = []
-    input_ms: list[float] = []
-    output_ms: list[float] = []
-    floor_ms: list[float] = []
-    lost = {"tether": 0, "floor": 0}
+    sides = ["tether", "join", "floor"] if join is not None else ["tether", "floor"]
+    orders = list(itertools.permutations(sides))
+    mates = {"tether": mate, **({"join": join} if join is not None else {})}
+    per_line = LINE // len(mates)
+    """rounds per line: every mate types one character a round"""
+    got: dict[str, list[float]] = {k: [] for k in (
+        "mate", "input", "output", "floor", "join", "join_input", "join_output")}
+    keys = {"tether": ("mate", "input", "output"),
+            "join": ("join", "join_input", "join_output")}
+    lost = dict.fromkeys(sides, 0)
+    ptys = [*mates.values(), local, host_term]
     for p in (mate, local):
         p.write(b"\r")
-    _settle(mate, local, host_term)
+    _settle(*ptys)
     for i in range(warm + samples):
         if time.monotonic() > deadline:
             stopped = True
             break
-        ch = ALPHABET[i % LINE : i % LINE + 1]
-        for side in ("tether", "floor") if i % 2 == 0 else ("floor", "tether"):
+        k = i % per_line
+        for side in orders[i % len(orders)]:
             time.sleep(PACE)
-            if side == "tether":
-                mate.drain()
+            if side in mates:
+                m = mates[side]
+                j = k * len(mates) + (0 if side == "tether" else 1)
+                ch = ALPHABET[j : j + 1]
+                m.drain()
                 host_term.drain()
                 t0 = time.perf_counter()
-                mate.write(ch)
+                m.write(ch)
                 try:
-                    t_mate, t_host = wait_visible_all([(mate, ch), (host_term, ch)], 5)
+                    t_mate, t_host = wait_visible_all([(m, ch), (host_term, ch)], 5)
                 except BenchError:
-                    lost["tether"] += 1
-                    _settle(mate, host_term)
+                    lost[side] += 1
+                    _settle(*ptys)
                     continue
                 if i >= warm:
-                    mate_ms.append((t_mate - t0) * 1000)
-                    input_ms.append((t_host - t0) * 1000)
-                    output_ms.append((t_mate - t_host) * 1000)
+                    whole, inp, out = keys[side]
+                    got[whole].append((t_mate - t0) * 1000)
+                    got[inp].append((t_host - t0) * 1000)
+                    got[out].append((t_mate - t_host) * 1000)
             else:
+                ch = ALPHABET[k : k + 1]
                 local.drain()
                 t0 = time.perf_counter()
                 local.write(ch)
@@ -98,13 +122,12 @@ def measure_echo(mate: PtyProc, host_term: PtyProc, local: PtyProc, samples: int
                     _settle(local)
                     continue
                 if i >= warm:
-                    floor_ms.append((t1 - t0) * 1000)
-        if (i + 1) % LINE == 0:
-            mate.write(b"\r")
+                    got["floor"].append((t1 - t0) * 1000)
+        if (i + 1) % per_line == 0:
+            mate.write(b"\r")  # ends the shared line for both mates
             local.write(b"\r")
-            _settle(mate, local, host_term)
-    return {"mate": mate_ms, "input": input_ms, "output": output_ms, "floor": floor_ms,
-            "lost": lost, "stopped": stopped}
+            _settle(*ptys)
+    return {**got, "lost": lost, "stopped": stopped, "per_line": per_line}
 
 
 def echo_rig(wd: Workdir, relay: Relay, log: Log
@@ -140,6 +163,42 @@ def echo_rig(wd: Workdir, relay: Relay, log: Log
     return host, host_term, mate, local
 
 
+def join_rig(wd: Workdir, host: HostSession, host_term: PtyProc, log: Log) -> JoinMate:
+    """A second mate on the host's session: the host's printed `tether join` line on
+    a pty of its own (the mate's home with the host's ~/.tmux.conf, the same size
+    as the ssh mate's terminal), once a key typed in it shows on both screens."""
+    home = wd.path / "join-mate"
+    home.mkdir()
+    (home / ".tmux.conf").write_text((wd.path / "host" / ".tmux.conf").read_text())
+    line = host.join_line()
+    join = JoinMate(line, wd.env(home), (SIZE[0], SIZE[1] + 1))
+    wd.on_close(join.close)
+    log("echo: waiting for the join mate to attach")
+    join.wait_attached(40)
+    # its keys typed before the attach are the pty's own echo: only now is a key
+    # seen on both screens proof that the path is up
+    deadline = time.monotonic() + 30
+    while True:
+        join.drain()
+        host_term.drain()
+        join.write(b"?")
+        try:
+            wait_visible_all([(join, b"?"), (host_term, b"?")], 3)
+            break
+        except BenchError:
+            if time.monotonic() > deadline:
+                raise
+    return join
+
+
+def _ratios(a: list[float], b: list[float]) -> str:
+    """a / b at the median, p90 and p99."""
+    if not a or not b:
+        return "-"
+    return ", ".join(f"{q} {percentile(a, p) / percentile(b, p):.2f}"
+                     for q, p in (("median", 50), ("p90", 90), ("p99", 99)))
+
+
 def run(ctx: Ctx) -> list[Figure]:
     samples = 40 if ctx.quick else 330
     warm = 10
@@ -147,19 +206,23 @@ def run(ctx: Ctx) -> list[Figure]:
     with Workdir("echo") as wd:
         relay = Relay(wd)
         host, host_term, mate, local = echo_rig(wd, relay, log)
+        join = join_rig(wd, host, host_term, log)
         for p in (mate, local):
             p.write(b"\r")
-        _settle(mate, local, host_term)
+        _settle(mate, join, local, host_term)
 
-        groups = {**host.pids(), **relay.parts(), "mate ssh": [mate.pid]}
+        # the join's own processes once it settled on its link (QUIC: no ssh left)
+        groups = {**host.pids(), **relay.parts(), "mate ssh": [mate.pid],
+                  **{k: v for k, v in join.pids().items() if v}}
         cpu0 = cpu_of(groups)
-        log(f"echo: {samples} keystrokes each, tether and floor interleaved")
-        got = measure_echo(mate, host_term, local, samples, warm, budget=3600)
+        log(f"echo: {samples} keystrokes each, ssh mate, join mate and floor interleaved")
+        got = measure_echo(mate, host_term, local, samples, warm, budget=3600, join=join)
         mate_ms, input_ms, output_ms, floor_ms = (
             got["mate"], got["input"], got["output"], got["floor"])
+        join_ms, join_in, join_out = got["join"], got["join_input"], got["join_output"]
         lost = got["lost"]
         cpu1 = cpu_of(groups)
-        typed = warm + samples - lost["tether"]
+        typed = 2 * (warm + samples) - lost["tether"] - lost["join"]
         # every keystroke plus a little idle time (keep-alives, the status poll)
         cpu_per_key = {k: (cpu1[k] - cpu0[k]) * 1000 / typed for k in groups}
 
@@ -168,7 +231,8 @@ def run(ctx: Ctx) -> list[Figure]:
 
     delta = (sorted(mate_ms)[len(mate_ms) // 2] - sorted(floor_ms)[len(floor_ms) // 2]
              if mate_ms and floor_ms else float("nan"))
-    note = f"lost keystrokes: tether {lost['tether']}, floor {lost['floor']}"
+    note = (f"ssh mate (a join mate on the session too); lost keystrokes: ssh "
+            f"{lost['tether']}, join {lost['join']}, floor {lost['floor']}")
     main = Figure(
         "echo", "mate keystroke echo", "ms", mate_ms, floor_ms,
         "plain tmux local client", f"median within {TARGET_MS} ms of the floor",
@@ -180,13 +244,30 @@ def run(ctx: Ctx) -> list[Figure]:
                note="host's own attached client shows the echo"),
         Figure("echo", "  output: host screen -> mate screen", "ms", output_ms,
                rounds=rounds(output_ms)),
+        Figure("echo", "join mate keystroke echo", "ms", join_ms, floor_ms,
+               "plain tmux local client", rounds=rounds(join_ms),
+               floor_rounds=rounds(floor_ms),
+               note="`tether join` (the host's printed line) on the benchmark's pty, "
+               "the same session and run as the ssh mate; join / ssh: "
+               + _ratios(join_ms, mate_ms)),
+        Figure("echo", "  join / ssh mate", "ms", join_ms, mate_ms, "ssh mate, same run",
+               rounds=rounds(join_ms), floor_rounds=rounds(mate_ms),
+               note="x floor = join median / ssh median"),
+        Figure("echo", "  join input: mate key -> host screen", "ms", join_in, input_ms,
+               "ssh mate's input", rounds=rounds(join_in), floor_rounds=rounds(input_ms)),
+        Figure("echo", "  join output: host screen -> mate screen", "ms", join_out,
+               output_ms, "ssh mate's output", rounds=rounds(join_out),
+               floor_rounds=rounds(output_ms)),
     ]
     busy = {k: round(v, 3) for k, v in sorted(cpu_per_key.items(), key=lambda kv: -kv[1])
             if v > 0}
+    join_own = sum(v for k, v in cpu_per_key.items() if k.startswith("join "))
     parts.append(Figure(
         "echo", "  CPU per keystroke, all tether processes", "ms", [sum(cpu_per_key.values())],
-        note="ms per keystroke: " + ", ".join(f"{k} {v:.2f}" for k, v in busy.items()),
-        extra={"cpu_ms_per_keystroke": busy}))
+        note=f"both mates attached, per key typed by either ({typed}); the join mate's "
+        f"own processes {join_own:.2f}, ms per keystroke: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in busy.items()),
+        extra={"cpu_ms_per_keystroke": busy, "keystrokes": typed}))
     return [main, *parts]
 
 
