@@ -187,3 +187,26 @@ def relay_and_keys(tmp_path: Path) -> Iterator[tuple[RelayProcess, Host, Path]]:
     yield relay, host, mate_key
     host.close()
     relay.close()
+
+
+def test_closing_the_terminal_leaves_no_tmux_behind(
+    shared: tuple[RelayProcess, Host], tmp_path: Path
+) -> None:
+    """A mate closes the terminal window (SIGHUP): the join's own tmux server
+    goes with it, not left running with the host's panes in it."""
+    _, host = shared
+    host.type("echo hello-$((6*7))")
+    mate = JoinMate(tmp_path / "mate", join_argv(host.join_rw))
+    tmp = mate.env["TMPDIR"]
+
+    def local_servers() -> list[str]:
+        out = subprocess.run(["pgrep", "-f", f"tmux -S {tmp}/tether-join-"],
+                             capture_output=True, text=True).stdout
+        return out.split()
+
+    try:
+        mate.wait_text("hello-42", 40)
+        assert local_servers(), "the join's local tmux server is not where expected"
+    finally:
+        mate.close()  # the terminal goes: the join gets SIGHUP
+    wait_for(lambda: not local_servers(), 15, "the join's local tmux server to exit")

@@ -104,10 +104,18 @@ def main(argv: list[str]) -> int:
         return asyncio.run(_join(addr, a.tmux_config, not a.no_quic))
     except KeyboardInterrupt:
         return 130
+    except asyncio.CancelledError:  # SIGHUP or SIGTERM: cleaned up, then gone
+        return 129
 
 
 async def _join(addr: RelayAddress, tmux_config: str | None, use_quic: bool) -> int:
     cols, rows = _terminal_size()
+    # a closed terminal (SIGHUP) or a kill must still end the local tmux below
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, lambda: main.cancel() if main else None)
     workdir = tempfile.mkdtemp(prefix="tether-join-")
     replica: LocalReplica | None = None
     client_task: asyncio.Task[None] | None = None
