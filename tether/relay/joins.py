@@ -18,6 +18,8 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from tether.core.errors import RemoteProtocolError
 from tether.core.join_endpoint import (
@@ -110,36 +112,38 @@ class Joins:
 
     async def handle_ssh(self, link: Link, token: str, peer: str) -> None:
         """A join client over the SSH bootstrap: its login name is the token."""
-        try:
-            found = self.registry.lookup(token)
-            if found is None:
-                await self._refuse_token(link, peer)
-                return
-            join = await self._first(link)
-            session, readonly = found
-            place = self._resumed(join, session) or self._new_place(session, readonly)
-            if place is None:
-                link.send_nowait(Error("this session has too many mates connected"))
-                return
-            await self._serve(place, link, join, peer)
-        except (RemoteProtocolError, ValueError, TypeError) as exc:
-            log.warning("join %s: protocol error: %s", peer, exc)
-            with contextlib.suppress(LinkClosed):
-                link.send_nowait(Error(str(exc)))
-        except (LinkClosed, TimeoutError, ConnectionError):
-            pass
-        finally:
-            link.close()
+        await self._guarded(link, peer, self._by_token(link, token, peer))
 
     async def handle_resume(self, link: Link, join: Join, peer: str) -> None:
         """A join client coming back over QUIC (first message already read)."""
+        await self._guarded(link, peer, self._by_resume(link, join, peer))
+
+    async def _by_token(self, link: Link, token: str, peer: str) -> None:
+        found = self.registry.lookup(token)
+        if found is None:
+            await self._refuse_token(link, peer)
+            return
+        join = await self._first(link)
+        session, readonly = found
+        place = self._resumed(join, session) or self._new_place(session, readonly)
+        if place is None:
+            link.send_nowait(Error("this session has too many mates connected"))
+            return
+        await self._serve(place, link, join, peer)
+
+    async def _by_resume(self, link: Link, join: Join, peer: str) -> None:
+        place = self._resumed(check_join(join), None)
+        if place is None:
+            link.send_nowait(Error("unknown join: start over with the token over SSH"))
+            return
+        await self._serve(place, link, join, peer)
+
+    @staticmethod
+    async def _guarded(link: Link, peer: str, serve: Coroutine[Any, Any, None]) -> None:
+        """One join link, whatever front brought it: a peer's bad message gets
+        an Error, a lost link nothing; the link is closed at the end."""
         try:
-            join = check_join(join)
-            place = self._resumed(join, None)
-            if place is None:
-                link.send_nowait(Error("unknown join: start over with the token over SSH"))
-                return
-            await self._serve(place, link, join, peer)
+            await serve
         except (RemoteProtocolError, ValueError, TypeError) as exc:
             log.warning("join %s: protocol error: %s", peer, exc)
             with contextlib.suppress(LinkClosed):
