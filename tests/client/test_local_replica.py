@@ -16,7 +16,13 @@ from typing import TypeVar
 
 import pytest
 
-from tether.client.local_replica import MATE_PREFIX_KEYS, PANE_BUFFER, LocalReplica
+from tether.client.local_replica import (
+    FOLLOW_KEY,
+    LOOK_KEYS,
+    MATE_PREFIX_KEYS,
+    PANE_BUFFER,
+    LocalReplica,
+)
 from tether.core.codec import compress
 from tether.core.messages import (
     Binding,
@@ -282,10 +288,78 @@ async def test_a_host_binding_pressed_on_an_attached_client_arrives(world: World
         assert world.keys(6) == b"\x1bx"
     prefix = {line.split()[3] for line in tmux(world.sock, "list-keys", "-T", "prefix"
                                                ).splitlines()}  # fmt: skip
-    assert prefix == {"\\%", "x", *MATE_PREFIX_KEYS}
+    assert prefix == {"\\%", "x", FOLLOW_KEY, *MATE_PREFIX_KEYS}
     assert tmux(world.sock, "list-keys", "-T", "root", check=False).strip() == ""
     # copy mode is the mate's own, as configured
     assert "cat >/dev/null" in tmux(world.sock, "list-keys", "-T", "copy-mode-vi", "y")
+
+
+def shown_window(sock: str) -> str:
+    return tmux(sock, "display", "-p", "-t", SESSION, "#{window_name}").strip()
+
+
+def prefix_keys(sock: str) -> dict[str, str]:
+    """The prefix table as bound now: key -> command."""
+    out = {}
+    for line in tmux(sock, "list-keys", "-T", "prefix").splitlines():
+        words = line.split(None, 4)
+        out[words[3]] = words[4] if len(words) > 4 else ""
+    return out
+
+
+async def test_looking_around_moves_only_the_mates_view_and_f_follows_again(
+    world: World,
+) -> None:
+    """Prefix F: the window keys select windows here instead of running the host's
+    bindings (which move the host), the host's selection no longer moves the view,
+    typing still reaches the pane looked at; F again shows the host's window."""
+    await world.snapshot()
+    r = world.replica
+    two = Structure((Window(1, 0, "editor", layout("80x24,0,0,5"), 5),
+                     Window(2, 1, "logs", layout("80x24,0,0,7"), 7)), 1)  # fmt: skip
+    await r.apply(two)
+    await r.apply(Bindings("C-b", (PERCENT, KILL, Binding("prefix", "n"))))
+    assert shown_window(world.sock) == "editor"
+    with attached_client(world.sock) as term:
+        await until(lambda: key_table(world.sock) == "root")
+        await press(world.sock, term, FOLLOW_KEY.encode())
+        await until(lambda: tmux(world.sock, "show", "-gv", "@tether_looking").strip() == "1")
+        assert set(LOOK_KEYS) <= set(prefix_keys(world.sock))
+        await press(world.sock, term, b"n")
+        await until(lambda: shown_window(world.sock) == "logs")
+        assert world.bindings() == []  # the host was not asked to move
+        await r.apply(two)  # the host's window stays editor: the view stays here
+        assert shown_window(world.sock) == "logs"
+        os.write(term, b"typed into logs")
+        await until(lambda: world.keys(7) == b"typed into logs")
+        await press(world.sock, term, b"0")
+        await until(lambda: shown_window(world.sock) == "editor")
+        await press(world.sock, term, b"1")
+        await until(lambda: shown_window(world.sock) == "logs")
+        # and back to following: the host's window, and n is the host's again
+        await press(world.sock, term, FOLLOW_KEY.encode())
+        await until(lambda: shown_window(world.sock) == "editor")
+        assert tmux(world.sock, "show", "-gv", "@tether_looking").strip() == "0"
+        keys = prefix_keys(world.sock)
+        assert "0" not in keys and "send-keys -H" in keys["n"]
+        await press(world.sock, term, b"n")
+        await until(lambda: world.bindings() == [(5, Binding("prefix", "n"))])
+        assert shown_window(world.sock) == "editor"
+
+
+async def test_a_join_started_looking_keeps_its_view_from_the_start() -> None:
+    directory = tempfile.mkdtemp(prefix="tether-test-")
+    r = LocalReplica(os.path.join(directory, "t.sock"), lambda *a: None, "/dev/null",
+                     follow=False)  # fmt: skip
+    try:
+        await asyncio.wait_for(r.start(80, 24), 20)
+        await r.apply(SNAPSHOT)
+        assert tmux(r.sock, "show", "-gv", "@tether_looking").strip() == "1"
+        assert set(LOOK_KEYS) <= set(prefix_keys(r.sock))
+        assert "looking" in tmux(r.sock, "display", "-p", "#{T:status-left}")
+    finally:
+        await asyncio.wait_for(r.close(), 20)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def test_structure_changes_add_windows_and_close_panes(world: World) -> None:

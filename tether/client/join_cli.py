@@ -34,7 +34,9 @@ Join a shared tmux session as a mate that survives bad networks: the session
 shows in a tmux of your own (your ~/.tmux.conf applies), and the link to the
 relay rides out address changes (Wi-Fi <-> mobile), loss and outages; while
 it is down the status line says so, and when it is back the screen is
-current again. TARGET is TOKEN@HOST[:PORT], as printed by the host's
+current again. You follow the host's window; your prefix then F switches to
+looking around (window keys move only your view) and back. TARGET is
+TOKEN@HOST[:PORT], as printed by the host's
 `tether display -p '#{tether_join}'` (with --pin) or taken from its ssh line.
 Detach with your tmux prefix and d; that ends the join."""
 
@@ -76,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "your keys and ssh-agent")
     ap.add_argument("--tmux-config", metavar="FILE",
                     help="the tmux config of the local tmux (default ~/.tmux.conf)")
+    ap.add_argument("--no-follow", action="store_true",
+                    help="start looking around: your window keys (0-9 n p l) move only "
+                    "your view, not the host; prefix F switches to following the host's "
+                    "window (the default) and back")
     ap.add_argument("--no-quic", action="store_true",
                     help="stay on the SSH channel (do not move to QUIC)")
     ap.add_argument("--log", metavar="FILE", help="write the client's log here")
@@ -101,14 +107,16 @@ def main(argv: list[str]) -> int:
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
     addr = RelayAddress(host, port, tuple(a.pin), tuple(a.identity), a.known_hosts, user=token)
     try:
-        return asyncio.run(_join(addr, a.tmux_config, not a.no_quic))
+        return asyncio.run(_join(addr, a.tmux_config, not a.no_quic, not a.no_follow))
     except KeyboardInterrupt:
         return 130
     except asyncio.CancelledError:  # SIGHUP or SIGTERM: cleaned up, then gone
         return 129
 
 
-async def _join(addr: RelayAddress, tmux_config: str | None, use_quic: bool) -> int:
+async def _join(
+    addr: RelayAddress, tmux_config: str | None, use_quic: bool, follow: bool = True
+) -> int:
     cols, rows = _terminal_size()
     # a closed terminal (SIGHUP) or a kill must still end the local tmux below
     main = asyncio.current_task()
@@ -127,7 +135,7 @@ async def _join(addr: RelayAddress, tmux_config: str | None, use_quic: bool) -> 
             if client_ref:
                 client_ref[0].type(pane, keys, binding)  # type: ignore[arg-type]
 
-        replica = LocalReplica(sock, on_input, tmux_config)
+        replica = LocalReplica(sock, on_input, tmux_config, follow=follow)
         client = JoinClient(Connector(addr, use_quic=use_quic), replica, cols, rows,
                             notify=lambda text: log.info("%s", text))
         client_ref.append(client)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import termios
 import tty
@@ -59,12 +60,17 @@ from tether.core.messages import (
 )
 from tether.core.queries import QueryFilter
 from tether.core.tmuxtext import SAFE_PREFIX_KEYS
-from tether.mirror.apply import MAGIC, MAGIC_END, PANE_ARGV, SESSION, Mirror
-from tether.mirror.plan import Command, PaneOwner, Plan
+from tether.mirror.apply import AWAY, MAGIC, MAGIC_END, PANE_ARGV, SESSION, Mirror
+from tether.mirror.plan import TRY, Command, PaneOwner, Plan
 from tether.mirror.run_async import run_plan
 from tether.transport.tmux import TmuxControl, TmuxError, tmux_cmd
 
-__all__ = ["MATE_PREFIX_KEYS", "PANE_BUFFER", "SESSION", "LocalReplica", "MateMirror"]
+log = logging.getLogger("tether.join")
+
+__all__ = [
+    "FOLLOW_KEY", "LOOK_KEYS", "MATE_PREFIX_KEYS", "PANE_BUFFER", "SESSION", "LocalReplica",
+    "MateMirror",
+]
 
 PANE_BUFFER = 2 * MAX_DATA
 """Most bytes waiting for one pane's tty: a whole pane image (up to MAX_DATA)
@@ -77,11 +83,52 @@ MATE_PREFIX_KEYS: dict[str, str] = {**SAFE_PREFIX_KEYS, "]": "paste-buffer -p"}
 """The local prefix keys: the relay's, plus pasting the mate's own buffer (on a
 relay buffers are shared by every mate, here they are the mate's alone)."""
 
+FOLLOW_KEY = "F"
+"""The prefix key that switches between following the host's window and looking
+around; the join client's own, whatever the host binds to it."""
+FOLLOW_MARK = b"follow"
+LOOK_KEYS: dict[str, str] = {
+    **{str(i): f"select-window -t :={i}" for i in range(10)},
+    "n": "next-window",
+    "p": "previous-window",
+    "l": "last-window",
+}
+"""While looking around, these prefix keys change the mate's view only; while
+following they run the host's bindings, which move the host (and every mate)."""
+LOOKING = "#{?@tether_looking,#[reverse] looking #[default] ,}"
+FOLLOWING_TEXT = "tether: following the host's window"
+LOOKING_TEXT = (
+    "tether: looking around: window keys (0-9 n p l) move only your view; "
+    f"prefix {FOLLOW_KEY} follows the host again"
+)
+
 InputHandler = Callable[[int, bytes, Binding | None], None]
 
 
+def _typing(mark: bytes) -> str:
+    """A tmux command typing MAGIC, ``mark``, MAGIC_END into the pane (read in ``_on_keys``)."""
+    return "send-keys -H " + " ".join(f"{c:02x}" for c in MAGIC + mark + MAGIC_END)
+
+
 class MateMirror(Mirror):
-    """The relay's ``Mirror`` with the mate's copy-mode tables left alone (see above)."""
+    """The relay's ``Mirror`` with the mate's copy-mode tables left alone (see above),
+    and a view of the mate's own: following the host's active window (the default),
+    or looking at another one while the host stays where it is."""
+
+    status_prefix = AWAY + LOOKING
+
+    def __init__(self, follow: bool = True) -> None:
+        super().__init__()
+        self.following = follow
+        self.host_window: int | None = None
+        """The host's active window, as last reconciled."""
+        self.host_bindings: Bindings | None = None
+        self.look_bound: list[str] = []
+        """Prefix keys bound here to look around (replacing the host's bindings)."""
+
+    def setup(self) -> Plan:
+        yield from super().setup()
+        yield Command(f"set -g @tether_looking {'0' if self.following else '1'}")
 
     def lock_keys(self) -> Plan:
         """Lock the prefix and root tables as the relay does; keep copy mode as configured."""
@@ -89,6 +136,47 @@ class MateMirror(Mirror):
             yield Command(f"unbind-key -a -T {table}")
         for key, command in MATE_PREFIX_KEYS.items():
             yield Command(f"bind-key -T prefix {key} {command}")
+        yield from self._own_keys()
+
+    def select_active(self, host_window: int) -> Plan:
+        """The host's active window, shown while following (and at first, to start somewhere)."""
+        first = self.host_window is None
+        self.host_window = host_window
+        if self.following or first:
+            yield from super().select_active(host_window)
+
+    def set_bindings(self, b: Bindings) -> Plan:
+        self.host_bindings = b
+        for key in self.look_bound:
+            yield Command(f"unbind-key -T prefix {key}", TRY)
+        self.look_bound = []
+        yield from super().set_bindings(b)
+        yield from self._own_keys()
+
+    def _own_keys(self) -> Plan:
+        """The follow switch, and while looking around the window keys, over the host's."""
+        yield Command(f"bind-key -T prefix {FOLLOW_KEY} {_typing(FOLLOW_MARK)}", TRY)
+        if self.following:
+            return
+        for key, command in LOOK_KEYS.items():
+            reply = yield Command(f"bind-key -T prefix {key} {command}", TRY)
+            if reply.ok:
+                self.look_bound.append(key)
+
+    def follow(self, on: bool) -> Plan:
+        """Switch between following the host's window and looking around."""
+        self.following = on
+        yield Command(f"set -g @tether_looking {'0' if on else '1'}")
+        if self.host_bindings is not None:
+            yield from self.set_bindings(self.host_bindings)  # the host's keys back, or ours
+        else:
+            for key in self.look_bound:
+                yield Command(f"unbind-key -T prefix {key}", TRY)
+            self.look_bound = []
+            yield from self._own_keys()
+        if on and self.host_window is not None:
+            yield from super().select_active(self.host_window)
+        yield Command("refresh-client -S", TRY)
 
 
 class _Pane:
@@ -124,23 +212,27 @@ class LocalReplica(PaneOwner):
         on_input: InputHandler,
         config_file: str | None = None,
         on_overflow: Callable[[int], None] | None = None,
+        follow: bool = True,
     ) -> None:
         """``sock``: the private tmux socket path. ``on_input(host_pane, keys,
         binding)``: keys the mate typed into a pane (``binding`` None), or a host
         binding they pressed (``keys`` empty). ``config_file`` None: tmux's
         default config (the mate's ``~/.tmux.conf``). ``on_overflow(host_pane)``:
-        a pane's bytes were dropped; a ``PaneReset`` of it would redraw it."""
+        a pane's bytes were dropped; a ``PaneReset`` of it would redraw it.
+        ``follow`` False: start looking around rather than following the host's
+        window (prefix F switches)."""
         self._sock = sock
         self.on_input = on_input
         self.on_overflow = on_overflow
         self.config_file = config_file
-        self.mirror: Mirror = MateMirror()
+        self.mirror = MateMirror(follow)
         self.tmux: TmuxControl | None = None
         self.panes: dict[int, _Pane] = {}  # host pane id -> local pane
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
         self._started = False
         self._closed = False
+        self._switches: set[asyncio.Task[None]] = set()
 
     @property
     def sock(self) -> str:
@@ -204,6 +296,8 @@ class LocalReplica(PaneOwner):
         if self._closed:
             return
         self._closed = True
+        for task in list(self._switches):
+            task.cancel()
         for pane in list(self.panes.values()):
             self._close_pane(pane)
         self.panes.clear()
@@ -240,6 +334,26 @@ class LocalReplica(PaneOwner):
                 await self.run(m.reconcile(body.structure))
                 await self.run(m.set_status(body.status))
                 await self.run(m.set_bindings(body.bindings))
+
+    async def follow(self, on: bool) -> None:
+        """Follow the host's active window (``on``), or look around; the mate is told."""
+        async with self._lock:
+            await self.run(self.mirror.follow(on))
+            await self.run(self.mirror.tell(FOLLOWING_TEXT if on else LOOKING_TEXT))
+
+    def _switch_follow(self) -> None:
+        """The mate pressed prefix F: switch, off the tty reader (plans wait on tmux)."""
+        if self._loop is None or self._closed:
+            return
+        task = self._loop.create_task(self.follow(not self.mirror.following))
+        self._switches.add(task)
+        task.add_done_callback(self._switched)
+
+    def _switched(self, task: asyncio.Task[None]) -> None:
+        self._switches.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:  # the local tmux is going away; the join ends with it
+            log.info("could not switch the view: %s", exc)
 
     async def presence(self, present: bool, text: str) -> None:
         """The host's absence (``text``) in the status line, or its return."""
@@ -392,7 +506,9 @@ class LocalReplica(PaneOwner):
             body = data[i + len(MAGIC) : j]
             data = data[j + len(MAGIC_END) :]
             bindings = self.mirror.bindings
-            if body.isdigit() and int(body) < len(bindings):
+            if body == FOLLOW_MARK:
+                self._switch_follow()
+            elif body.isdigit() and int(body) < len(bindings):
                 self.on_input(pane.host_id, b"", bindings[int(body)])
 
 

@@ -76,6 +76,9 @@ class Mirror:
     so a plan aborted by a failing command leaves the state matching tmux.
     """
 
+    status_prefix = AWAY
+    """What the replica puts before the host's status-left: the host's absence."""
+
     def __init__(self) -> None:
         self.windows: dict[int, str] = {}  # host window id -> replica "@N"
         self.window_panes: dict[int, list[int]] = {}  # host window -> host panes in order
@@ -99,7 +102,7 @@ class Mirror:
         # a pane redraw (a host frame, a reset) must not push the old screen
         # into the mates' scrollback as a copy
         yield Command("set -g scroll-on-clear off", TRY)
-        yield _run(f"set -g status-left {quote(AWAY + '[tether] ')}")
+        yield _run(f"set -g status-left {quote(self.status_prefix + '[tether] ')}")
         yield from self.lock_keys()
         reply = yield _run(f"list-windows -t {SESSION} -F '#{{window_id}}'")
         self.placeholder = reply.lines[0].strip() if reply.lines else None
@@ -156,7 +159,11 @@ class Mirror:
             active = self.panes.get(w.active_pane)
             if active is not None:
                 yield _run(f"select-pane -t {active}")
-        target = self.windows.get(st.active_window)
+        yield from self.select_active(st.active_window)
+
+    def select_active(self, host_window: int) -> Plan:
+        """Show the host's active window: every mate follows the host."""
+        target = self.windows.get(host_window)
         if target is not None:
             yield _run(f"select-window -t {target}")
 
@@ -238,7 +245,7 @@ class Mirror:
             if name in ("status-left", "status-right"):
                 value = escape_format(value)
                 if name == "status-left":
-                    value = AWAY + value
+                    value = self.status_prefix + value
             else:
                 value = defuse_format(value)
             if self.status.get(name) == value:
@@ -278,13 +285,17 @@ class Mirror:
         if not present:
             # the notice leaves the status line when the host is back; a message
             # then would freeze the mates' screens for display-time
-            reply = yield Command("list-clients -F '#{client_name}'", TRY)
-            for c in reply.lines if reply.ok else ():
-                if c.strip():
-                    yield Command(
-                        f"display-message -c {quote(c.strip())} {quote(escape_format(text))}", SEND
-                    )
+            yield from self.tell(text)
         yield Command("refresh-client -S", TRY)
+
+    def tell(self, text: str) -> Plan:
+        """``text`` shown once to every attached client (tmux shows it to one if not told which)."""
+        reply = yield Command("list-clients -F '#{client_name}'", TRY)
+        for c in reply.lines if reply.ok else ():
+            if c.strip():
+                yield Command(
+                    f"display-message -c {quote(c.strip())} {quote(escape_format(text))}", SEND
+                )
 
 
 def list_keys(lines: list[str]) -> list[tuple[str, str, str]]:
