@@ -19,6 +19,8 @@ import pytest
 from tether.client.local_replica import (
     FOLLOW_KEY,
     LOOK_KEYS,
+    LOOK_MOUSE_KEYS,
+    MATE_MOUSE_KEYS,
     MATE_PREFIX_KEYS,
     PANE_BUFFER,
     LocalReplica,
@@ -44,6 +46,8 @@ pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux
 T = TypeVar("T")
 MATE_CONF = """\
 set -g @mate_config yes
+set -g mouse on
+set -g history-limit 12345
 bind-key -T copy-mode-vi y send-keys -X copy-pipe-and-cancel 'cat >/dev/null'
 bind-key -T prefix X kill-server
 bind-key -n M-x kill-server
@@ -289,7 +293,12 @@ async def test_a_host_binding_pressed_on_an_attached_client_arrives(world: World
     prefix = {line.split()[3] for line in tmux(world.sock, "list-keys", "-T", "prefix"
                                                ).splitlines()}  # fmt: skip
     assert prefix == {"\\%", "x", FOLLOW_KEY, *MATE_PREFIX_KEYS}
-    assert tmux(world.sock, "list-keys", "-T", "root", check=False).strip() == ""
+    root = {line.split()[3] for line in tmux(world.sock, "list-keys", "-T", "root"
+                                             ).splitlines()}  # fmt: skip
+    assert root == set(MATE_MOUSE_KEYS)  # M-x is gone, no menus, no border drag
+    # the mate's own look and feel stays
+    assert tmux(world.sock, "show", "-gv", "mouse").strip() == "on"
+    assert tmux(world.sock, "show", "-gv", "history-limit").strip() == "12345"
     # copy mode is the mate's own, as configured
     assert "cat >/dev/null" in tmux(world.sock, "list-keys", "-T", "copy-mode-vi", "y")
 
@@ -298,10 +307,10 @@ def shown_window(sock: str) -> str:
     return tmux(sock, "display", "-p", "-t", SESSION, "#{window_name}").strip()
 
 
-def prefix_keys(sock: str) -> dict[str, str]:
-    """The prefix table as bound now: key -> command."""
+def prefix_keys(sock: str, table: str = "prefix") -> dict[str, str]:
+    """A key table as bound now: key -> command."""
     out = {}
-    for line in tmux(sock, "list-keys", "-T", "prefix").splitlines():
+    for line in tmux(sock, "list-keys", "-T", table).splitlines():
         words = line.split(None, 4)
         out[words[3]] = words[4] if len(words) > 4 else ""
     return out
@@ -325,6 +334,7 @@ async def test_looking_around_moves_only_the_mates_view_and_f_follows_again(
         await press(world.sock, term, FOLLOW_KEY.encode())
         await until(lambda: tmux(world.sock, "show", "-gv", "@tether_looking").strip() == "1")
         assert set(LOOK_KEYS) <= set(prefix_keys(world.sock))
+        assert set(LOOK_MOUSE_KEYS) <= set(prefix_keys(world.sock, "root"))
         await press(world.sock, term, b"n")
         await until(lambda: shown_window(world.sock) == "logs")
         assert world.bindings() == []  # the host was not asked to move
@@ -342,6 +352,7 @@ async def test_looking_around_moves_only_the_mates_view_and_f_follows_again(
         assert tmux(world.sock, "show", "-gv", "@tether_looking").strip() == "0"
         keys = prefix_keys(world.sock)
         assert "0" not in keys and "send-keys -H" in keys["n"]
+        assert not set(LOOK_MOUSE_KEYS) & set(prefix_keys(world.sock, "root"))
         await press(world.sock, term, b"n")
         await until(lambda: world.bindings() == [(5, Binding("prefix", "n"))])
         assert shown_window(world.sock) == "editor"

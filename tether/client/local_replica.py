@@ -22,9 +22,11 @@ replica behind the ``Mirror``'s back, and its next plan would fail (a renamed
 session fails every later one). Every prefix key then runs the host's binding
 on the host, or one of the relay's safe local keys (detach, copy mode,
 redraw, clock), or ``]``: pasting the mate's own buffer, which types it to the
-host. The mate's config still sets everything else (colours, borders,
-terminal features, copy-mode keys), except the options ``Mirror.setup`` sets
-and the host's status line. The relay's worker starts its tmux with
+host, or ``F``: following the host's window or looking around. The root table
+holds tmux's mouse bindings of panes (``MATE_MOUSE_KEYS``), not its menus.
+The mate's config still sets everything else (colours, borders, terminal
+features, copy-mode keys, mouse, scrollback), except the options the mirror
+needs (``MateMirror.options``) and the host's status line. The relay's worker starts its tmux with
 ``-f /dev/null``; this one reads ``~/.tmux.conf`` unless told otherwise.
 
 Nothing here blocks the loop: pane ttys are non-blocking, bytes tmux has not
@@ -60,7 +62,7 @@ from tether.core.messages import (
 )
 from tether.core.queries import QueryFilter
 from tether.core.tmuxtext import SAFE_PREFIX_KEYS
-from tether.mirror.apply import AWAY, MAGIC, MAGIC_END, PANE_ARGV, SESSION, Mirror
+from tether.mirror.apply import AWAY, MAGIC, MAGIC_END, OPTIONS, PANE_ARGV, SESSION, Mirror
 from tether.mirror.plan import TRY, Command, PaneOwner, Plan
 from tether.mirror.run_async import run_plan
 from tether.transport.tmux import TmuxControl, TmuxError, tmux_cmd
@@ -95,6 +97,32 @@ LOOK_KEYS: dict[str, str] = {
 }
 """While looking around, these prefix keys change the mate's view only; while
 following they run the host's bindings, which move the host (and every mate)."""
+IN_MODE = "#{||:#{pane_in_mode},#{mouse_any_flag}}"
+MATE_MOUSE_KEYS: dict[str, str] = {
+    "MouseDown1Pane": "select-pane -t = \\; send-keys -M",
+    "MouseDown2Pane": f"select-pane -t = \\; if -F '{IN_MODE}' {{ send-keys -M }} "
+    "{ paste-buffer -p }",
+    "MouseDrag1Pane": f"if -F '{IN_MODE}' {{ send-keys -M }} {{ copy-mode -M }}",
+    "WheelUpPane": f"if -F '{IN_MODE}' {{ send-keys -M }} {{ copy-mode -e }}",
+    "DoubleClick1Pane": f"select-pane -t = \\; if -F '{IN_MODE}' {{ send-keys -M }} "
+    "{ copy-mode -H ; send-keys -X select-word ; run-shell -d 0.3 ; "
+    "send-keys -X copy-pipe-and-cancel }",
+    "TripleClick1Pane": f"select-pane -t = \\; if -F '{IN_MODE}' {{ send-keys -M }} "
+    "{ copy-mode -H ; send-keys -X select-line ; run-shell -d 0.3 ; "
+    "send-keys -X copy-pipe-and-cancel }",
+}
+"""tmux's mouse bindings of panes, for a mate whose config turns the mouse on:
+a click selects the pane to type into, a drag or the wheel enters copy mode,
+a program that asked for the mouse gets it. Not the menus (they split and
+kill panes here), nor the border drag (resizes here), nor the status line's
+window clicks while following."""
+LOOK_MOUSE_KEYS: dict[str, str] = {
+    "MouseDown1Status": "select-window -t =",
+    "WheelUpStatus": "previous-window",
+    "WheelDownStatus": "next-window",
+}
+MATE_OWNED_OPTIONS = frozenset({"mouse", "history-limit", "set-titles", "copy-command"})
+"""Options the mate's config sets for their own tmux, which the relay's replica forces."""
 LOOKING = "#{?@tether_looking,#[reverse] looking #[default] ,}"
 FOLLOWING_TEXT = "tether: following the host's window"
 LOOKING_TEXT = (
@@ -116,6 +144,7 @@ class MateMirror(Mirror):
     or looking at another one while the host stays where it is."""
 
     status_prefix = AWAY + LOOKING
+    options = tuple(o for o in OPTIONS if o.split()[0] not in MATE_OWNED_OPTIONS)
 
     def __init__(self, follow: bool = True) -> None:
         super().__init__()
@@ -123,8 +152,8 @@ class MateMirror(Mirror):
         self.host_window: int | None = None
         """The host's active window, as last reconciled."""
         self.host_bindings: Bindings | None = None
-        self.look_bound: list[str] = []
-        """Prefix keys bound here to look around (replacing the host's bindings)."""
+        self.look_bound: list[tuple[str, str]] = []
+        """(table, key) bound here to look around, over the host's bindings."""
 
     def setup(self) -> Plan:
         yield from super().setup()
@@ -136,6 +165,8 @@ class MateMirror(Mirror):
             yield Command(f"unbind-key -a -T {table}")
         for key, command in MATE_PREFIX_KEYS.items():
             yield Command(f"bind-key -T prefix {key} {command}")
+        for key, command in MATE_MOUSE_KEYS.items():
+            yield Command(f"bind-key -T root {key} {command}")
         yield from self._own_keys()
 
     def select_active(self, host_window: int) -> Plan:
@@ -147,9 +178,7 @@ class MateMirror(Mirror):
 
     def set_bindings(self, b: Bindings) -> Plan:
         self.host_bindings = b
-        for key in self.look_bound:
-            yield Command(f"unbind-key -T prefix {key}", TRY)
-        self.look_bound = []
+        yield from self._unbind_look()
         yield from super().set_bindings(b)
         yield from self._own_keys()
 
@@ -158,10 +187,17 @@ class MateMirror(Mirror):
         yield Command(f"bind-key -T prefix {FOLLOW_KEY} {_typing(FOLLOW_MARK)}", TRY)
         if self.following:
             return
-        for key, command in LOOK_KEYS.items():
-            reply = yield Command(f"bind-key -T prefix {key} {command}", TRY)
+        keys = [("prefix", k, c) for k, c in LOOK_KEYS.items()]
+        keys += [("root", k, c) for k, c in LOOK_MOUSE_KEYS.items()]
+        for table, key, command in keys:
+            reply = yield Command(f"bind-key -T {table} {key} {command}", TRY)
             if reply.ok:
-                self.look_bound.append(key)
+                self.look_bound.append((table, key))
+
+    def _unbind_look(self) -> Plan:
+        for table, key in self.look_bound:
+            yield Command(f"unbind-key -T {table} {key}", TRY)
+        self.look_bound = []
 
     def follow(self, on: bool) -> Plan:
         """Switch between following the host's window and looking around."""
@@ -170,9 +206,7 @@ class MateMirror(Mirror):
         if self.host_bindings is not None:
             yield from self.set_bindings(self.host_bindings)  # the host's keys back, or ours
         else:
-            for key in self.look_bound:
-                yield Command(f"unbind-key -T prefix {key}", TRY)
-            self.look_bound = []
+            yield from self._unbind_look()
             yield from self._own_keys()
         if on and self.host_window is not None:
             yield from super().select_active(self.host_window)

@@ -78,6 +78,7 @@ class Mirror:
 
     status_prefix = AWAY
     """What the replica puts before the host's status-left: the host's absence."""
+    options: tuple[str, ...] = OPTIONS
 
     def __init__(self) -> None:
         self.windows: dict[int, str] = {}  # host window id -> replica "@N"
@@ -97,7 +98,7 @@ class Mirror:
 
     def setup(self) -> Plan:
         """Options, a locked key table, and the placeholder window to replace."""
-        for opt in OPTIONS:
+        for opt in self.options:
             yield _run(f"set -g {opt}")
         # a pane redraw (a host frame, a reset) must not push the old screen
         # into the mates' scrollback as a copy
