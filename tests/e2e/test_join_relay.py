@@ -5,6 +5,7 @@ resume. (``tether join``, the client with a local tmux, builds on this.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -157,3 +158,63 @@ async def test_a_wrong_token_is_refused(shared: tuple[RelayProcess, Host]) -> No
     relay, _ = shared
     with pytest.raises(LinkClosed, match="invalid or expired"):
         await join(relay, new_token())
+
+
+class Recording:
+    """A ``Replica`` that keeps what it is given; ``behind`` plays the local tmux
+    dropping a pane's bytes on the next event (``LocalReplica.on_overflow``)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[object] = []
+        self.behind: Callable[[int], None] | None = None
+
+    async def apply(self, body: object) -> None:
+        self.bodies.append(body)
+        if self.behind is not None and isinstance(body, Output):
+            behind, self.behind = self.behind, None
+            behind(body.pane)
+
+    async def presence(self, present: bool, text: str) -> None:
+        pass
+
+    def snapshots(self) -> int:
+        return sum(isinstance(b, Snapshot) for b in self.bodies)
+
+
+async def test_a_local_tmux_that_fell_behind_starts_over_from_a_snapshot(
+    shared: tuple[RelayProcess, Host],
+) -> None:
+    """Dropped pane bytes leave the pane wrong: the client forgets its place and
+    is given the present on a new link, and carries on (keys still arrive)."""
+    from tether.client.join import JoinClient
+    from tether.transport.reconnect import Connector
+
+    relay, host = shared
+    addr = RelayAddress("127.0.0.1", relay.port, [relay.fingerprint],
+                        user=token_of(host.ssh_rw))  # fmt: skip
+    replica = Recording()
+    client = JoinClient(Connector(addr), replica)  # type: ignore[arg-type]
+    task = asyncio.create_task(client.run())
+    try:
+        await asyncio.wait_for(client.ready.wait(), 20)
+        assert replica.snapshots() == 1
+        replica.behind = client.fell_behind
+        host.tmux("split-window", "-d", "printf 'out-%s\\n' $((6*7)); sleep 30")
+        deadline = time.monotonic() + 20
+        while replica.snapshots() < 2:
+            assert time.monotonic() < deadline, "no snapshot after falling behind"
+            assert not task.done(), task
+            await asyncio.sleep(0.05)
+        assert replica.behind is None  # it was called
+        pane = next(b for b in reversed(replica.bodies) if isinstance(b, Snapshot))
+        client.type(pane.structure.windows[0].active_pane, b"after the resync\r")
+        typed = host.home / "typed.txt"
+        await asyncio.to_thread(wait_for, lambda: "after the resync" in typed.read_text(),
+                                15, "keys typed after the resync")
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        if client.link is not None:
+            client.link.close()

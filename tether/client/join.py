@@ -108,6 +108,8 @@ class JoinClient:
         self.first_joined: float | None = None
         self.ended: str | None = None
         """Why the host ended the session (the relay said so): the join ends too."""
+        self._behind: int | None = None
+        """A local pane whose bytes were dropped (tmux fell behind): start over."""
 
     # --- what the mate does ------------------------------------------------------
 
@@ -118,6 +120,11 @@ class JoinClient:
             return  # the relay would refuse them; the local replica shows as much
         msg = self.inputs.push(pane, keys, binding)
         self._send(msg)
+
+    def fell_behind(self, pane: int) -> None:
+        """The local tmux did not take a pane's bytes and they were dropped: the
+        pane is wrong until redrawn, so the join starts over from a snapshot."""
+        self._behind = pane
 
     def resize(self, cols: int, rows: int) -> None:
         self.size = (cols, rows)
@@ -235,6 +242,11 @@ class JoinClient:
                     log.warning("event %d refused: %s; resyncing", msg.seq, exc)
                     self.receiver.forget()
                     raise LinkClosed(f"event refused: {exc}") from None
+                if self._behind is not None:
+                    pane, self._behind = self._behind, None
+                    log.warning("the local tmux fell behind on pane %d; resyncing", pane)
+                    self.receiver.forget()
+                    raise LinkClosed("the local tmux fell behind; resyncing")
                 self._ack = msg.seq
                 self._poke.set()
                 if not self.ready.is_set():

@@ -135,7 +135,11 @@ async def _join(
             if client_ref:
                 client_ref[0].type(pane, keys, binding)  # type: ignore[arg-type]
 
-        replica = LocalReplica(sock, on_input, tmux_config, follow=follow)
+        def on_overflow(pane: int) -> None:
+            if client_ref:
+                client_ref[0].fell_behind(pane)
+
+        replica = LocalReplica(sock, on_input, tmux_config, on_overflow, follow=follow)
         client = JoinClient(Connector(addr, use_quic=use_quic), replica, cols, rows,
                             notify=lambda text: log.info("%s", text))
         client_ref.append(client)
