@@ -63,6 +63,7 @@ from tether.core.messages import (
 from tether.core.queries import QueryFilter
 from tether.core.tmuxtext import SAFE_PREFIX_KEYS
 from tether.mirror.apply import AWAY, MAGIC, MAGIC_END, OPTIONS, PANE_ARGV, SESSION, Mirror
+from tether.mirror.keys import Mark, PaneKeys
 from tether.mirror.plan import TRY, Command, PaneOwner, Plan
 from tether.mirror.run_async import run_plan
 from tether.transport.tmux import TmuxControl, TmuxError, tmux_cmd
@@ -78,8 +79,6 @@ PANE_BUFFER = 2 * MAX_DATA
 """Most bytes waiting for one pane's tty: a whole pane image (up to MAX_DATA)
 plus the output after it. Past it the backlog is dropped; a reset redraws."""
 READ_SIZE = 65536
-MAX_MARKER = 64
-"""Bytes after MAGIC before a marker is given up on (an index is a few digits)."""
 
 MATE_PREFIX_KEYS: dict[str, str] = {**SAFE_PREFIX_KEYS, "]": "paste-buffer -p"}
 """The local prefix keys: the relay's, plus pasting the mate's own buffer (on a
@@ -216,7 +215,7 @@ class MateMirror(Mirror):
 class _Pane:
     """One local pane: its tty (opened here, raw) and the bytes tmux has not taken."""
 
-    __slots__ = ("carry", "fd", "host_id", "out", "queries", "replica_id", "tty")
+    __slots__ = ("fd", "host_id", "keys", "out", "queries", "replica_id", "tty")
 
     def __init__(self, host_id: int, replica_id: str, fd: int, tty_path: str) -> None:
         self.host_id = host_id
@@ -224,8 +223,7 @@ class _Pane:
         self.fd = fd
         self.tty = tty_path
         self.out = bytearray()
-        self.carry = b""
-        """A partial MAGIC marker at the end of the last read."""
+        self.keys = PaneKeys()
         self.queries = QueryFilter()
         """The host's tmux already answered its programs' terminal queries; this
         tmux's answers would reach the host as the mate's input, a second reply."""
@@ -514,36 +512,14 @@ class LocalReplica(PaneOwner):
         if not data:
             self._close_pane(pane)  # the local pane is gone
             return
-        data = pane.carry + data
-        pane.carry = b""
-        while data:
-            i = data.find(MAGIC)
-            if i < 0:
-                # keep a possible partial marker for the next read
-                for k in range(min(len(MAGIC) - 1, len(data)), 0, -1):
-                    if MAGIC.startswith(data[-k:]):
-                        pane.carry = data[-k:]
-                        data = data[:-k]
-                        break
-                if data:
-                    self.on_input(pane.host_id, data, None)
-                return
-            if i:
-                self.on_input(pane.host_id, data[:i], None)
-            j = data.find(MAGIC_END, i)
-            if j < 0:
-                if len(data) - i > MAX_MARKER:
-                    data = data[i + 1 :]  # not ours after all; drop the ESC
-                    continue
-                pane.carry = data[i:]
-                return
-            body = data[i + len(MAGIC) : j]
-            data = data[j + len(MAGIC_END) :]
-            bindings = self.mirror.bindings
-            if body == FOLLOW_MARK:
+        bindings = self.mirror.bindings
+        for piece in pane.keys.feed(data):
+            if not isinstance(piece, Mark):
+                self.on_input(pane.host_id, piece, None)
+            elif piece == FOLLOW_MARK:
                 self._switch_follow()
-            elif body.isdigit() and int(body) < len(bindings):
-                self.on_input(pane.host_id, b"", bindings[int(body)])
+            elif piece.isdigit() and int(piece) < len(bindings):
+                self.on_input(pane.host_id, b"", bindings[int(piece)])
 
 
 def _raw_no_echo(fd: int) -> None:

@@ -52,7 +52,8 @@ from tether.core.messages import (
     Structure,
 )
 from tether.core.queries import QueryFilter
-from tether.mirror.apply import MAGIC, MAGIC_END, PANE_ARGV, SESSION, Mirror
+from tether.mirror.apply import PANE_ARGV, SESSION, Mirror
+from tether.mirror.keys import Mark, PaneKeys
 from tether.mirror.plan import PaneOwner, Plan
 from tether.mirror.run_sync import run_plan
 from tether.transport.tmuxsync import BlockingTmuxControl, TmuxError, spawn
@@ -88,14 +89,14 @@ def known_terminal(term: str) -> bool:
 class Pane:
     """One replica pane: its tty (opened here, raw) and the bytes not yet taken."""
 
-    __slots__ = ("carry", "fd", "host_id", "out", "queries", "replica_id")
+    __slots__ = ("fd", "host_id", "keys", "out", "queries", "replica_id")
 
     def __init__(self, host_id: int, replica_id: str, fd: int) -> None:
         self.host_id = host_id
         self.replica_id = replica_id  # e.g. "%3"
         self.fd = fd
         self.out = bytearray()
-        self.carry = b""
+        self.keys = PaneKeys()
         self.queries = QueryFilter()
         """The host's tmux already answered its programs' terminal queries; the
         replica's answers would reach the host as mate input, a second reply."""
@@ -256,34 +257,12 @@ class Replica(PaneOwner):
         if not data:
             self._close_pane(pane)  # the replica pane is gone
             return
-        data = pane.carry + data
-        pane.carry = b""
-        while data:
-            i = data.find(MAGIC)
-            if i < 0:
-                # keep a possible partial marker for the next read
-                for k in range(min(len(MAGIC) - 1, len(data)), 0, -1):
-                    if MAGIC.startswith(data[-k:]):
-                        pane.carry = data[-k:]
-                        data = data[:-k]
-                        break
-                if data:
-                    self.send(Input(0, 0, pane.host_id, data))
-                return
-            if i:
-                self.send(Input(0, 0, pane.host_id, data[:i]))
-            j = data.find(MAGIC_END, i)
-            if j < 0:
-                if len(data) - i > 64:
-                    data = data[i + 1 :]  # not ours after all; drop the ESC
-                    continue
-                pane.carry = data[i:]
-                return
-            body = data[i + len(MAGIC) : j]
-            data = data[j + len(MAGIC_END) :]
-            bindings = self.mirror.bindings
-            if body.isdigit() and int(body) < len(bindings):
-                self.send(Input(0, 0, pane.host_id, b"", bindings[int(body)]))
+        bindings = self.mirror.bindings
+        for piece in pane.keys.feed(data):
+            if not isinstance(piece, Mark):
+                self.send(Input(0, 0, pane.host_id, piece))
+            elif piece.isdigit() and int(piece) < len(bindings):
+                self.send(Input(0, 0, pane.host_id, b"", bindings[int(piece)]))
 
     def presence(self, msg: HostPresence) -> None:
         self.run(self.mirror.presence(msg.present, msg.text))
