@@ -42,8 +42,15 @@ from tether.core.messages import (
     Resize,
 )
 from tether.core.replog import LogReceiver
-from tether.core.session import ACK_EVERY, BACK_TEXT, PING_QUIET, QUIET_AFTER
-from tether.transport.link import Link, LinkClosed
+from tether.core.session import (
+    ACK_EVERY,
+    BACK_TEXT,
+    PING_QUIET,
+    QUIET_AFTER,
+    Channel,
+    Outgoing,
+)
+from tether.transport.link import Link, LinkClosed, send_out
 from tether.transport.reconnect import Connector
 
 log = logging.getLogger("tether.join")
@@ -294,8 +301,7 @@ class JoinClient:
                 quiet = now - max(self.last_heard, getattr(link, "last_activity", 0.0))
                 if now >= next_ping:
                     token += 1
-                    datagram = getattr(link, "send_datagram", None)
-                    (datagram or link.send_nowait)(Ping(token))
+                    send_out(link, Outgoing(Ping(token), Channel.DATAGRAM))
                     next_ping = now + (PING_QUIET if quiet > QUIET_AFTER else PING_EVERY)
                 if racing is not None and racing.done():
                     racing = None  # over: the old link won, or it was refused

@@ -24,12 +24,10 @@ from tether.core.messages import Input, Welcome
 from tether.core.session import (
     PING_EVERY,
     QUIET_AFTER,
-    Channel,
     InputReceived,
     LinkBack,
     LinkDead,
     LinkQuiet,
-    Outgoing,
     PeerClosed,
     ProtocolFailed,
     ResizeRequested,
@@ -38,7 +36,7 @@ from tether.core.session import (
     State,
     Welcomed,
 )
-from tether.transport.link import Link, LinkClosed
+from tether.transport.link import Link, LinkClosed, send_out
 from tether.transport.reconnect import Connector
 from tether.transport.tmux import TmuxError
 
@@ -66,19 +64,6 @@ def discard_link(task: asyncio.Task[Link]) -> None:
         task.cancel()
     elif not task.cancelled() and task.exception() is None:
         task.result().close()
-
-
-def send(link: Link, out: Outgoing) -> None:
-    """Send by the channel the endpoint chose; datagrams go in order where the
-    link has none (SSH)."""
-    if out.channel is Channel.ACK:
-        link.send_ack(out.message)
-        return
-    datagram = getattr(link, "send_datagram", None)
-    if out.channel is Channel.DATAGRAM and datagram is not None:
-        datagram(out.message)
-    else:
-        link.send_nowait(out.message)
 
 
 class RelaySide:
@@ -212,7 +197,7 @@ class RelaySide:
     def _flush(self, link: Link) -> None:
         """Send the control messages now (pongs, acks, pings), not after a drain."""
         for out in self.ep.messages_to_send(time.monotonic(), events=False):
-            send(link, out)
+            send_out(link, out)
 
     async def _timers(self, link: Link) -> None:
         """The endpoint's clock and events: act on events, sleep until ``next_timer``."""
@@ -355,7 +340,7 @@ class RelaySide:
             self.wake.clear()
             while out := self.ep.messages_to_send(time.monotonic()):
                 for o in out:
-                    send(link, o)
+                    send_out(link, o)
                 await link.drain()
 
     async def _upgrade(self, link: Link) -> None:
@@ -395,7 +380,7 @@ class RelaySide:
         self.ep.end(reason, time.monotonic())
         self._end_link = link
         for o in self.ep.messages_to_send(time.monotonic(), limit_bytes=None):
-            send(link, o)
+            send_out(link, o)
         self.end_sent.set()
         await link.drain()
 

@@ -32,8 +32,7 @@ from tether.core.join_endpoint import (
 )
 from tether.core.messages import Error, Join, Message, Notice
 from tether.core.ratelimit import FailureBackoff, TokenBucket
-from tether.core.session import Channel
-from tether.transport.link import Link, LinkClosed
+from tether.transport.link import Link, LinkClosed, send_out
 
 from .config import RelayConfig
 from .mates import MAX_HOLD, clamp_size
@@ -291,14 +290,7 @@ class Joins:
             while True:
                 while out := ep.messages_to_send(time.monotonic()):
                     for o in out:
-                        if o.channel is Channel.STREAM:
-                            link.send_nowait(o.message)
-                        elif o.channel is Channel.ACK:
-                            link.send_ack(o.message)
-                        elif hasattr(link, "send_datagram"):
-                            link.send_datagram(o.message)
-                        else:
-                            link.send_nowait(o.message)
+                        send_out(link, o)
                     await link.drain()
                 feed.wake.clear()
                 due = ep.next_timer()

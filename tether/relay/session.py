@@ -22,8 +22,8 @@ from tether.core.join_endpoint import SnapshotCache
 from tether.core.messages import Ack, Error, Event, Hello, Input, Message, Snapshot, Status
 from tether.core.ratelimit import TokenBucket
 from tether.core.relay_endpoint import RelayHostEndpoint
-from tether.core.session import Channel, EventReceived, Presence, SessionEvent
-from tether.transport.link import Link, LinkClosed
+from tether.core.session import EventReceived, Presence, SessionEvent
+from tether.transport.link import Link, LinkClosed, send_out
 
 log = logging.getLogger("tether.relay")
 
@@ -184,12 +184,7 @@ class Session:
             return
         with contextlib.suppress(LinkClosed):
             for o in out:
-                if o.channel is Channel.ACK:
-                    link.send_ack(o.message)
-                elif o.channel is Channel.DATAGRAM and hasattr(link, "send_datagram"):
-                    link.send_datagram(o.message)
-                else:
-                    link.send_nowait(o.message)
+                send_out(link, o)
 
     def events(self) -> list[SessionEvent]:
         """Act on the endpoint's events that need no waiting; return the others."""

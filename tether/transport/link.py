@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from tether.core.errors import TetherError
 from tether.core.messages import Message, MessageDecoder
+from tether.core.session import Channel, Outgoing
 
 log = logging.getLogger("tether.transport")
 
@@ -21,6 +22,19 @@ Twice the largest frame (``MAX_FRAME``): a sender that drains after each batch
 and the relay's own messages to a host are small control messages. What passes
 it is a peer that makes the relay answer (Pings) but never reads: without the
 bound every answer would be kept, for ever."""
+
+
+def send_out(link: Link, out: Outgoing) -> None:
+    """Send by the channel an endpoint chose: acks and datagrams may be lost over
+    QUIC; where a link has no datagrams (SSH) they go in order on the stream."""
+    if out.channel is Channel.ACK:
+        link.send_ack(out.message)
+        return
+    datagram = getattr(link, "send_datagram", None)
+    if out.channel is Channel.DATAGRAM and datagram is not None:
+        datagram(out.message)
+    else:
+        link.send_nowait(out.message)
 
 
 class LinkClosed(TetherError):
