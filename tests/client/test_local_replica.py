@@ -465,3 +465,71 @@ async def test_a_pane_tmux_does_not_read_is_bounded_and_reported() -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+async def test_local_echo_shows_keys_before_the_host_and_never_a_password() -> None:
+    """predict=always: after one echo confirms the epoch, typed keys show in the local
+    pane at once, underlined, and as the host drew them once echoed; after Enter a
+    prompt that does not echo shows none of what is typed."""
+    directory = tempfile.mkdtemp(prefix="tether-test-")
+    typed: list[bytes] = []
+    r = LocalReplica(os.path.join(directory, "t.sock"), lambda p, k, b: typed.append(k),
+                     "/dev/null", predict="always")  # fmt: skip
+    try:
+        await asyncio.wait_for(r.start(80, 24), 20)
+        await r.apply(Snapshot(Structure((Window(1, 0, "sh", layout("80x24,0,0,5"), 5),), 1),
+                               Status(()), Bindings("C-b", ())))  # fmt: skip
+        await r.apply(PaneReset(PaneImage(5, b"\x1bc\x1b[H\x1b[2J$ ")))
+        r.rtt(0.2)
+
+        def row(n: int, escapes: bool = False) -> str:
+            args = ["-e"] if escapes else []
+            return tmux(r.sock, "capture-pane", "-p", *args, "-t", r.panes[5].replica_id,
+                        "-S", str(n), "-E", str(n)).rstrip("\n")  # fmt: skip
+
+        with attached_client(r.sock) as term:
+            await until(lambda: key_table(r.sock) == "root")
+            os.write(term, b"l")
+            await until(lambda: b"".join(typed) == b"l")
+            await until(lambda: r.panes[5].echo is not None and r.panes[5].echo.engaged)
+            await r.apply(Output(5, b"l"))
+            os.write(term, b"s")  # a new epoch: shown only once confirmed
+            await until(lambda: b"".join(typed) == b"ls")
+            assert row(0).rstrip() == "$ l"
+            await r.apply(Output(5, b"s"))
+            os.write(term, b"x")
+            await until(lambda: row(0).rstrip() == "$ lsx")  # no echo from the host yet
+            assert "\x1b[4mx" in row(0, escapes=True)
+            await r.apply(Output(5, b"x"))
+            await until(lambda: "\x1b[4m" not in row(0, escapes=True))
+            assert row(0).rstrip() == "$ lsx"
+            os.write(term, b"\r")
+            await until(lambda: b"".join(typed) == b"lsx\r")
+            await r.apply(Output(5, b"\r\nPassword: "))
+            for ch in b"hunter2":
+                os.write(term, bytes([ch]))
+                await asyncio.sleep(0.05)
+                assert row(1).rstrip() == "Password:", row(1)
+            await until(lambda: b"".join(typed) == b"lsx\rhunter2")
+            await r.apply(Output(5, b""))
+            assert row(1).rstrip() == "Password:"
+    finally:
+        await asyncio.wait_for(r.close(), 20)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("conf", "mode"), [("set -g @tether-predict never\n", "never"),
+                                            ("set -g @tether-predict bogus\n", "adaptive"),
+                                            ("", "adaptive")])  # fmt: skip
+async def test_the_mates_tmux_option_chooses_local_echo(conf: str, mode: str) -> None:
+    directory = tempfile.mkdtemp(prefix="tether-test-")
+    path = os.path.join(directory, "mate.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    r = LocalReplica(os.path.join(directory, "t.sock"), lambda *a: None, path, predict=None)
+    try:
+        await asyncio.wait_for(r.start(80, 24), 20)
+        assert r.predict == mode
+    finally:
+        await asyncio.wait_for(r.close(), 20)
+        shutil.rmtree(directory, ignore_errors=True)

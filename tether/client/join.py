@@ -56,6 +56,8 @@ from tether.transport.reconnect import Connector
 log = logging.getLogger("tether.join")
 
 PING_EVERY = 1.0
+MAX_PINGS_OUT = 16
+"""Pings remembered for their pongs (lost ones are forgotten oldest first)."""
 """A ping a second keeps the relay's view of us fresh and tells us of silence."""
 JOIN_TIMEOUT = 20.0
 """How long a link may take to answer ``Join``."""
@@ -115,6 +117,10 @@ class JoinClient:
         self.first_joined: float | None = None
         self.ended: str | None = None
         """Why the host ended the session (the relay said so): the join ends too."""
+        self.srtt: float | None = None
+        """The link's smoothed round trip, from pings (for local echo)."""
+        self._pinged: dict[int, float] = {}
+        self._ping_token = 0
         self._behind: int | None = None
         """A local pane whose bytes were dropped (tmux fell behind): start over."""
 
@@ -267,8 +273,28 @@ class JoinClient:
             await self.replica.presence(msg.text == BACK_TEXT, msg.text)
         elif isinstance(msg, Error):
             self._refused(msg.message, self.link)  # type: ignore[arg-type]
-        elif not isinstance(msg, Pong | Ping):
+        elif isinstance(msg, Pong):
+            self._rtt_sample(msg.token, now)
+        elif not isinstance(msg, Ping):
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the relay")
+
+    def _ping(self, link: Link, now: float) -> None:
+        self._ping_token += 1
+        self._pinged[self._ping_token] = now
+        if len(self._pinged) > MAX_PINGS_OUT:  # lost ones: keep the newest
+            del self._pinged[min(self._pinged)]
+        send_out(link, Outgoing(Ping(self._ping_token), Channel.DATAGRAM))
+
+    def _rtt_sample(self, token: int, now: float) -> None:
+        """A pong: one round trip measured (RFC 6298's smoothing), told to the replica."""
+        sent = self._pinged.pop(token, None)
+        if sent is None:
+            return
+        sample = now - sent
+        self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
+        rtt = getattr(self.replica, "rtt", None)
+        if rtt is not None:
+            rtt(self.srtt)
 
     async def _back(self, quiet: float, how: str) -> None:
         if quiet >= QUIET_AFTER:
@@ -277,7 +303,6 @@ class JoinClient:
 
     async def _timers(self, link: Link) -> None:
         """Acks (coalesced), pings, and the quiet-link race."""
-        token = 0
         next_ping = time.monotonic()
         racing: asyncio.Task[None] | None = None
         race_after = 0.0
@@ -300,8 +325,7 @@ class JoinClient:
                     self._ack = None
                 quiet = now - max(self.last_heard, getattr(link, "last_activity", 0.0))
                 if now >= next_ping:
-                    token += 1
-                    send_out(link, Outgoing(Ping(token), Channel.DATAGRAM))
+                    self._ping(link, now)
                     next_ping = now + (PING_QUIET if quiet > QUIET_AFTER else PING_EVERY)
                 if racing is not None and racing.done():
                     racing = None  # over: the old link won, or it was refused

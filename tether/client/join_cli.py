@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 
+from tether.core.predict import MODES
 from tether.core.pubkeys import FINGERPRINT
 from tether.core.tokens import is_well_formed
 from tether.mirror.apply import SESSION
@@ -82,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start looking around: your window keys (0-9 n p l) move only "
                     "your view, not the host; prefix F switches to following the host's "
                     "window (the default) and back")
+    ap.add_argument("--predict", choices=MODES, default=None,
+                    help="local echo: show what you type before the host echoes it, "
+                    "underlined until it does (mosh-style). adaptive (the default): when "
+                    "the link is slow or an echo is late; always; never. Default: your "
+                    "tmux config's @tether-predict option, else adaptive")
     ap.add_argument("--no-quic", action="store_true",
                     help="stay on the SSH channel (do not move to QUIC)")
     ap.add_argument("--log", metavar="FILE", help="write the client's log here")
@@ -107,7 +113,9 @@ def main(argv: list[str]) -> int:
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
     addr = RelayAddress(host, port, tuple(a.pin), tuple(a.identity), a.known_hosts, user=token)
     try:
-        return asyncio.run(_join(addr, a.tmux_config, not a.no_quic, not a.no_follow))
+        return asyncio.run(
+            _join(addr, a.tmux_config, not a.no_quic, not a.no_follow, a.predict)
+        )
     except KeyboardInterrupt:
         return 130
     except asyncio.CancelledError:  # SIGHUP or SIGTERM: cleaned up, then gone
@@ -115,7 +123,11 @@ def main(argv: list[str]) -> int:
 
 
 async def _join(
-    addr: RelayAddress, tmux_config: str | None, use_quic: bool, follow: bool = True
+    addr: RelayAddress,
+    tmux_config: str | None,
+    use_quic: bool,
+    follow: bool = True,
+    predict: str | None = None,
 ) -> int:
     cols, rows = _terminal_size()
     # a closed terminal (SIGHUP) or a kill must still end the local tmux below
@@ -139,7 +151,8 @@ async def _join(
             if client_ref:
                 client_ref[0].fell_behind(pane)
 
-        replica = LocalReplica(sock, on_input, tmux_config, on_overflow, follow=follow)
+        replica = LocalReplica(sock, on_input, tmux_config, on_overflow, follow=follow,
+                               predict=predict)
         client = JoinClient(Connector(addr, use_quic=use_quic), replica, cols, rows,
                             notify=lambda text: log.info("%s", text))
         client_ref.append(client)

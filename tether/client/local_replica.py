@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
+import struct
 import termios
 import tty
 from collections.abc import Callable
@@ -60,13 +62,18 @@ from tether.core.messages import (
     Status,
     Structure,
 )
+from tether.core.predict import MODES
 from tether.core.queries import QueryFilter
+from tether.core.screen import parse_pane_state
 from tether.core.tmuxtext import SAFE_PREFIX_KEYS
 from tether.mirror.apply import AWAY, MAGIC, MAGIC_END, OPTIONS, PANE_ARGV, SESSION, Mirror
+from tether.mirror.capture import capture_cmds, pane_image
 from tether.mirror.keys import Mark, PaneKeys
 from tether.mirror.plan import TRY, Command, PaneOwner, Plan
 from tether.mirror.run_async import run_plan
 from tether.transport.tmux import TmuxControl, TmuxError, tmux_cmd
+
+from .local_echo import LocalEcho
 
 log = logging.getLogger("tether.join")
 
@@ -79,6 +86,8 @@ PANE_BUFFER = 2 * MAX_DATA
 """Most bytes waiting for one pane's tty: a whole pane image (up to MAX_DATA)
 plus the output after it. Past it the backlog is dropped; a reset redraws."""
 READ_SIZE = 65536
+ENGAGE_WAIT = 0.2
+"""Longest wait for tmux to read a pane's bytes before capturing it for local echo."""
 
 MATE_PREFIX_KEYS: dict[str, str] = {**SAFE_PREFIX_KEYS, "]": "paste-buffer -p"}
 """The local prefix keys: the relay's, plus pasting the mate's own buffer (on a
@@ -215,7 +224,10 @@ class MateMirror(Mirror):
 class _Pane:
     """One local pane: its tty (opened here, raw) and the bytes tmux has not taken."""
 
-    __slots__ = ("fd", "host_id", "keys", "out", "queries", "replica_id", "tty")
+    __slots__ = (
+        "echo", "engaging", "fd", "host_id", "keys", "out", "queries", "replica_id", "timer",
+        "tty",
+    )
 
     def __init__(self, host_id: int, replica_id: str, fd: int, tty_path: str) -> None:
         self.host_id = host_id
@@ -227,6 +239,9 @@ class _Pane:
         self.queries = QueryFilter()
         """The host's tmux already answered its programs' terminal queries; this
         tmux's answers would reach the host as the mate's input, a second reply."""
+        self.echo: LocalEcho | None = None
+        self.engaging = False
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class LocalReplica(PaneOwner):
@@ -245,6 +260,7 @@ class LocalReplica(PaneOwner):
         config_file: str | None = None,
         on_overflow: Callable[[int], None] | None = None,
         follow: bool = True,
+        predict: str | None = "never",
     ) -> None:
         """``sock``: the private tmux socket path. ``on_input(host_pane, keys,
         binding)``: keys the mate typed into a pane (``binding`` None), or a host
@@ -252,7 +268,9 @@ class LocalReplica(PaneOwner):
         default config (the mate's ``~/.tmux.conf``). ``on_overflow(host_pane)``:
         a pane's bytes were dropped; a ``PaneReset`` of it would redraw it.
         ``follow`` False: start looking around rather than following the host's
-        window (prefix F switches)."""
+        window (prefix F switches). ``predict``: local echo, ``adaptive``,
+        ``always`` or ``never``; None: the mate's ``@tether-predict`` option, else
+        ``adaptive``."""
         self._sock = sock
         self.on_input = on_input
         self.on_overflow = on_overflow
@@ -265,6 +283,8 @@ class LocalReplica(PaneOwner):
         self._started = False
         self._closed = False
         self._switches: set[asyncio.Task[None]] = set()
+        self.predict = predict
+        self._srtt: float | None = None
 
     @property
     def sock(self) -> str:
@@ -307,6 +327,10 @@ class LocalReplica(PaneOwner):
             self.tmux = TmuxControl(self._sock, self._on_tmux)
             await self.tmux.start(["attach", "-t", SESSION], env)
             await self.tmux.run("refresh-client -f no-output")
+            if self.predict is None:
+                lines = await self.tmux.run("show -gqv @tether-predict")
+                mode = lines[0].strip() if lines else ""
+                self.predict = mode if mode in MODES else "adaptive"
             async with self._lock:
                 await self.run(self.mirror.setup())
         except BaseException:
@@ -355,6 +379,7 @@ class LocalReplica(PaneOwner):
                     raise ValueError(str(exc)) from None
                 self.write(body.pane, data)
             elif isinstance(body, Structure):
+                self._disengage_all()  # panes may be resized: overlays go first
                 await self.run(m.reconcile(body))
             elif isinstance(body, PaneReset):
                 await self._reset_pane(body.image)
@@ -363,6 +388,7 @@ class LocalReplica(PaneOwner):
             elif isinstance(body, Bindings):
                 await self.run(m.set_bindings(body))
             elif isinstance(body, Snapshot):
+                self._disengage_all()
                 await self.run(m.reconcile(body.structure))
                 await self.run(m.set_status(body.status))
                 await self.run(m.set_bindings(body.bindings))
@@ -385,7 +411,7 @@ class LocalReplica(PaneOwner):
         self._switches.discard(task)
         exc = None if task.cancelled() else task.exception()
         if exc is not None:  # the local tmux is going away; the join ends with it
-            log.info("could not switch the view: %s", exc)
+            log.info("local tmux: %s", exc)
 
     async def presence(self, present: bool, text: str) -> None:
         """The host's absence (``text``) in the status line, or its return."""
@@ -422,6 +448,9 @@ class LocalReplica(PaneOwner):
             self._close_pane(pane)
 
     def _close_pane(self, pane: _Pane) -> None:
+        if pane.timer is not None:
+            pane.timer.cancel()
+            pane.timer = None
         if pane.fd < 0:
             return
         pane.out.clear()
@@ -442,6 +471,15 @@ class LocalReplica(PaneOwner):
         data = pane.queries.feed(data)
         if not data:
             return
+        if pane.echo is not None and pane.echo.engaged and self._loop is not None:
+            data = pane.echo.host_output(data, self._loop.time())
+            self._echo_timer(pane)
+        self._put(pane, data)
+
+    def _put(self, pane: _Pane, data: bytes) -> None:
+        """Bytes for a pane's tty, after everything queued before them."""
+        if pane.fd < 0 or self._loop is None or not data:
+            return
         if not pane.out:
             try:
                 n = os.write(pane.fd, data)
@@ -458,6 +496,8 @@ class LocalReplica(PaneOwner):
             # tmux is not reading this pane: drop the backlog, not the loop's memory
             pane.out.clear()
             self._loop.remove_writer(pane.fd)
+            if pane.echo is not None:
+                pane.echo.disengage()  # its undo went with the backlog; a reset redraws
             if self.on_overflow is not None:
                 self.on_overflow(pane.host_id)
             return
@@ -494,6 +534,8 @@ class LocalReplica(PaneOwner):
         with contextlib.suppress(OSError):
             termios.tcflush(pane.fd, termios.TCOFLUSH)
         pane.queries = QueryFilter()  # an unfinished sequence is superseded too
+        if pane.echo is not None:
+            pane.echo.disengage()  # the image starts with a full reset
         await self.run(self.mirror.reset(image.pane))
         self.write(image.pane, image.data)
 
@@ -515,11 +557,94 @@ class LocalReplica(PaneOwner):
         bindings = self.mirror.bindings
         for piece in pane.keys.feed(data):
             if not isinstance(piece, Mark):
+                self._predict(pane, piece)
                 self.on_input(pane.host_id, piece, None)
             elif piece == FOLLOW_MARK:
                 self._switch_follow()
             elif piece.isdigit() and int(piece) < len(bindings):
                 self.on_input(pane.host_id, b"", bindings[int(piece)])
+
+    # --- local echo -------------------------------------------------------------------
+
+    def rtt(self, srtt: float) -> None:
+        """The link's smoothed round trip, for the panes' predictors."""
+        self._srtt = srtt
+        if self._loop is None:
+            return
+        now = self._loop.time()
+        for pane in self.panes.values():
+            if pane.echo is not None:
+                pane.echo.rtt(srtt, now)
+
+    def _predict(self, pane: _Pane, keys: bytes) -> None:
+        """Show what ``keys`` will do before the host echoes them (if it can be guessed)."""
+        if self.predict in (None, "never") or self._loop is None:
+            return
+        now = self._loop.time()
+        if pane.echo is None:
+            pane.echo = LocalEcho(self.predict)
+            if self._srtt is not None:
+                pane.echo.rtt(self._srtt, now)
+        if pane.echo.engaged:
+            self._put(pane, pane.echo.typed(keys, now))
+            self._echo_timer(pane)
+        elif pane.echo.wanted(now) and not pane.engaging:
+            pane.engaging = True
+            task = self._loop.create_task(self._engage(pane))
+            self._switches.add(task)
+            task.add_done_callback(self._switched)
+
+    async def _engage(self, pane: _Pane) -> None:
+        """Start a pane's model from what the local tmux shows now.
+
+        Under the lock, so no host bytes arrive meanwhile; after tmux has read
+        every byte written to the pane, so the capture is of all of them."""
+        try:
+            async with self._lock:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + ENGAGE_WAIT
+                while (pane.out or _outq(pane.fd) > 0) and loop.time() < deadline:
+                    await asyncio.sleep(0.002)
+                if pane.out or pane.fd < 0 or self.tmux is None or pane.echo is None:
+                    return
+                replies = [await self.tmux.send(c)
+                           for c in capture_cmds(int(pane.replica_id[1:]), history=False)]
+                image = pane_image(pane.host_id, replies)
+                if image is None or pane.fd < 0:
+                    return
+                state = parse_pane_state(replies[0].lines[0].decode("ascii", "replace"))
+                pane.echo.engage(state.width, state.height, image.data)
+        finally:
+            pane.engaging = False
+
+    def _echo_timer(self, pane: _Pane) -> None:
+        """Wake at the pane's predictor's next deadline (a glitch, an expiry)."""
+        if pane.timer is not None:
+            pane.timer.cancel()
+            pane.timer = None
+        due = pane.echo.next_timer() if pane.echo is not None else None
+        if due is not None and self._loop is not None and pane.fd >= 0:
+            pane.timer = self._loop.call_at(due, self._echo_due, pane)
+
+    def _echo_due(self, pane: _Pane) -> None:
+        pane.timer = None
+        if pane.echo is not None and self._loop is not None:
+            self._put(pane, pane.echo.timer(self._loop.time()))
+            self._echo_timer(pane)
+
+    def _disengage_all(self) -> None:
+        """Undo every overlay and drop the models (before the panes change shape)."""
+        for pane in self.panes.values():
+            if pane.echo is not None and pane.echo.engaged:
+                self._put(pane, pane.echo.disengage())
+                self._echo_timer(pane)
+
+def _outq(fd: int) -> int:
+    """Bytes written to a pane's tty that tmux has not read yet."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def _raw_no_echo(fd: int) -> None:
