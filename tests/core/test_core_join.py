@@ -7,6 +7,7 @@ import pytest
 
 from tether.core.errors import RemoteProtocolError
 from tether.core.join_endpoint import (
+    MAX_REPEATED,
     JoinFailed,
     MateResized,
     MateTyped,
@@ -23,6 +24,7 @@ from tether.core.messages import (
     Event,
     Input,
     InputAck,
+    InputRepeat,
     Join,
     Joined,
     Output,
@@ -149,6 +151,46 @@ def test_input_reaches_the_host_once_and_is_acked() -> None:
     assert events(ep, 1.0) == [InputAck(1, 3)]
     ep.receive(Ping(9), 1.0)
     assert events(ep, 1.0) == [Pong(9)]
+
+
+def test_repeated_input_is_taken_in_order_only_and_once() -> None:
+    """A datagram of unacked inputs may overtake the stream: an input in it that is
+    not the next of its stream waits for the stream (taking it would make the
+    stream's earlier one look old); the stream's later copies are dropped."""
+    ep = endpoint(SnapshotCache())
+    ep.attach(Join(PROTOCOL_VERSION, "t"), 0.0)
+    drain_events(ep)
+    events(ep)
+    k = [Input(5, seq, 4, f"k{seq}".encode()) for seq in range(1, 6)]
+
+    def typed() -> list[bytes]:
+        return [e.keys for e in drain_events(ep) if isinstance(e, MateTyped)]
+
+    ep.receive(InputRepeat((k[1], k[2])), 0.0)  # input 1 was lost: nothing yet
+    assert typed() == []
+    ep.receive(k[0], 0.0)  # the stream
+    ep.receive(InputRepeat((k[0], k[1], k[2], k[3])), 0.0)
+    assert typed() == [b"k1", b"k2", b"k3", b"k4"]
+    for m in (k[1], k[2], k[3], k[4], InputRepeat((k[3], k[4]))):
+        ep.receive(m, 0.1)
+    assert typed() == [b"k5"]
+    ep.handle_timer(1.0)
+    assert events(ep, 1.0) == [InputAck(5, 5)]
+
+
+def test_repeats_are_bounded_and_refused_from_a_read_only_client() -> None:
+    ep = endpoint(SnapshotCache())
+    ep.attach(Join(PROTOCOL_VERSION, "t"), 0.0)
+    drain_events(ep)
+    ep.receive(InputRepeat(tuple(Input(1, i, 0, b"x") for i in range(1, MAX_REPEATED + 2))), 0)
+    assert isinstance(drain_events(ep)[-1], JoinFailed)
+    ro = endpoint(SnapshotCache(), readonly=True)
+    ro.attach(Join(PROTOCOL_VERSION, "t"), 0.0)
+    drain_events(ro)
+    ro.receive(InputRepeat((Input(1, 1, 0, b"x"),)), 0.0)
+    evs = drain_events(ro)
+    assert not any(isinstance(e, MateTyped) for e in evs)
+    assert isinstance(evs[-1], JoinFailed) and "read-only" in evs[-1].text
 
 
 def test_a_read_only_client_cannot_type() -> None:

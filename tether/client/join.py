@@ -25,6 +25,7 @@ from typing import Protocol
 
 from tether.core.errors import AuthError, RemoteProtocolError, TetherError
 from tether.core.inputs import InputSender
+from tether.core.join_endpoint import MAX_REPEATED
 from tether.core.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -32,7 +33,9 @@ from tether.core.messages import (
     Error,
     Event,
     EventBody,
+    Input,
     InputAck,
+    InputRepeat,
     Join,
     Joined,
     Message,
@@ -56,6 +59,11 @@ from tether.transport.reconnect import Connector
 log = logging.getLogger("tether.join")
 
 PING_EVERY = 1.0
+REPEAT_BYTES = 900
+"""Most key bytes one ``InputRepeat`` datagram carries (a QUIC datagram is ~1200)."""
+REPEAT_OVERHEAD = 24
+REPEAT_AFTER_RTTS, REPEAT_SLACK = 1.25, 0.02
+"""A key still unacked this long after it (in SRTTs, plus slack) is repeated once more."""
 MAX_PINGS_OUT = 16
 """Pings remembered for their pongs (lost ones are forgotten oldest first)."""
 """A ping a second keeps the relay's view of us fresh and tells us of silence."""
@@ -121,6 +129,7 @@ class JoinClient:
         """The link's smoothed round trip, from pings (for local echo)."""
         self._pinged: dict[int, float] = {}
         self._ping_token = 0
+        self._repeat_timer: asyncio.TimerHandle | None = None
         self._behind: int | None = None
         """A local pane whose bytes were dropped (tmux fell behind): start over."""
 
@@ -133,6 +142,33 @@ class JoinClient:
             return  # the relay would refuse them; the local replica shows as much
         msg = self.inputs.push(pane, keys, binding)
         self._send(msg)
+        self._repeat()
+        if self._repeat_timer is not None:
+            self._repeat_timer.cancel()
+        srtt = self.srtt if self.srtt is not None else 0.1
+        self._repeat_timer = asyncio.get_running_loop().call_later(
+            REPEAT_AFTER_RTTS * srtt + REPEAT_SLACK, self._repeat
+        )
+
+    def _repeat(self) -> None:
+        """The unacked input again, oldest first, as one datagram (QUIC only: on the
+        SSH channel nothing is lost to repeat). A lost packet then costs a key no
+        round trip when the next key, or this repeat a little over an RTT later,
+        gets through."""
+        self._repeat_timer = None
+        link = self.link
+        if link is None or getattr(link, "send_datagram", None) is None:
+            return
+        pick: list[Input] = []
+        size = 0
+        for m in self.inputs.unacked()[:MAX_REPEATED]:
+            size += len(m.keys) + REPEAT_OVERHEAD
+            if size > REPEAT_BYTES:
+                break
+            pick.append(m)
+        if pick:
+            with contextlib.suppress(LinkClosed):
+                link.send_datagram(InputRepeat(tuple(pick)))  # type: ignore[attr-defined]
 
     def fell_behind(self, pane: int) -> None:
         """The local tmux did not take a pane's bytes and they were dropped: the

@@ -29,6 +29,7 @@ from .messages import (
     Event,
     Input,
     InputAck,
+    InputRepeat,
     Join,
     Joined,
     Message,
@@ -42,6 +43,8 @@ from .ratelimit import TokenBucket
 from .records import Record
 from .session import ACK_EVERY, JUMP_BYTES, PING_BURST, PING_RATE, SEND_CHUNK, Channel, Outgoing
 
+MAX_REPEATED = 32
+"""Most inputs one ``InputRepeat`` may carry (the client sends fewer: a datagram's worth)."""
 RESIZE_RATE = 32.0
 RESIZE_BURST = 256.0
 """Resizes a join client may send a second, and in a burst (as ssh window changes)."""
@@ -266,9 +269,18 @@ class RelayJoinEndpoint:
                 raise RemoteProtocolError("this is a read-only join: input is not accepted")
             if self.inputs.accept(msg):
                 self._events.append(MateTyped(msg.pane, msg.keys, msg.binding))
-            self._input_ack = InputAck(msg.stream, msg.seq)
-            if self._ack_at is None:
-                self._ack_at = now + ACK_EVERY
+            self._ack_input(msg.stream, msg.seq, now)
+        elif isinstance(msg, InputRepeat):
+            if self.readonly:
+                raise RemoteProtocolError("this is a read-only join: input is not accepted")
+            if len(msg.inputs) > MAX_REPEATED:
+                raise RemoteProtocolError(f"more than {MAX_REPEATED} inputs repeated at once")
+            for inp in msg.inputs:
+                # only the next of its stream: an input that overtook an earlier one
+                # still on its way would make the receiver drop that one as old
+                if inp.seq == self.inputs.last(inp.stream) + 1 and self.inputs.accept(inp):
+                    self._events.append(MateTyped(inp.pane, inp.keys, inp.binding))
+                    self._ack_input(inp.stream, inp.seq, now)
         elif isinstance(msg, Resize):
             if not self._resizes.allow(1, now):
                 raise RemoteProtocolError(f"more than {RESIZE_RATE:.0f} resizes a second")
@@ -279,6 +291,12 @@ class RelayJoinEndpoint:
             self._send(Pong(msg.token), Channel.DATAGRAM)
         elif not isinstance(msg, Pong):
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a join client")
+
+    def _ack_input(self, stream: int, seq: int, now: float) -> None:
+        """Ack on the ack timer (a resend is acked again: its first ack may be lost)."""
+        self._input_ack = InputAck(stream, seq)
+        if self._ack_at is None:
+            self._ack_at = now + ACK_EVERY
 
     def _resize(self, cols: int, rows: int) -> None:
         if (cols, rows) != self.size:
