@@ -3,8 +3,10 @@ test reads with capture-pane), a real relay and host, real tmux on both ends."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shlex
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -50,6 +52,13 @@ class JoinMate:
         except Exception as exc:
             raise AssertionError(f"{exc}\nscreen:\n{self.screen()}") from None
 
+    def replica(self, *args: str, check: bool = True) -> str:
+        """A tmux command on the join's local replica: its own server, in a
+        ``tether-join-*`` directory under the mate's TMPDIR."""
+        socks = glob.glob(f"{self.env['TMPDIR']}/tether-join-*/tmux.sock")
+        assert len(socks) == 1, f"the join's local tmux socket: {socks}"
+        return tmux(socks[0], *args, check=check)
+
     def close(self) -> None:
         tmux(self.sock, "kill-server", check=False)
 
@@ -65,10 +74,22 @@ def join_argv(join_line: str, *extra: str) -> list[str]:
 @pytest.fixture
 def shared(tmp_path: Path) -> Iterator[tuple[RelayProcess, Host]]:
     relay = RelayProcess(tmp_path / "relay")
-    host = Host(tmp_path / "host", relay.conf())
+    host = _host(relay, Host(tmp_path / "host", relay.conf(), ready=False))
     yield relay, host
     host.close()
     relay.close()
+
+
+def _host(relay: RelayProcess, host: Host) -> Host:
+    """``host`` once ready; if it never is, the host and relay are ended (a
+    failed setup has no teardown)."""
+    try:
+        host.wait_ready()
+    except BaseException:
+        host.close()
+        relay.close()
+        raise
+    return host
 
 
 def test_join_shows_the_session_and_types_into_it(
@@ -157,6 +178,46 @@ def test_the_join_comes_back_by_itself_after_a_relay_restart(
         mate.close()
 
 
+def test_the_join_shows_the_host_away_and_back(
+    shared: tuple[RelayProcess, Host], tmp_path: Path
+) -> None:
+    """The host's agent freezes (SIGSTOP: a laptop asleep): the join mate's status
+    line says the host is away; once the agent runs again the notice goes, the
+    mate sees what the host printed while away and after, and types again."""
+    _, host = shared
+    mate = JoinMate(tmp_path / "mate", join_argv(host.join_rw))
+    try:
+        host.type("echo before-$((6*7))")
+        mate.wait_text("before-42", 40)
+        # settled first: the host's move from its SSH bootstrap to QUIC flashes
+        # the away notice on every mate (the relay sees the SSH link close first)
+        wait_for(lambda: "quic" in host.read_format("#{tether_status}"), 20,
+                 "the host to be on QUIC")
+        wait_for(lambda: "host is away" not in mate.screen()
+                 and mate.replica("show", "-gv", "@tether_notice").strip() == "", 20,
+                 "no notice on the join mate's screen before the host goes away")
+        pid = host.agent_pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            mate.wait_text("host is away", 30)
+            assert "the host is away" in mate.replica("show", "-gv", "@tether_notice")
+            host.type("echo while-away-$((6*7))")
+            assert "while-away-42" not in mate.screen()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: "host is away" not in (s := mate.screen()) and "while-away-42" in s,
+                 30, "the notice to go and the host's screen to catch up on the mate's")
+        assert mate.replica("show", "-gv", "@tether_notice").strip() == ""
+        host.type("echo back-$((6*7))")
+        mate.wait_text("back-42", 20)
+        mate.type("echo mate-after-$((7*6))")
+        wait_for(lambda: "mate-after-42" in host.screen().split("echo mate-after")[-1], 20,
+                 "the join mate's command to run on the host after its return")
+        assert "[join exited" not in mate.screen()
+    finally:
+        mate.close()
+
+
 def test_a_session_restricted_to_keys_admits_a_join_only_with_one(
     relay_and_keys: tuple[RelayProcess, Host, Path], tmp_path: Path
 ) -> None:
@@ -182,8 +243,9 @@ def relay_and_keys(tmp_path: Path) -> Iterator[tuple[RelayProcess, Host, Path]]:
     relay = RelayProcess(tmp_path / "relay")
     mate_key = tmp_path / "mate_key"
     (tmp_path / "mates.pub").write_text(keypair(mate_key) + "\n")
-    host = Host(tmp_path / "host",
-                relay.conf() + f"set -g tether-authorized-keys {tmp_path / 'mates.pub'}\n")
+    host = _host(relay, Host(tmp_path / "host", relay.conf()
+                             + f"set -g tether-authorized-keys {tmp_path / 'mates.pub'}\n",
+                             ready=False))
     yield relay, host, mate_key
     host.close()
     relay.close()
