@@ -133,9 +133,18 @@ async def _join(
     # a closed terminal (SIGHUP) or a kill must still end the local tmux below
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
+    stopping = False
+
+    def stop() -> None:
+        # once cleaning up, a signal must not cut the cleanup short: a terminal
+        # that closes often ends our tmux client first, and SIGHUP follows while
+        # the local tmux server is being killed
+        if main is not None and not stopping:
+            main.cancel()
+
     for sig in (signal.SIGHUP, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, lambda: main.cancel() if main else None)
+            loop.add_signal_handler(sig, stop)
     workdir = tempfile.mkdtemp(prefix="tether-join-")
     replica: LocalReplica | None = None
     client_task: asyncio.Task[None] | None = None
@@ -177,6 +186,7 @@ async def _join(
             return _why(client_task)
         return attach.result()
     finally:
+        stopping = True
         if client_task is not None:
             client_task.cancel()
             with contextlib.suppress(BaseException):

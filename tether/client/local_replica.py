@@ -41,6 +41,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import struct
 import termios
 import tty
@@ -281,6 +282,7 @@ class LocalReplica(PaneOwner):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
         self._started = False
+        self._server_pid: int | None = None
         self._closed = False
         self._switches: set[asyncio.Task[None]] = set()
         self.predict = predict
@@ -327,6 +329,8 @@ class LocalReplica(PaneOwner):
             self.tmux = TmuxControl(self._sock, self._on_tmux)
             await self.tmux.start(["attach", "-t", SESSION], env)
             await self.tmux.run("refresh-client -f no-output")
+            pid = (await self.tmux.run("display -p '#{pid}'"))[0].strip()
+            self._server_pid = int(pid) if pid.isdigit() else None
             if self.predict is None:
                 lines = await self.tmux.run("show -gqv @tether-predict")
                 mode = lines[0].strip() if lines else ""
@@ -357,7 +361,13 @@ class LocalReplica(PaneOwner):
         for pane in list(self.panes.values()):
             self._close_pane(pane)
         self.panes.clear()
-        if self._started:
+        if self._server_pid is not None:
+            # a signal, not a tmux command: when the mate's terminal closes, SIGHUP
+            # reaches every process we started, a new tmux client included; the
+            # server (a daemon in a session of its own) is spared, so it must be told
+            with contextlib.suppress(OSError):
+                os.kill(self._server_pid, signal.SIGTERM)
+        elif self._started:
             with contextlib.suppress(OSError, TmuxError):
                 await asyncio.wait_for(tmux_cmd(self._sock, "kill-server", check=False), 5)
         if self.tmux is not None:
