@@ -27,6 +27,7 @@ from tether.core.messages import (
 )
 from tether.core.relay_endpoint import HelloGate, RelayHostEndpoint
 from tether.core.session import (
+    AWAY_GRACE,
     AWAY_TEXT,
     BACK_TEXT,
     Channel,
@@ -303,7 +304,7 @@ def _relay_attached() -> RelayHostEndpoint:
     ep = RelayHostEndpoint("s", b"x" * 32, "rw", "ro")
     ep.attach(Hello(PROTOCOL_VERSION, "h"), 0.0)
     ep.messages_to_send(0.0)
-    assert ep.next_event() == Presence(True, BACK_TEXT)
+    assert ep.next_event() is None  # nobody was told the host is away
     return ep
 
 
@@ -321,7 +322,25 @@ def test_relay_protocol_errors_send_error(msg: object, text: str) -> None:
     assert ep.next_event() == ProtocolFailed(text) and ep.state is State.CLOSING
     assert [o.message for o in ep.messages_to_send(0.1)] == [Error(text)]
     ep.connection_lost(0.2, ep.conn)
-    assert ep.next_event() == Presence(False, AWAY_TEXT) and ep.away_since == 0.2
+    assert ep.next_event() is None and ep.away_since == 0.2
+    assert ep.next_timer() == 0.2 + AWAY_GRACE
+    ep.handle_timer(0.2 + AWAY_GRACE)
+    assert ep.next_event() == Presence(False, AWAY_TEXT)
+
+
+def test_a_host_moving_to_another_link_is_never_announced_away() -> None:
+    """SSH to QUIC: the old link ends just before the new one's Hello. Within
+    AWAY_GRACE mates hear nothing; past it, away and then back."""
+    ep = _relay_attached()
+    ep.connection_lost(1.0, ep.conn)
+    ep.attach(Hello(PROTOCOL_VERSION, "h"), 1.0 + AWAY_GRACE / 2)
+    ep.handle_timer(1.0 + AWAY_GRACE)
+    assert ep.next_event() is None
+    ep.connection_lost(5.0, ep.conn)
+    ep.handle_timer(5.0 + AWAY_GRACE)
+    assert ep.next_event() == Presence(False, AWAY_TEXT)
+    ep.attach(Hello(PROTOCOL_VERSION, "h"), 9.0)
+    assert ep.next_event() == Presence(True, BACK_TEXT)
 
 
 def test_relay_limits_pings() -> None:
@@ -342,6 +361,7 @@ def test_relay_expires_an_away_session_and_ignores_superseded_links() -> None:
     ep.connection_lost(1.5, old)  # the superseded link's end changes nothing
     assert ep.state is State.CONNECTED
     ep.connection_lost(2.0, ep.conn)
+    ep.handle_timer(2.0 + AWAY_GRACE)  # mates are told
     assert ep.next_timer() == 2.0 + 3600.0
     ep.handle_timer(3602.0)
     assert ep.state is State.ENDED
@@ -352,7 +372,6 @@ def test_relay_drops_a_superseded_links_stragglers() -> None:
     old = ep.conn
     ep.attach(Hello(PROTOCOL_VERSION, "h"), 1.0)
     ep.messages_to_send(1.0)
-    ep.next_event()
     ep.receive(Ping(1), 1.1, old)  # still in flight on the old link: not answered
     assert ep.messages_to_send(1.1) == [] and ep.heard == 1.0
     ep.receive(Ping(2), 1.2, ep.conn)

@@ -26,7 +26,7 @@ from tether.core.messages import (
     Structure,
     Welcome,
 )
-from tether.core.session import ACK_EVERY, HostEnded, ProtocolFailed
+from tether.core.session import ACK_EVERY, AWAY_GRACE, HostEnded, ProtocolFailed
 from tether.relay.session import Mate, Session
 
 
@@ -143,7 +143,7 @@ async def test_host_link_welcome_acks_input_and_pings_go_out_by_channel() -> Non
     welcome, resent, resize = host.sent
     assert isinstance(welcome, Welcome) and welcome.session == "s"
     assert isinstance(resent, Input) and resent.keys == b"early" and resize == Resize(0, 0)
-    assert replica.presence_seen == [True]
+    assert replica.presence_seen == []  # never told the host was away
     session.receive(snapshot(1), t0, conn)
     session.from_replica(Ack(1))
     session.from_replica(Ack(1))
@@ -166,9 +166,11 @@ async def test_superseded_link_is_closed_and_its_stragglers_ignored() -> None:
     session.receive(snapshot(1), 1.1, old_conn)
     assert replica.got == []
     assert not session.detach(old, 1.2)  # type: ignore[arg-type]
-    assert replica.presence_seen == [True, True]
+    assert replica.presence_seen == []
     assert session.detach(new, 1.3)  # type: ignore[arg-type]
-    assert replica.presence_seen[-1] is False and session.away_since == 1.3
+    assert session.away_since == 1.3 and replica.presence_seen == []
+    session.tick(1.3 + AWAY_GRACE)  # the host did not come back: mates are told
+    assert replica.presence_seen == [False]
 
 
 async def test_protocol_failure_sends_error_and_end_is_reported() -> None:

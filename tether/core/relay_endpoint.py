@@ -41,6 +41,7 @@ from .replog import LogReceiver
 from .session import (
     ACK_EVERY,
     AWAY_CHECK,
+    AWAY_GRACE,
     AWAY_TEXT,
     BACK_TEXT,
     HELLO_TIMEOUT,
@@ -196,6 +197,10 @@ class RelayHostEndpoint(Machine):
         self._silence_at: float | None = None
         self._ack_at: float | None = None
         self._resync_owed = False
+        self._away_at: float | None = None
+        """When to tell mates a host whose link ended is away (``AWAY_GRACE``)."""
+        self._away_told = False
+        """Mates were told the host is away: tell them when it is back."""
 
     @property
     def connected(self) -> bool:
@@ -241,7 +246,9 @@ class RelayHostEndpoint(Machine):
         if self._resync_owed:
             self._resync_owed = False
             self._send(Resync())
-        self._emit(Presence(True, BACK_TEXT))
+        self._away_at = None
+        if self._away_told:
+            self._back()
         return self.conn
 
     def connection_lost(self, now: float, conn: int | None = None) -> None:
@@ -254,7 +261,10 @@ class RelayHostEndpoint(Machine):
         self._outbox.clear()
         self._silence_at = None
         self.away_since = now
-        self._emit(Presence(False, AWAY_TEXT))
+        if not self._away_told:
+            # a host moving to another link (SSH to QUIC, a raced link after an
+            # outage) closes the old one first: no notice for that
+            self._away_at = now + AWAY_GRACE
 
     def end(self, now: float) -> None:
         """The relay ends the session (reaper, shutdown): nothing more is sent."""
@@ -311,7 +321,7 @@ class RelayHostEndpoint(Machine):
         self._silence_at = now + HOST_SILENCE
         if self.state is State.SILENT:
             self._go("heard")
-            self._emit(Presence(True, BACK_TEXT))
+            self._back()
         try:
             self._dispatch(msg, now)
         except RemoteProtocolError as exc:
@@ -350,7 +360,16 @@ class RelayHostEndpoint(Machine):
         expire = None
         if self.away_since is not None and self.state is State.IDLE:
             expire = self.away_since + self.host_away_timeout
-        return earliest(self._silence_at, self._ack_at, expire)
+        away = self._away_at if self.state is State.IDLE else None
+        return earliest(self._silence_at, self._ack_at, expire, away)
+
+    def _away(self) -> None:
+        self._away_told = True
+        self._emit(Presence(False, AWAY_TEXT))
+
+    def _back(self) -> None:
+        self._away_told = False
+        self._emit(Presence(True, BACK_TEXT))
 
     def handle_timer(self, now: float) -> None:
         """Fire what is due: the coalesced ack, the silence check, expiry."""
@@ -360,6 +379,10 @@ class RelayHostEndpoint(Machine):
                 self._send(Ack(self.acked), Channel.ACK)
         if self._silence_at is not None and now >= self._silence_at:
             self._check_silence(now)
+        if self._away_at is not None and now >= self._away_at:
+            self._away_at = None
+            if self.state is State.IDLE:
+                self._away()
         if (
             self.state is State.IDLE
             and self.away_since is not None
@@ -375,10 +398,10 @@ class RelayHostEndpoint(Machine):
         quiet = now - self.heard >= HOST_SILENCE
         if quiet and self.state is State.CONNECTED:
             self._go("quiet")
-            self._emit(Presence(False, AWAY_TEXT))
+            self._away()
         elif not quiet and self.state is State.SILENT:
             self._go("heard")
-            self._emit(Presence(True, BACK_TEXT))
+            self._back()
         if self.state is State.SILENT and now - self.heard >= self.host_away_timeout:
             # a link kept open (QUIC outlives silences) but a host gone for good
             self._go("end")

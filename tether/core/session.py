@@ -56,6 +56,9 @@ SEND_CHUNK = 256 * 1024
 """Event bytes the host hands out per batch before draining (host.py ``_send_loop``)."""
 HOST_SILENCE = 5.0
 """Seconds without a word from a host before its mates are told it is away."""
+AWAY_GRACE = 1.0
+"""How long after a host's link ends mates are told it is away: a host moving to
+another link (SSH to QUIC) closes the old one just before the new one says Hello."""
 AWAY_CHECK = 1.0
 """While a host is away, the relay re-checks its link this often (server.py)."""
 MIN_WAIT = 0.05
