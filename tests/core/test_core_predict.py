@@ -492,6 +492,58 @@ def test_control_keys_and_enter_start_a_tentative_epoch_and_forget_the_cursor() 
         assert p.pending == 1 and not p.overlay().cells, key
 
 
+def test_typing_on_after_enter_finds_the_cursor_by_the_first_echo() -> None:
+    """Steady typing after Enter never leaves echo_wait for the truth's cursor: the
+    echo of the first character typed blind finds it, and the rest in flight show."""
+    p, sh = world()
+    now = confirmed(p, sh)
+    p.key(ENTER, sh.screen, now)
+    t = now
+    for ch in b"cat":  # typed 0.1 s apart, before the host has echoed any
+        t += 0.1
+        p.key(bytes([ch]), sh.screen, t)
+    assert not p.overlay().cells and p.pending == 0
+    sh.feed(ENTER)  # the output: the line ends, a new prompt
+    p.observe(sh.screen, t + 0.01)
+    assert not p.overlay().cells
+    sh.feed(b"c")  # the echo of the first key typed blind
+    p.observe(sh.screen, t + 0.02)
+    assert cells(p) == {(3, 1): "a", (4, 1): "t"} and p.overlay().cursor == (5, 1)
+    p.key(b"s", sh.screen, t + 0.05)
+    assert cells(p) == {(3, 1): "a", (4, 1): "t", (5, 1): "s"}
+    sh.feed(b"ats")
+    p.observe(sh.screen, t + 0.2)
+    assert not p.overlay().cells
+
+
+def test_a_password_field_showing_stars_never_reveals_a_character() -> None:
+    """sudo's pwfeedback draws * for each key: never the echo of what was typed,
+    even when the password holds a * (only the first characters, in order, count)."""
+    p, sh = world()
+    now = confirmed(p, sh)
+    p.key(ENTER, sh.screen, now)
+    sh.feed(ENTER)
+    sh.echo = False
+    sh.screen.write("Password: ")
+    p.observe(sh.screen, now + 0.01)
+    t = now
+    for ch in "a*b*c":
+        t += 0.1
+        p.key(ch.encode(), sh.screen, t)
+        sh.screen.write("*")
+        p.observe(sh.screen, t + 0.05)
+        assert not p.overlay().cells
+
+
+def test_an_edit_typed_blind_is_not_tracked() -> None:
+    p, sh = world()
+    now = confirmed(p, sh)
+    p.key(ENTER + b"ab" + BS + b"c", sh.screen, now)
+    sh.feed(ENTER + b"ab" + BS + b"c")
+    p.observe(sh.screen, now + 0.05)
+    assert not p.overlay().cells and p.pending == 0
+
+
 # -- wrapping and wide characters -------------------------------------------------------
 
 

@@ -81,6 +81,8 @@ ECHO_SLACK, ECHO_RTTS, MAX_ECHO_WAIT = 0.25, 2.0, 5.0
 """A key's echo is due ``ECHO_SLACK + ECHO_RTTS * srtt`` (at most ``MAX_ECHO_WAIT``) after it."""
 INITIAL_SRTT = 0.1
 """Assumed until ``rtt`` is called: a slow link, like mosh's first send interval."""
+MAX_BLIND = 64
+"""Characters typed blind (cursor lost) kept to find the cursor by their echo."""
 _MAX_STALE = 8
 _MAX_CURSORS = 16
 
@@ -229,6 +231,11 @@ class Predictor:
         """Where ``_cur`` was last taken from the truth: the line starts there at the latest."""
         self._quiet_at = -math.inf
         """When every key typed so far has had time to echo."""
+        self._blind: list[str] | None = []
+        """Characters typed since the cursor was lost (None: not trackable), whose
+        echo can find the cursor again before every key had time to echo."""
+        self._blind_at: tuple[int, int] | None = None
+        """The truth's cursor when last looked at while typing blind."""
         self._size: tuple[int, int] | None = None
         self._triggers()
 
@@ -294,6 +301,8 @@ class Predictor:
             self._cells = {k: p for k, p in self._cells.items() if not lo < p.epoch < confirmed}
             self._cursors = [c for c in self._cursors if not lo < c.epoch < confirmed]
             self._confirmed = confirmed
+        if self._cur is None:
+            self._anchor(view, now)
         self._triggers()
         self.handle_timer(now)
 
@@ -373,6 +382,7 @@ class Predictor:
     def _lose(self) -> None:
         """A key with an unknown effect: forget the cursor, start a new epoch."""
         self._cur = None
+        self._blind, self._blind_at = [], None
         for c in self._cursors:
             c.check = False
         self._epoch += 1
@@ -384,7 +394,48 @@ class Predictor:
             col, row = view.cursor
             if 0 <= col < view.width and 0 <= row < view.height:
                 self._cur = self._home = (col, row)
+                self._blind, self._blind_at = [], None
         return self._cur
+
+    def _typed_blind(self, ch: str, view: PaneView) -> None:
+        """A character typed while the cursor is lost: kept for ``_anchor``."""
+        if self._blind is None:
+            return
+        if _width(ch) != 1 or len(self._blind) >= MAX_BLIND:
+            self._blind = None
+            return
+        if not self._blind:
+            self._blind_at = tuple(view.cursor)  # type: ignore[assignment]
+        self._blind.append(ch)
+
+    def _anchor(self, view: PaneView, now: float) -> None:
+        """The cursor found again by the echo of what was typed blind.
+
+        After Enter, typing on at once never leaves the echo_wait for the truth's
+        cursor to be trusted again. But when the truth's cursor moves right along
+        its row over cells that spell the first characters typed blind, this
+        line echoes, and the cursor is there: the echo confirms a new epoch and
+        the characters still in flight are predicted from it. Only the first
+        characters, in order, count (a password field that shows a ``*`` a key
+        never matches a password's first character, and nothing of it is shown)."""
+        if not self._blind:
+            return
+        col, row = view.cursor
+        before, self._blind_at = self._blind_at, (col, row)
+        if before is None or before[1] != row or not before[0] < col < view.width:
+            return
+        written = [view.cell(c, row) for c in range(before[0], col)]
+        if written != self._blind[: len(written)] or not "".join(written).strip():
+            return
+        rest = self._blind[len(written) :]
+        self._blind, self._blind_at = [], None
+        self._epoch += 1
+        lo, self._confirmed = self._confirmed, self._epoch
+        self._cells = {k: p for k, p in self._cells.items() if not lo < p.epoch < self._epoch}
+        self._cursors = [c for c in self._cursors if not lo < c.epoch < self._epoch]
+        self._cur = self._home = (col, row)
+        for ch in rest:
+            self._type(ch, view, now, False)
 
     def _content(self, view: PaneView, col: int, row: int) -> str:
         p = self._cells.get((col, row))
@@ -431,6 +482,7 @@ class Predictor:
         """A printable character: inserted at the cursor, the rest of the line shifts right."""
         cur = self._start(view, quiet)
         if cur is None:
+            self._typed_blind(ch, view)
             return
         col, row = cur
         width, w = view.width, _width(ch)
@@ -460,6 +512,7 @@ class Predictor:
         """Backspace, left or right within the line; at its edges the effect is unknown."""
         cur = self._start(view, quiet)
         if cur is None:
+            self._blind = None  # an edit typed blind: its echo cannot be told apart
             return
         col, row = cur
         if key == _RIGHT:
