@@ -27,6 +27,8 @@ commands:
   display -p '#{tether_ssh}'     print the read-write ssh connection string
   display -p '#{tether_ssh_ro}'  print the read-only ssh connection string
   display -p '#{tether_join}'    print the read-write `tether join` command (and _ro)
+  display -p '#{tether_web}'     print the read-write browser link, if the relay
+                                 serves browsers (and _ro)
   show-messages                  tether's log, including connection strings
   relay [OPTIONS]                run a relay (see `tether relay --help`)
   netsim ...                     the network-fault harness (`tether netsim --help`)

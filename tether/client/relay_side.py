@@ -320,11 +320,16 @@ class RelaySide:
             ("@tether_ssh_ro", welcome.ssh_ro),
             ("@tether_join", welcome.join_rw),
             ("@tether_join_ro", welcome.join_ro),
+            ("@tether_web", welcome.web_rw),
+            ("@tether_web_ro", welcome.web_ro),
             ("@tether_session", welcome.session),
         ):
             t.send(f"set -g {name} {quote(value)}")
         t.send(f"set -gu {ERROR_OPTION}")
         if announce:
+            if welcome.web_ro:
+                self.publish(f"web session read only: {welcome.web_ro}", False)
+                self.publish(f"web session: {welcome.web_rw}", False)
             if welcome.join_ro:
                 self.publish(f"join session read only: {welcome.join_ro}", False)
                 self.publish(f"join session: {welcome.join_rw}", False)

@@ -126,6 +126,9 @@ class Welcome(Message):
     join_rw: str = ""
     join_ro: str = ""
     """``tether join`` command lines, the relay's host key pinned in them."""
+    web_rw: str = ""
+    web_ro: str = ""
+    """Browser links (``https://relay/t/TOKEN``); empty: the relay serves no browsers."""
 
 
 @message(3)

@@ -208,14 +208,14 @@ class RelayHostEndpoint(Machine):
 
     def set_addresses(
         self, ssh_rw: str, ssh_ro: str, quic: tuple[str, ...], quic_fingerprint: str,
-        join_rw: str = "", join_ro: str = "",
+        join_rw: str = "", join_ro: str = "", web_rw: str = "", web_ro: str = "",
     ) -> None:
         """Where the relay is reached, for the next Welcome: a front (QUIC) may
         start listening after the first host came in."""
         w = self.welcome
         self.welcome = Welcome(
             w.version, w.session, w.secret, w.rw_token, w.ro_token, ssh_rw, ssh_ro, None,
-            quic, quic_fingerprint, join_rw, join_ro,
+            quic, quic_fingerprint, join_rw, join_ro, web_rw, web_ro,
         )
 
     # --- host links -------------------------------------------------------------------
@@ -238,6 +238,7 @@ class RelayHostEndpoint(Machine):
             Welcome(
                 w.version, w.session, w.secret, w.rw_token, w.ro_token, w.ssh_rw, w.ssh_ro,
                 self.receiver.next_seq, w.quic, w.quic_fingerprint, w.join_rw, w.join_ro,
+                w.web_rw, w.web_ro,
             )
         )
         for msg in self.inputs.unacked():

@@ -131,13 +131,80 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replicate over the SSH channel only (for networks that block UDP)",
     )
+    web = p.add_argument_group(
+        "browser mates",
+        "An HTTP/WebSocket front lets mates join from a browser (a link per token, "
+        "beside the ssh and join lines), under the same token, back-off, mate-limit "
+        "and input-rate rules as ssh mates. Off unless --web-port is given.",
+    )
+    web.add_argument(
+        "--web-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="TCP port for browser mates (default: none, no web front; 0: any free port)",
+    )
+    web.add_argument(
+        "--web-bind",
+        default=None,
+        metavar="ADDR",
+        help="address the web front listens on (default: the -b address)",
+    )
+    web.add_argument(
+        "--web-cert",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TLS certificate chain (PEM) for the web front; with --web-key it serves "
+        "HTTPS/WSS. Without them it serves plain HTTP, where tokens cross the network "
+        "in the clear: use that only behind a TLS reverse proxy or on loopback",
+    )
+    web.add_argument(
+        "--web-key", type=Path, default=None, metavar="FILE",
+        help="the TLS private key (PEM) for --web-cert",
+    )
+    web.add_argument(
+        "--web-url",
+        default="",
+        metavar="URL",
+        help="base URL printed in browser links, e.g. https://tether.example.org behind a "
+        "reverse proxy (default: http(s)://HOST:WEB_PORT from -h)",
+    )
+    web.add_argument(
+        "--web-trust-proxy",
+        action="store_true",
+        help="take a browser's address (for back-off and connection limits) from the "
+        "last X-Forwarded-For entry; only when the web port is reachable solely "
+        "through your reverse proxy",
+    )
     return p
+
+
+def _web_problem(a: argparse.Namespace) -> str:
+    """What is wrong with the web options, or empty."""
+    given = [name for name, v in (("--web-bind", a.web_bind), ("--web-cert", a.web_cert),
+                                  ("--web-key", a.web_key), ("--web-url", a.web_url),
+                                  ("--web-trust-proxy", a.web_trust_proxy)) if v]
+    if a.web_port is None:
+        return f"{given[0]} needs --web-port" if given else ""
+    if not 0 <= a.web_port <= 65535:
+        return f"--web-port {a.web_port}: not a port"
+    if (a.web_cert is None) != (a.web_key is None):
+        return "--web-cert and --web-key go together"
+    url = a.web_url
+    if url and (not url.startswith(("http://", "https://")) or any(
+            c.isspace() or c in "\"'<>`" for c in url) or len(url) > 200):
+        return f"--web-url {url!r}: expected a URL such as https://tether.example.org"
+    return ""
 
 
 async def _run(a: argparse.Namespace) -> int:
     from tether.relay.server import Relay
 
     keys = a.keys_dir or _default_keys()
+    if problem := _web_problem(a):
+        print(f"tether relay: {problem}", file=sys.stderr)
+        return 2
     config = _config(a, keys)
     if config is None:
         return 1
@@ -195,6 +262,12 @@ def _config(a: argparse.Namespace, keys: Path) -> RelayConfig | None:
         max_connections_per_address=a.max_connections_per_address,
         failed_tokens_free=a.failed_tokens_free,
         mate_input_rate=a.mate_input_rate,
+        web_port=a.web_port,
+        web_bind=a.web_bind,
+        web_cert=a.web_cert,
+        web_key=a.web_key,
+        web_url=a.web_url,
+        web_trust_proxy=a.web_trust_proxy,
     )
 
 
@@ -203,12 +276,29 @@ def _announce(a: argparse.Namespace, relay: Relay, keys: Path) -> None:
     host = a.host or (a.bind if a.bind not in ("0.0.0.0", "::") else "THIS-HOST")
     quic_note = f", QUIC on UDP {relay.quic_port}" if relay.quic_port else ", no QUIC"
     print(f"tether relay listening on {a.bind}:{relay.port}{quic_note} (keys in {keys})")
+    if relay.web_port is not None:
+        bind = a.web_bind if a.web_bind is not None else a.bind
+        tls = "HTTPS" if a.web_cert else "plain HTTP"
+        print(f"Browser mates: {tls} on {bind}:{relay.web_port}, links {relay.web_base()}/t/TOKEN")
+        if not a.web_cert and not _loopback(bind) and not a.web_trust_proxy:
+            print("tether relay: WARNING: the web front serves plain HTTP: tokens cross the "
+                  "network in the clear; give --web-cert/--web-key, or put a TLS reverse "
+                  "proxy in front (--web-url, --web-trust-proxy)", file=sys.stderr)
     print("Hosts use it with these lines in ~/.tether.conf:")
     print(f"  set -g tether-server-host {host}")
     print(f"  set -g tether-server-port {relay.port}")
     for option, fp in relay.fingerprints:
         print(f"  set -g {option} {fp}")
     sys.stdout.flush()
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 FILES_PER_SESSION = 8

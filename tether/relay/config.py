@@ -35,3 +35,18 @@ class RelayConfig:
     """Unknown tokens an address may try before each further try doubles its wait."""
     mate_input_rate: float = 256 * 1024
     """Bytes per second one mate may type or paste (bursts up to 4x)."""
+    web_port: int | None = None
+    """TCP port of the HTTP/WebSocket front for browser mates; None: no web front
+    (the default: it is one more listening surface, and plain HTTP carries tokens
+    in the clear); 0: any free port."""
+    web_bind: str | None = None
+    """Address the web front listens on; None: ``bind``."""
+    web_cert: Path | None = None
+    web_key: Path | None = None
+    """TLS certificate chain and key (PEM) for the web front; None: plain HTTP."""
+    web_url: str = ""
+    """Base URL of the web front in printed links (e.g. behind a reverse proxy);
+    empty: ``http(s)://public_host:web_port``."""
+    web_trust_proxy: bool = False
+    """Take a browser's address from the last X-Forwarded-For entry (the web
+    port must then be reachable only through that proxy)."""

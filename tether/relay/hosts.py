@@ -55,6 +55,10 @@ class Endpoints(Protocol):
 
     def join_string(self, token: str) -> str: ...
 
+    def web_string(self, token: str) -> str:
+        """A browser link for ``token``; empty without a web front."""
+        ...
+
 
 class Hosts:
     def __init__(self, registry: Registry, config: RelayConfig, endpoints: Endpoints) -> None:
@@ -76,6 +80,7 @@ class Hosts:
             (f"{self.config.public_host}:{ends.quic_port}",) if ends.quic_port else (),
             ends.quic_fingerprint,
             ends.join_string(w.rw_token), ends.join_string(w.ro_token),
+            ends.web_string(w.rw_token), ends.web_string(w.ro_token),
         )
 
     async def handle_quic(self, link: quic.QuicLink) -> None:

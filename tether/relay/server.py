@@ -1,7 +1,9 @@
 """The relay: fronts wired to roles, one asyncio process.
 
-Fronts (SSH, QUIC; HTTP later) only listen and authenticate, then hand a
-connection to its role: ``hosts.Hosts`` for a host, ``mates.Mates`` for a mate.
+Fronts (SSH, QUIC, and HTTP/WebSocket for browsers when ``web_port`` is set)
+only listen and authenticate, then hand a connection to its role:
+``hosts.Hosts`` for a host, ``mates.Mates`` for a mate (an SSH or a browser
+terminal alike), ``joins.Joins`` for a join client.
 Both find sessions in the ``registry.Registry``; a ``session.Session`` holds one
 session's state and fans its host's stream out to subscribers (its replica
 worker today). The replica outlives the host's disconnects, so mates stay
@@ -14,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tether.core import tokens
 from tether.core.messages import Join, Message
@@ -44,7 +48,16 @@ __all__ = [
     "clamp_size",
 ]
 
+if TYPE_CHECKING:
+    from tether.transport import web
+
 log = logging.getLogger("tether.relay")
+
+WEB_PAGE_DIR = Path(__file__).parent / "web"
+"""The browser mates' page (``index.html``) and its files (``static/``)."""
+KEYS_ONLY = "this session admits only mates with an SSH key; use ssh or tether join"
+"""Why a browser may not join a session whose host listed mates' keys: a browser
+has no SSH key to prove."""
 
 RedactTokens = tokens.RedactTokens
 
@@ -64,6 +77,8 @@ class Relay:
         self._reaper: asyncio.Task[None] | None = None
         self.quic_port: int | None = None
         self.quic_fingerprint = ""
+        self._web: web.WebFront | None = None
+        self.web_port: int | None = None
         self.registry = Registry(config, self._new_replica)
         self.hosts = Hosts(self.registry, config, self)
         self.mates = Mates(self.registry, config)
@@ -106,6 +121,24 @@ class Relay:
         return " ".join(["tether join", *(["-p", str(port)] if port != 22 else []),
                          *(["--pin", pin] if pin else []), f"{token}@{where}"])
 
+    def web_base(self) -> str:
+        """The web front's base URL (``--web-url``, or built from the public host);
+        empty without a web front."""
+        if self.web_port is None:
+            return ""
+        if self.config.web_url:
+            return self.config.web_url.rstrip("/")
+        host, _ = self._public()
+        scheme = "https" if self.config.web_cert else "http"
+        where = f"[{host}]" if ":" in host else host
+        default = 443 if scheme == "https" else 80
+        return f"{scheme}://{where}" + (f":{self.web_port}" if self.web_port != default else "")
+
+    def web_string(self, token: str) -> str:
+        """The browser link for ``token``; empty without a web front."""
+        base = self.web_base()
+        return f"{base}/t/{token}" if base else ""
+
     # --- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
@@ -113,6 +146,8 @@ class Relay:
         await self._start_ssh()
         if self.config.quic_port != -1:
             await self._start_quic()
+        if self.config.web_port is not None:
+            await self._start_web()
         self._reaper = asyncio.create_task(self.registry.reap())
 
     async def close(self) -> None:
@@ -122,6 +157,8 @@ class Relay:
             await ssh.wait_closed(self._acceptor)  # type: ignore[arg-type]
         if self._quic_server is not None:
             self._quic_server.close()  # type: ignore[attr-defined]
+        if self._web is not None:
+            await self._web.close()
         await self.registry.end_all()
 
     def _check_jail(self) -> None:
@@ -170,6 +207,39 @@ class Relay:
         self.quic_port = server._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
         self.joins.quic = (f"{self.config.public_host}:{self.quic_port}",)
         self.joins.quic_fingerprint = self.quic_fingerprint
+
+    async def _start_web(self) -> None:
+        """The HTTP/WebSocket front: browser mates, handed to ``Mates`` like SSH's."""
+        from tether.transport import web
+
+        c = self.config
+        bind = c.web_bind if c.web_bind is not None else c.bind
+        try:
+            tls = web.tls_context(c.web_cert, c.web_key) if c.web_cert and c.web_key else None
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise RuntimeError(f"cannot use the web certificate {c.web_cert}: {exc}") from None
+        front = web.WebFront(
+            self.mates.handle, self._web_access, WEB_PAGE_DIR,
+            trust_proxy=c.web_trust_proxy,
+            max_per_address=c.max_connections_per_address,
+        )
+        try:
+            await front.start(bind, c.web_port or 0, tls)
+        except OSError as exc:
+            raise RuntimeError(f"cannot listen for browsers on {bind}:{c.web_port}: "
+                               f"{exc.strerror or exc}") from None
+        self._web = front
+        self.web_port = front.port
+
+    def _web_access(self, token: str) -> web.Access | None:
+        """What a browser gets with ``token``: None if it is no session's."""
+        from tether.transport.web import Access
+
+        found = self.registry.lookup(token)
+        if found is None:
+            return None
+        session, readonly = found
+        return Access(readonly, KEYS_ONLY if session.mate_keys else "")
 
     async def _on_quic(self, link: quic.QuicLink) -> None:
         """A QUIC connection's first message says who it is: a host resuming its

@@ -78,6 +78,9 @@ class RelayProcess:
         self.config_lines = [ln.strip() for ln in self.banner if ln.strip().startswith("set -g")]
         self.fingerprint = next(
             (ln.split()[-1] for ln in self.config_lines if "ed25519" in ln), "")
+        self.web_base = next((ln.split("links ", 1)[1].strip().removesuffix("/t/TOKEN")
+                              for ln in self.banner if ln.startswith("Browser mates:")), "")
+        """The web front's base URL (``--web-port``), e.g. ``http://127.0.0.1:8080``."""
         if not keep_output:
             assert self.proc.stdout is not None
             self.proc.stdout.close()
