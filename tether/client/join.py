@@ -58,7 +58,10 @@ from tether.transport.reconnect import Connector
 
 log = logging.getLogger("tether.join")
 
-PING_EVERY = 1.0
+PING_EVERY = 0.5
+"""As the host while busy: four round trips to fail before a link is quiet (at
+30% loss each way one a second made a live link look quiet every half minute),
+and the SRTT for local echo kept fresh."""
 REPEAT_BYTES = 900
 """Most key bytes one ``InputRepeat`` datagram carries (a QUIC datagram is ~1200)."""
 REPEAT_OVERHEAD = 24
