@@ -14,6 +14,8 @@ command -v ip >/dev/null || pkgs+=(iproute2)
 python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
 if [ "$want_test" = 1 ]; then
   command -v nft >/dev/null || pkgs+=(nftables)
+  # the browser tests drive Debian's chromium (Playwright cannot download its own here)
+  command -v chromium >/dev/null || pkgs+=(chromium)
 fi
 if [ ${#pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
