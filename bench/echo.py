@@ -169,7 +169,10 @@ def join_rig(wd: Workdir, host: HostSession, host_term: PtyProc, log: Log) -> Jo
     as the ssh mate's terminal), once a key typed in it shows on both screens."""
     home = wd.path / "join-mate"
     home.mkdir()
-    (home / ".tmux.conf").write_text((wd.path / "host" / ".tmux.conf").read_text())
+    # timed on the host's real echo, as the ssh mate is: local echo (which shows a
+    # key before the host echoes it) has a benchmark of its own, bench/local_echo.py
+    (home / ".tmux.conf").write_text((wd.path / "host" / ".tmux.conf").read_text()
+                                     + "\nset -g @tether-predict never\n")
     line = host.join_line()
     join = JoinMate(line, wd.env(home), (SIZE[0], SIZE[1] + 1))
     wd.on_close(join.close)

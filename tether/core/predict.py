@@ -345,7 +345,7 @@ class Predictor:
         return (p for p in self._cells.values() if p.credit and p.epoch <= self._confirmed)
 
     def _triggers(self) -> None:
-        idle = not self._cells and not self._cursors
+        idle = not self._cells  # a cursor waiting to be judged is not a pending echo
         if self._srtt > SRTT_ON:
             self._srtt_on = True
         elif self._srtt <= SRTT_OFF and idle:
