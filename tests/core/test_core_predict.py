@@ -535,6 +535,17 @@ def test_a_password_field_showing_stars_never_reveals_a_character() -> None:
         assert not p.overlay().cells
 
 
+def test_a_lost_cursor_is_not_drawn_once_nothing_is_predicted() -> None:
+    """Enter after the line was echoed: the cursor of the old line must not stay
+    on screen until the next output (the truth's cursor is the best there is)."""
+    p, sh = world()
+    now = confirmed(p, sh)
+    type_and_echo(p, sh, b"ab", now)
+    assert not p.overlay().cells
+    p.key(ENTER, sh.screen, now + 0.2)
+    assert p.overlay().cursor is None
+
+
 def test_an_edit_typed_blind_is_not_tracked() -> None:
     p, sh = world()
     now = confirmed(p, sh)

@@ -65,6 +65,8 @@ and the SRTT for local echo kept fresh."""
 REPEAT_BYTES = 900
 """Most key bytes one ``InputRepeat`` datagram carries (a QUIC datagram is ~1200)."""
 REPEAT_OVERHEAD = 24
+REPEAT_APART = 0.005
+"""The first repeat of a key, this long after it: in a packet of its own."""
 REPEAT_AFTER_RTTS, REPEAT_SLACK = 1.25, 0.02
 """A key still unacked this long after it (in SRTTs, plus slack) is repeated once more."""
 MAX_PINGS_OUT = 16
@@ -145,20 +147,20 @@ class JoinClient:
             return  # the relay would refuse them; the local replica shows as much
         msg = self.inputs.push(pane, keys, binding)
         self._send(msg)
-        self._repeat()
+        loop = asyncio.get_running_loop()
+        # a packet of its own: sent in this turn it would share the key's packet
+        # (QuicLink sends one packet a turn), and a loss would take both
+        loop.call_later(REPEAT_APART, self._repeat)
         if self._repeat_timer is not None:
             self._repeat_timer.cancel()
         srtt = self.srtt if self.srtt is not None else 0.1
-        self._repeat_timer = asyncio.get_running_loop().call_later(
-            REPEAT_AFTER_RTTS * srtt + REPEAT_SLACK, self._repeat
-        )
+        self._repeat_timer = loop.call_later(REPEAT_AFTER_RTTS * srtt + REPEAT_SLACK, self._repeat)
 
     def _repeat(self) -> None:
         """The unacked input again, oldest first, as one datagram (QUIC only: on the
         SSH channel nothing is lost to repeat). A lost packet then costs a key no
-        round trip when the next key, or this repeat a little over an RTT later,
-        gets through."""
-        self._repeat_timer = None
+        round trip when this repeat just after it, the next key's, or the one a
+        little over an RTT later gets through."""
         link = self.link
         if link is None or getattr(link, "send_datagram", None) is None:
             return
@@ -331,6 +333,9 @@ class JoinClient:
             return
         sample = now - sent
         self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
+        quic = getattr(self.link, "rtt", None)
+        if quic:
+            self.srtt = quic  # QUIC's own estimate: every ack, not two pings a second
         rtt = getattr(self.replica, "rtt", None)
         if rtt is not None:
             rtt(self.srtt)

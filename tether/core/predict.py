@@ -333,6 +333,8 @@ class Predictor:
         )
         shown = (c for c in reversed(self._cursors) if c.epoch <= self._confirmed)
         cursor = next(((c.col, c.row) for c in shown), None)
+        if self._cur is None and not cells:
+            cursor = None  # lost (Enter, ...) and nothing drawn: the truth's cursor is best
         return Overlay(cells, cursor) if cells or cursor else EMPTY
 
     def _display(self) -> bool:

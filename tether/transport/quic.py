@@ -273,6 +273,14 @@ class QuicLink(QuicConnectionProtocol):
     def description(self) -> str:
         return f"quic {self.peer}"
 
+    @property
+    def rtt(self) -> float | None:
+        """QUIC's smoothed round-trip time (updated on every ack), None before a sample."""
+        loss = getattr(self._quic, "_loss", None)
+        if loss is None or not getattr(loss, "_rtt_initialized", False):
+            return None
+        return float(loss._rtt_smoothed)
+
     def send_nowait(self, msg: Message) -> None:
         if self.closed:
             raise LinkClosed(self.reason or "connection closed")
