@@ -4,7 +4,8 @@
     python3 bench/run.py [--quick] [--only NAME...] [--json FILE] [-q]
 
 Benchmarks (in priority order): echo, startup, flood, memory, wire, scale.
-Netsim benchmarks run on their own: bench/roaming.py, bench/join_roaming.py.
+Netsim benchmarks run on their own: bench/roaming.py, bench/join_roaming.py,
+bench/local_echo.py.
 Writes a JSON file (default bench-results.json in the current directory) and
 prints a table. Figures are measured, never asserted; a missed target is
 reported, not an error. The exit status is non-zero only when a benchmark
