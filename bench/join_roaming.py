@@ -93,14 +93,23 @@ if __package__ in (None, ""):  # `python3 bench/join_roaming.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import BenchError, percentile, summary
-from bench.roaming_rig import STATUS_OK, LineWatch, fmt, fmt_ms, log, ns, wait_until
+from bench.roaming_rig import (
+    STATUS_OK,
+    LineWatch,
+    copy_logs,
+    fmt,
+    fmt_ms,
+    log,
+    ns,
+    tear_down,
+    wait_until,
+)
 from tether.netsim import nsutil
 from tether.netsim.network import Network
 from tether.testing.env import tether_cmd, tether_env, tmux
 from tether.testing.host import Host
 from tether.testing.join_mate import join_argv
 from tether.testing.mate import Mate, visible
-from tether.testing.procs import processes
 from tether.testing.relay import RelayProcess
 from tether.testing.tap import Hit, Tap, expand_rep
 
@@ -381,29 +390,11 @@ class Rig:
             side.close()
         with contextlib.suppress(OSError):
             os.close(self.tty_fd)
-        if self.host is not None:
-            with contextlib.suppress(Exception):
-                self.host.close()
-        if self.relay is not None:
-            with contextlib.suppress(Exception):
-                self.relay.close()
-        with contextlib.suppress(Exception):
-            self.net.close()
-        # anything still naming our directory was started by us (joins, tmux, ssh)
-        for p in processes():
-            if str(self.root) in p.cmdline and p.pid != os.getpid():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGKILL)
+        tear_down(self.root, self.host, self.relay, self.net)
 
     def collect_logs(self, dest: Path) -> None:
         """The relay's, the agent's and the joins' logs, and the netsim events, to ``dest``."""
-        dest.mkdir(parents=True, exist_ok=True)
-        if self.relay is not None:
-            with contextlib.suppress(OSError):
-                shutil.copy(self.relay.log, dest / "relay.log")
-        for p in (self.root / "host" / "state" / "tether").glob("agent-*.log"):
-            with contextlib.suppress(OSError):
-                shutil.copy(p, dest / p.name)
+        copy_logs(self.root, self.relay, dest)
         for p in self.root.glob("mate-join*/join.log"):
             with contextlib.suppress(OSError):
                 shutil.copy(p, dest / f"{p.parent.name}.log")

@@ -98,12 +98,12 @@ if __package__ in (None, ""):  # `python3 bench/local_echo.py`
 import pyte
 
 from bench.common import BenchError, percentile, summary
+from bench.roaming_rig import copy_logs, tear_down
 from tether.netsim import nsutil
 from tether.netsim.network import Network
 from tether.testing.env import SSH_OPTS, tether_cmd, tether_env
 from tether.testing.host import TMUX_CONF, Host
 from tether.testing.mate import PtyProc
-from tether.testing.procs import processes
 from tether.testing.relay import RelayProcess
 
 TOPOLOGY = {"host": ["eth0"], "relay": ["eth0"], "mate": ["eth0"]}
@@ -503,28 +503,10 @@ class Rig:
     def close(self) -> None:
         for t in self.terms.terms:
             t.close()
-        if self.host is not None:
-            with contextlib.suppress(Exception):
-                self.host.close()
-        if self.relay is not None:
-            with contextlib.suppress(Exception):
-                self.relay.close()
-        with contextlib.suppress(Exception):
-            self.net.close()
-        # anything still naming our directory was started by us (the joins' tmux)
-        for p in processes():
-            if str(self.root) in p.cmdline and p.pid != os.getpid():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGKILL)
+        tear_down(self.root, self.host, self.relay, self.net)
 
     def collect_logs(self, dest: Path) -> None:
-        dest.mkdir(parents=True, exist_ok=True)
-        if self.relay is not None:
-            with contextlib.suppress(OSError):
-                shutil.copy(self.relay.log, dest / "relay.log")
-        for p in (self.root / "host" / "state" / "tether").glob("agent-*.log"):
-            with contextlib.suppress(OSError):
-                shutil.copy(p, dest / p.name)
+        copy_logs(self.root, self.relay, dest)
         for m in MATES:
             with contextlib.suppress(OSError):
                 shutil.copy(self.root / m / "join.log", dest / f"join-{m}.log")

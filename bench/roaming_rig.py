@@ -365,3 +365,27 @@ class LineWatch:
             with contextlib.suppress(OSError):
                 os.close(self._ino)
             self._ino = -1
+
+
+def tear_down(root: Path, host: Host | None, relay: RelayProcess | None, net: Network) -> None:
+    """End a netsim bench's host, relay and network, then anything still naming its
+    directory (started by it: joins, their tmux, ssh), whatever failed before."""
+    for part in (host, relay, net):
+        if part is not None:
+            with contextlib.suppress(Exception):
+                part.close()
+    for p in processes():
+        if str(root) in p.cmdline and p.pid != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+
+
+def copy_logs(root: Path, relay: RelayProcess | None, dest: Path) -> None:
+    """The relay's and the agent's logs (of a host under ``root/host``) into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if relay is not None:
+        with contextlib.suppress(OSError):
+            shutil.copy(relay.log, dest / "relay.log")
+    for p in (root / "host" / "state" / "tether").glob("agent-*.log"):
+        with contextlib.suppress(OSError):
+            shutil.copy(p, dest / p.name)
