@@ -77,7 +77,6 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -99,6 +98,7 @@ from bench.roaming_rig import (
     copy_logs,
     fmt,
     fmt_ms,
+    interrupt_on_sigterm,
     log,
     ns,
     tear_down,
@@ -1079,10 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors: list[str] = []
     started = time.monotonic()
 
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    interrupt_on_sigterm()
     try:
         rig.start()
         log(f"rig ready in {time.monotonic() - started:.1f}s")

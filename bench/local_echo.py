@@ -81,7 +81,6 @@ import platform
 import random
 import select
 import shutil
-import signal
 import string
 import sys
 import tempfile
@@ -98,7 +97,7 @@ if __package__ in (None, ""):  # `python3 bench/local_echo.py`
 import pyte
 
 from bench.common import BenchError, percentile, summary
-from bench.roaming_rig import copy_logs, tear_down
+from bench.roaming_rig import copy_logs, interrupt_on_sigterm, tear_down
 from tether.netsim import nsutil
 from tether.netsim.network import Network
 from tether.testing.env import SSH_OPTS, tether_cmd, tether_env
@@ -968,10 +967,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors: list[str] = []
     started = time.monotonic()
 
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    interrupt_on_sigterm()
     try:
         rig.start()
         log(f"rig ready in {time.monotonic() - started:.1f}s")

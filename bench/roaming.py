@@ -70,7 +70,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -92,7 +91,7 @@ from bench.roaming_outage import (
     violations,
 )
 from bench.roaming_parts import bench_echo, bench_roam
-from bench.roaming_rig import TRANSPORTS, Rig, Series, fmt, log
+from bench.roaming_rig import TRANSPORTS, Rig, Series, fmt, interrupt_on_sigterm, log
 from tether.netsim import nsutil
 
 PARTS = ("roam", "echo", "outage")
@@ -216,10 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors: list[str] = []
     started = time.monotonic()
 
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    interrupt_on_sigterm()
     try:
         rig.start()
         log(f"rig ready in {time.monotonic() - started:.1f}s")

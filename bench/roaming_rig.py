@@ -389,3 +389,12 @@ def copy_logs(root: Path, relay: RelayProcess | None, dest: Path) -> None:
     for p in (root / "host" / "state" / "tether").glob("agent-*.log"):
         with contextlib.suppress(OSError):
             shutil.copy(p, dest / p.name)
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends a bench as Ctrl-C does: its ``finally`` tears the network down."""
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)

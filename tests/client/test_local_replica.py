@@ -16,14 +16,13 @@ from typing import TypeVar
 
 import pytest
 
-from tether.client.local_replica import (
+from tether.client.local_replica import PANE_BUFFER, LocalReplica
+from tether.client.mate_mirror import (
     FOLLOW_KEY,
     LOOK_KEYS,
     LOOK_MOUSE_KEYS,
     MATE_MOUSE_KEYS,
     MATE_PREFIX_KEYS,
-    PANE_BUFFER,
-    LocalReplica,
 )
 from tether.core.codec import compress
 from tether.core.messages import (
