@@ -170,8 +170,8 @@ def test_type_ids_are_pinned() -> None:
         "Output": 10, "Structure": 11, "PaneReset": 12, "Status": 13, "Bindings": 14,
         "Snapshot": 15, "Frame": 16, "Event": 20, "Ack": 21,
         "Input": 30, "InputAck": 31, "Resize": 32, "Ping": 33, "Pong": 34, "Notice": 35,
-        "End": 36, "Resync": 37, "InputRepeat": 38,
-        "MateAttach": 40, "HostPresence": 41,
+        "End": 36, "Resync": 37, "InputRepeat": 38, "EventRepeat": 39,
+        "MateAttach": 40, "HostPresence": 41, "Mates": 42, "Kick": 43,
         "Join": 50, "Joined": 51,
     }  # fmt: skip
 

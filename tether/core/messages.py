@@ -22,10 +22,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is 0.5 MiB and 4 ms in every replica worker
     from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """2: ``Frame`` events (a flooding pane sent as compressed screens).
 3: ``Resync`` (the relay asks its host for a snapshot) and the join role
-(``Join``/``Joined``: a mate's client fed the host's log)."""
+(``Join``/``Joined``: a mate's client fed the host's log).
+4: ``InputRepeat`` (a join client's unacked keys again, as datagrams).
+5: ``EventRepeat`` (the relay's unacked small events to a join client, as
+datagrams), ``Mates`` and ``Kick`` (presence: who is connected, and the host
+disconnecting one of them)."""
 
 
 class Message(Record):
@@ -264,6 +268,42 @@ class InputRepeat(Message):
     inputs: tuple[Input, ...]
 
 
+@message(39)
+class EventRepeat(Message):
+    """Relay to join client, as a QUIC datagram: small log events the client has
+    not acked yet, oldest first (each also goes on the ordered stream), so a lost
+    packet costs the echo in it no round trip. Applied only in order: the client
+    takes an event here only when it is the next it expects."""
+
+    events: tuple[Event, ...]
+
+
+class MateInfo(Record):
+    """One connected mate, as the host and the web page list them."""
+
+    id: int
+    kind: str
+    """``ssh``, ``join`` or ``web``."""
+    readonly: bool
+    address: str
+    fingerprint: str = ""
+    """SHA256 fingerprint of the key the mate authenticated with ("": none)."""
+
+
+@message(42)
+class Mates(Message):
+    """Relay to host: every mate connected now (sent on each join and leave)."""
+
+    mates: tuple[MateInfo, ...]
+
+
+@message(43)
+class Kick(Message):
+    """Host to relay: disconnect this mate (its token stays valid for others)."""
+
+    mate: int
+
+
 @message(32)
 class Resize(Message):
     """The smallest read-write mate terminal (0, 0: no read-write mate)."""
@@ -397,6 +437,7 @@ __all__ = [
     "Error",
     "Event",
     "EventBody",
+    "EventRepeat",
     "Frame",
     "Hello",
     "HostPresence",
@@ -405,7 +446,10 @@ __all__ = [
     "InputRepeat",
     "Join",
     "Joined",
+    "Kick",
     "MateAttach",
+    "MateInfo",
+    "Mates",
     "Message",
     "MessageDecoder",
     "Notice",
