@@ -22,6 +22,9 @@ from .messages import (
     Hello,
     Input,
     InputAck,
+    Kick,
+    MateInfo,
+    Mates,
     Message,
     Notice,
     Output,
@@ -51,6 +54,7 @@ from .session import (
     LinkDead,
     LinkQuiet,
     Machine,
+    MatesChanged,
     Outgoing,
     PeerClosed,
     ProtocolFailed,
@@ -114,6 +118,8 @@ class HostEndpoint(Machine):
         self._ack_at: float | None = None
         self._snapshot_asked = False
         self._resynced: float | None = None
+        self.mates: tuple[MateInfo, ...] = ()
+        """Who the relay last said is connected (``Mates``)."""
         self.quiet_since: float | None = None
         """When the relay was last heard, while the link is quiet (``LinkQuiet``)."""
 
@@ -156,6 +162,13 @@ class HostEndpoint(Machine):
             self._send(End(reason))
         self._go("end")
         self._handshake_deadline = self._next_ping = self._ack_at = None
+
+    def kick(self, mate: int) -> bool:
+        """Ask the relay to disconnect a mate; False while no link is up."""
+        if self.state is not State.CONNECTED:
+            return False
+        self._send(Kick(mate))
+        return True
 
     # --- the replication log ----------------------------------------------------------
 
@@ -306,6 +319,9 @@ class HostEndpoint(Machine):
                 self.rtt = sample if old is None else (1 - RTT_WEIGHT) * old + RTT_WEIGHT * sample
         elif isinstance(msg, Notice):
             pass
+        elif isinstance(msg, Mates):
+            self.mates = msg.mates
+            self._emit(MatesChanged(msg.mates))
         elif isinstance(msg, Resync):
             # a join client needs a starting point; one snapshot a second at most,
             # whatever the relay asks

@@ -29,6 +29,9 @@ from .messages import (
     Hello,
     Input,
     InputAck,
+    Kick,
+    MateInfo,
+    Mates,
     Message,
     Ping,
     Pong,
@@ -53,6 +56,7 @@ from .session import (
     Channel,
     EventReceived,
     HostEnded,
+    KickRequested,
     Machine,
     Outgoing,
     Presence,
@@ -197,6 +201,7 @@ class RelayHostEndpoint(Machine):
         self._silence_at: float | None = None
         self._ack_at: float | None = None
         self._resync_owed = False
+        self.mates: tuple[MateInfo, ...] = ()
         self._away_at: float | None = None
         """When to tell mates a host whose link ended is away (``AWAY_GRACE``)."""
         self._away_told = False
@@ -244,6 +249,8 @@ class RelayHostEndpoint(Machine):
         for msg in self.inputs.unacked():
             self._send(msg)
         self._send(Resize(*self.size))
+        if self.mates:
+            self._send(Mates(self.mates))
         if self._resync_owed:
             self._resync_owed = False
             self._send(Resync())
@@ -303,6 +310,13 @@ class RelayHostEndpoint(Machine):
         else:
             self._resync_owed = True
 
+    def set_mates(self, mates: tuple[MateInfo, ...]) -> None:
+        """Who is connected now; the host hears it now and on every reconnect."""
+        if mates != self.mates:
+            self.mates = mates
+            if self.connected:
+                self._send(Mates(mates))
+
     def set_size(self, cols: int, rows: int) -> None:
         """The smallest read-write mate terminal; the host hears of changes only."""
         if (cols, rows) != self.size:
@@ -349,6 +363,8 @@ class RelayHostEndpoint(Machine):
             self._silence_at = self._ack_at = None
             self._emit(Presence(False, f"tether: the host ended the session ({msg.reason})"))
             self._emit(HostEnded(msg.reason))
+        elif isinstance(msg, Kick):
+            self._emit(KickRequested(msg.mate))
         elif not isinstance(msg, Pong):
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a host")
 

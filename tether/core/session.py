@@ -21,7 +21,7 @@ from collections import deque
 from enum import Enum
 
 from .errors import LocalProtocolError
-from .messages import Event, Input, Message, Welcome
+from .messages import Event, Input, MateInfo, Message, Welcome
 from .records import Record
 
 # --- timer values: today's, so the wire does not change ------------------------
@@ -174,6 +174,18 @@ class HostEnded(Record):
     reason: str
 
 
+class MatesChanged(Record):
+    """Host: the mates connected now (``Mates``), to say who came and went."""
+
+    mates: tuple[MateInfo, ...]
+
+
+class KickRequested(Record):
+    """Relay: the host asked to disconnect this mate (``Kick``)."""
+
+    mate: int
+
+
 class SessionExpired(Record):
     """Relay: the host stayed away past ``host_away_timeout``; end the session."""
 
@@ -192,6 +204,8 @@ SessionEvent = (
     | Presence
     | HostEnded
     | SessionExpired
+    | MatesChanged
+    | KickRequested
 )
 
 
