@@ -3,7 +3,7 @@
 
     python3 bench/run.py [--quick] [--only NAME...] [--json FILE] [-q]
 
-Benchmarks (in priority order): echo, startup, flood, memory, wire, scale.
+Benchmarks (in priority order): echo, startup, flood, memory, idle, wire, scale.
 Netsim benchmarks run on their own: bench/roaming.py, bench/join_roaming.py,
 bench/local_echo.py.
 Writes a JSON file (default bench-results.json in the current directory) and
@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # `python3 bench/run.py`
 
 from bench.common import Ctx, Figure, Log
 
-BENCHMARKS = ["echo", "startup", "flood", "memory", "wire", "scale"]
+BENCHMARKS = ["echo", "startup", "flood", "memory", "idle", "wire", "scale"]
 
 
 def _fmt(v: float | None, unit: str = "") -> str:

@@ -10,15 +10,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import re
 import signal
+import socket as socket_mod
+import struct
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tether.client import config as config_mod
+from tether.client.agentctl import control_path, short_path
 from tether.client.host import HostAgent, discard_link
 from tether.client.paths import messages_path, pid_path, state_dir
 from tether.core.control import quote
@@ -33,6 +38,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.agent")
 
 MAX_LOG_LINES = 100
+KICK_CONFIRM = 5.0
+"""How long `tether kick-mate` waits for the relay to list the mate as gone."""
+MAX_REQUEST = 4096
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Messages:
@@ -67,7 +76,10 @@ async def _display_all(agent: HostAgent, text: str) -> None:
         for line in clients:
             name, _, control = line.rpartition(" ")
             if name and control != "1":
-                shown = quote("tether: " + text.replace("#", "##"))
+                # one line (a newline would end the command in control mode),
+                # literal (no format), quoted: whatever the text came from
+                line = _CONTROL_CHARS.sub("?", text)
+                shown = quote("tether: " + line.replace("#", "##"))
                 agent.tmux.send(f"display-message -d 15000 -c {quote(name)} {shown}")
 
 
@@ -104,10 +116,106 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
             messages(f"embedded relay: the replica is not jailed: {jail_problem}")
     else:
         messages(f"connecting to relay {addr.host}:{addr.port}")
-    await _run_until_stopped(agent, pid_path(socket), warm)
+    ctl = control_path(socket)
+    control = await _serve_control(agent, ctl)
+    ours = _inode(ctl)
+    try:
+        await _run_until_stopped(agent, pid_path(socket), warm)
+    finally:
+        if control is not None:
+            control.close()
+            if ours is not None and _inode(ctl) == ours:  # not a newer agent's
+                with contextlib.suppress(OSError):
+                    os.unlink(ctl)
     if relay is not None:
         await relay.close()
     return 0
+
+
+async def _serve_control(agent: HostAgent, path: str) -> asyncio.AbstractServer | None:
+    """Listen for `tether list-mates` and `tether kick-mate` (``client.agentctl``);
+    None if the socket cannot be made (the agent shares on without it)."""
+    sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a dead agent's: the pid file's agent is us now
+        where, fd = short_path(path)
+        old = os.umask(0o177)  # the socket is born 0600
+        try:
+            sock.bind(where)
+        finally:
+            os.umask(old)
+            if fd is not None:
+                os.close(fd)
+        return await asyncio.start_unix_server(
+            lambda r, w: _control_client(agent, r, w), sock=sock, limit=MAX_REQUEST)
+    except OSError as exc:
+        sock.close()
+        log.warning("no control socket (%s): list-mates and kick-mate will not work", exc)
+        return None
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    with contextlib.suppress(OSError):
+        creds = sock.getsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_PEERCRED,
+                                struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[1])
+    return None
+
+
+async def _control_client(agent: HostAgent, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+    """One request from the CLI, one answer."""
+    try:
+        if _peer_uid(writer) not in (os.getuid(), 0):
+            return  # the directory is ours alone; this is belt and braces
+        line = await asyncio.wait_for(reader.readline(), 5)
+        try:
+            req = json.loads(line)
+        except ValueError:
+            req = None
+        answer = await _answer(agent, req if isinstance(req, dict) else {})
+        writer.write(json.dumps(answer).encode() + b"\n")
+        await writer.drain()
+    except (OSError, TimeoutError, ValueError):  # ValueError: a line over the limit
+        pass
+    finally:
+        writer.close()
+
+
+async def _answer(agent: HostAgent, req: dict[str, object]) -> dict[str, object]:
+    relay = agent.relay
+    presence = relay.presence
+    op = req.get("op")
+    if op == "mates":
+        return {"ok": True, "connected": relay.link is not None, "mates": presence.rows(),
+                "more": presence.more}
+    if op == "kick":
+        mate = req.get("mate")
+        if type(mate) is not int:
+            return {"ok": False, "error": "a mate's id is a number (see tether list-mates)"}
+        if mate not in presence.mates:
+            return {"ok": False, "error": f"no mate {mate} is connected (see tether list-mates)"}
+        if not relay.kick(mate):
+            return {"ok": False, "error": "not connected to the relay; try again once the "
+                    "session is shared again"}
+        messages = agent.publish
+        messages(f"asked the relay to disconnect mate {mate}", False)
+        if await presence.gone(mate, KICK_CONFIRM):
+            return {"ok": True, "text": f"mate {mate} disconnected"}
+        return {"ok": True, "text": f"asked the relay to disconnect mate {mate}; it has not "
+                f"confirmed within {KICK_CONFIRM:.0f} s"}
+    return {"ok": False, "error": f"unknown request {str(op)[:40]!r}"}
 
 
 async def _relay_address(

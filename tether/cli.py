@@ -30,6 +30,10 @@ commands:
   display -p '#{tether_web}'     print the read-write browser link, if the relay
                                  serves browsers (and _ro)
   show-messages                  tether's log, including connection strings
+  list-mates                     the mates connected now: id, ssh/join/web,
+                                 rw/ro, address, key fingerprint
+  kick-mate ID                   disconnect a mate (its link still works for
+                                 others; give a new session to shut it out)
   relay [OPTIONS]                run a relay (see `tether relay --help`)
   netsim ...                     the network-fault harness (`tether netsim --help`)
   join TOKEN@HOST[:PORT]         join a session as a roaming mate (`tether join --help`)
@@ -179,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         return show_messages(sock)
     if command in ("wait", "wait-for") and args[1:] == ["tether-ready"]:
         return wait_ready(sock)
+    if command == "list-mates":
+        return list_mates(sock) if len(args) == 1 else _die("usage: tether list-mates")
+    if command == "kick-mate":
+        if len(args) != 2 or not args[1].isdigit():
+            return _die("usage: tether kick-mate ID (the ID column of tether list-mates)")
+        return kick_mate(sock, int(args[1]))
     os.execvp("tmux", ["tmux", "-S", sock, *[_translate(a) for a in args]])
     return 0  # not reached
 
@@ -355,6 +365,51 @@ def show_messages(sock: str) -> int:
     if not path.exists():
         return _die(f"no tether messages for {sock} (is it a tether session?)")
     sys.stdout.write(path.read_text())
+    return 0
+
+
+def _ask_agent(sock: str, req: dict[str, object]) -> dict[str, object] | None:
+    """The agent's answer (``client.agentctl``); None, said on stderr, if no agent is."""
+    from tether.client.agentctl import AgentUnreachable, request
+
+    try:
+        return request(sock, req)
+    except (AgentUnreachable, OSError) as exc:
+        _die(f"no tether agent answers for {sock} (is it a tether session?): {exc}", 1)
+        return None
+
+
+def list_mates(sock: str) -> int:
+    """`list-mates`: who is connected now, as the relay last told the agent."""
+    answer = _ask_agent(sock, {"op": "mates"})
+    if answer is None:
+        return 1
+    mates = answer.get("mates")
+    rows = [m for m in mates if isinstance(m, dict)] if isinstance(mates, list) else []
+    if not answer.get("connected"):
+        print("(not connected to the relay now: the list is as it last said)")
+    if not rows:
+        print("no mates connected")
+        return 0
+    table = [("ID", "KIND", "ACCESS", "ADDRESS", "FINGERPRINT")]
+    table += [(str(m.get("id")), str(m.get("kind")), "ro" if m.get("readonly") else "rw",
+               str(m.get("address") or "-"), str(m.get("fingerprint") or "-")) for m in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
+    if answer.get("more"):
+        print(f"(and more: the relay said {answer['more']})")
+    return 0
+
+
+def kick_mate(sock: str, mate: int) -> int:
+    """`kick-mate ID`: the agent asks the relay to disconnect that mate."""
+    answer = _ask_agent(sock, {"op": "kick", "mate": mate})
+    if answer is None:
+        return 1
+    if not answer.get("ok"):
+        return _die(str(answer.get("error") or "the agent refused"), 1)
+    print(answer.get("text") or f"mate {mate} disconnected")
     return 0
 
 

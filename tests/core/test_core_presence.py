@@ -35,6 +35,12 @@ def test_mates_go_to_a_connected_host_on_change_only() -> None:
     assert sent(ep) == [Mates(())]
 
 
+def test_every_attach_says_who_is_there_even_nobody() -> None:
+    ep = relay()
+    ep.attach(Hello(PROTOCOL_VERSION, "tether-host"), 1.0)
+    assert Mates(()) in sent(ep)
+
+
 def test_a_reconnecting_host_hears_who_came_while_it_was_away() -> None:
     ep = relay()
     ep.set_mates((ALICE, BOB))  # no host yet: nothing sent, remembered

@@ -3,6 +3,8 @@ whole sessions against each other over memory links with a fake clock."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from tether.core.host_endpoint import HostEndpoint
 from tether.core.messages import (
     PROTOCOL_VERSION,
     Ack,
+    Bindings,
     End,
     Error,
     Event,
@@ -23,6 +26,9 @@ from tether.core.messages import (
     Ping,
     Pong,
     Resize,
+    Snapshot,
+    Status,
+    Structure,
     Welcome,
 )
 from tether.core.relay_endpoint import HelloGate, RelayHostEndpoint
@@ -30,6 +36,11 @@ from tether.core.session import (
     AWAY_GRACE,
     AWAY_TEXT,
     BACK_TEXT,
+    HOST_SILENCE,
+    HOST_SILENCE_IDLE,
+    PING_EVERY,
+    PING_IDLE,
+    PROVEN_PONGS,
     Channel,
     HostEnded,
     LinkBack,
@@ -100,28 +111,123 @@ def test_mate_input_reaches_host_once_in_order_and_is_acked() -> None:
 
 def test_pings_measure_rtt_and_idle_slows_them() -> None:
     w = started(up=Impairment(delay=0.02), down=Impairment(delay=0.03))
-    w.run(10)
+    w.run(60)
     assert w.host.rtt == pytest.approx(0.05, abs=1e-6)
     idle_pings = len(w.sent("a>b", Ping))
-    assert 9 <= idle_pings <= 11  # PING_IDLE: one a second
+    # PING_START until PROVEN_PONGS pongs, then PING_IDLE: 3 + 5 or 6 in a minute
+    assert 7 <= idle_pings <= 10
+    w.output()
+    w.run(PING_EVERY + 0.1)  # output pulls the slow ping in
+    assert len(w.sent("a>b", Ping)) == idle_pings + 1
     for _ in range(8):
         w.output()
         w.run(0.5)
-    assert len(w.sent("a>b", Ping)) - idle_pings >= 7  # busy: PING_EVERY
+    assert len(w.sent("a>b", Ping)) - idle_pings >= 8  # busy: PING_EVERY
     assert all(isinstance(m, Pong) for m in w.sent("b>a", Pong))
+
+
+def _idle_host_on_a_lossy_path(seed: int, seconds: float, loss: float) -> tuple[int, int]:
+    """A welcomed idle host whose pings and pongs are each lost with ``loss``
+    (50 ms each way): (pings sent, LinkQuiet events)."""
+    rng = random.Random(seed)
+    ep = HostEndpoint()
+    ep.connect(0.0)
+    ep.messages_to_send(0.0)
+    ep.receive(Welcome(PROTOCOL_VERSION, "s1", b"k" * 32, "rw", "ro", "a", "b", None), 0.0)
+    pings = quiet = 0
+    arrivals: list[tuple[float, int]] = []  # (when, token) of pongs on their way
+    now = 0.0
+    while now < seconds:
+        arrivals.sort()
+        due = ep.next_timer()
+        assert due is not None
+        if arrivals and arrivals[0][0] <= due:
+            now, token = arrivals.pop(0)
+            ep.receive(Pong(token), now)
+        else:
+            now = due
+            ep.handle_timer(now)
+        for out in ep.messages_to_send(now):
+            if isinstance(out.message, Ping):
+                pings += 1
+                if rng.random() >= loss and rng.random() >= loss:
+                    arrivals.append((now + 0.1, out.message.token))
+        while (ev := ep.next_event()) is not None:
+            quiet += isinstance(ev, LinkQuiet)
+            if isinstance(ev, SnapshotNeeded):
+                ep.push_snapshot(Snapshot(Structure((), 0), Status(()), Bindings("C-b", ())), now)
+    return pings, quiet
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_an_idle_host_costs_a_ping_in_ping_idle_on_a_lossy_link(seed: int) -> None:
+    """At 30% loss each way half the pongs are lost: each miss is retried
+    within PING_RETRY or two RTT, and the link does not go quiet for that."""
+    pings, quiet = _idle_host_on_a_lossy_path(seed, 3600.0, 0.3)
+    assert 3600 / PING_IDLE <= pings <= 3600 / PING_IDLE * 2.5, "retries only for the lost"
+    # quiet takes 9 misses in a row (QUIET_AFTER at PING_RETRY): 0.51^9 a cycle,
+    # about once an hour (elapsed time alone made it every half minute)
+    assert quiet <= 3
+    clean, quiet = _idle_host_on_a_lossy_path(seed, 3600.0, 0.0)
+    assert clean <= 3600 / PING_IDLE + PROVEN_PONGS + 1 and quiet == 0
+
+
+def test_unanswered_pings_make_the_link_quiet_after_quiet_misses() -> None:
+    w = started()
+    w.run(30)  # idle: pings every PING_IDLE now
+    cut_at = w.clock.now
+    assert w.host.unanswered_since is None
+    w.cut()
+    w.run(PING_IDLE + 1)  # the next ping goes unanswered, then the retries
+    since = w.host.unanswered_since
+    assert since is not None and cut_at < since <= cut_at + PING_IDLE
+    [quiet] = [e for e in w.host_events if isinstance(e, LinkQuiet)]
+    tokens = w.host._token
+    w.run(5)
+    assert w.host._token - tokens == 10, "while quiet, a probe every PING_QUIET"
+    w.restore()
+    w.run(1)
+    assert any(isinstance(e, LinkBack) for e in w.host_events)
+    assert cut_at - PING_IDLE <= quiet.since <= cut_at, "since the last word heard"
+
+
+def test_a_network_change_pings_at_once() -> None:
+    w = started()
+    w.run(30)
+    tokens = w.host._token
+    w.host.network_changed(w.clock.now)
+    w.run(0.02)
+    assert w.host._token == tokens + 1
 
 
 def test_silence_away_then_back_on_same_link() -> None:
     w = started()
     w.run(2)
     w.cut()
-    w.run(6)  # past HOST_SILENCE
-    assert w.relay is not None and w.relay.state is State.SILENT
+    w.run(HOST_SILENCE_IDLE - 3)  # an idle host pings every PING_IDLE: not yet away
+    assert w.relay is not None and w.relay.state is State.CONNECTED
+    w.run(3)
+    assert w.relay.state is State.SILENT
     assert w.relay_events[-1] == Presence(False, AWAY_TEXT)
     w.restore()
     w.run(1.5)
     assert w.relay.state is State.CONNECTED and w.relay_events[-1] == Presence(True, BACK_TEXT)
     assert w.host.state is State.CONNECTED and len(w.links) == 1
+
+
+def test_keys_waiting_for_a_silent_host_make_it_away_within_host_silence() -> None:
+    w = started()
+    w.run(30)  # idle, last heard up to PING_IDLE ago
+    w.cut()
+    w.run(1)
+    w.type(3)
+    w.run(HOST_SILENCE - 0.2)
+    assert w.relay is not None and w.relay.state is State.CONNECTED
+    w.run(0.5)
+    assert w.relay.state is State.SILENT and presence(w)[-1] is False
+    w.restore()
+    w.run(2)
+    assert presence(w)[-1] is True and w.received_keys == 3
 
 
 def test_a_quiet_link_carries_on_when_the_network_returns() -> None:
@@ -380,18 +486,19 @@ def test_relay_drops_a_superseded_links_stragglers() -> None:
 
 def test_relay_counts_activity_outside_receive_against_silence() -> None:
     """Over QUIC the link answers datagram pings itself: what it heard keeps the
-    host present, and once it stops the host is away within AWAY_CHECK."""
+    host present, and once it stops the host is away HOST_SILENCE_IDLE later."""
     ep = _relay_attached()
-    for t in range(1, 12):
+    for t in range(1, 40, 10):
         ep.note_activity(float(t))
         while (when := ep.next_timer()) is not None and when <= t:
             ep.handle_timer(when)
     assert ep.state is State.CONNECTED and ep.next_event() is None
-    ep.handle_timer(15.0)  # four seconds after the last ping: not yet
-    assert ep.state is State.CONNECTED and ep.next_timer() == 16.0
-    ep.handle_timer(16.0)
+    last = 31.0
+    ep.handle_timer(last + HOST_SILENCE_IDLE - 1)  # not yet
+    assert ep.state is State.CONNECTED and ep.next_timer() == last + HOST_SILENCE_IDLE
+    ep.handle_timer(last + HOST_SILENCE_IDLE)
     assert ep.state is State.SILENT and ep.next_event() == Presence(False, AWAY_TEXT)
-    ep.note_activity(16.5)
+    ep.note_activity(last + HOST_SILENCE_IDLE + 0.5)
     ep.handle_timer(ep.next_timer() or 0.0)
     assert ep.state is State.CONNECTED and ep.next_event() == Presence(True, BACK_TEXT)
 

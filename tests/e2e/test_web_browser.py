@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tether.testing.env import tether
 from tether.testing.proxy import TcpProxy
 
-from .helpers import Host, RelayProcess, free_port, wait_for
+from .helpers import Host, Mate, RelayProcess, free_port, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -135,3 +136,74 @@ def test_a_read_only_browser_shows_the_screen_and_types_nothing(
     finally:
         ro.close()
         rw.close()
+
+
+def test_the_page_names_the_session_and_shows_who_else_is_connected(
+    browser: Browser, shared: tuple[RelayProcess, Host, TcpProxy], tmp_path: Path
+) -> None:
+    _, host, proxy = shared
+    host.type("echo together-$((6*7))")
+    session = host.display("#{tether_session}")
+    assert session
+    rw = browser.new_page(viewport={"width": 900, "height": 600})
+    ro = browser.new_page(viewport={"width": 900, "height": 600})
+    viewer = Mate(tmp_path, host.ssh_ro, name="viewer")
+    try:
+        rw.goto(via(proxy, host.display("#{tether_web}")))
+        ro.goto(via(proxy, host.display("#{tether_web_ro}")))
+        wait_text(rw, "together-42")
+        wait_text(ro, "together-42")
+        viewer.wait_text("together-42")
+        assert rw.title() == f"tether: {session}"
+        assert ro.title() == f"tether: {session} (read-only)"
+        assert rw.inner_text("#name") == f"tether: {session}"
+        # the bar counts the others by kind and access; a click lists them
+        wait_for(lambda: rw.inner_text("#mates") == "2 others: 1 ssh ro, 1 web ro", 20,
+                 "the read-write page to count an ssh and a web viewer")
+        wait_for(lambda: ro.inner_text("#mates") == "2 others: 1 ssh ro, 1 web rw", 20,
+                 "the read-only page to count an ssh viewer and a web typist")
+        rw.click("#mates")
+        rows = rw.inner_text("#mate-list").splitlines()
+        assert len(rows) == 3
+        assert any(r.startswith("you · web · read-write · 127.0.0.1:") for r in rows), rows
+        assert any(r.startswith("mate ") and " · ssh · read-only · 127.0.0.1:" in r
+                   for r in rows), rows
+        # a read-only link may be posted widely: its viewers see no addresses
+        ro.click("#mates")
+        ro_rows = ro.inner_text("#mate-list").splitlines()
+        assert len(ro_rows) == 3 and "you · web · read-only" in ro_rows
+        assert not any("127.0.0.1" in r for r in ro_rows), ro_rows
+        # someone leaves: every page's list follows
+        viewer.close()
+        wait_for(lambda: rw.inner_text("#mates") == "1 other: 1 web ro", 20,
+                 "the page to see the ssh viewer leave")
+        wait_for(lambda: len(rw.inner_text("#mate-list").splitlines()) == 2, 10,
+                 "the list to lose the ssh viewer")
+    finally:
+        viewer.close()
+        rw.close()
+        ro.close()
+
+
+def test_a_kicked_browser_says_so_and_does_not_reconnect(
+    browser: Browser, shared: tuple[RelayProcess, Host, TcpProxy]
+) -> None:
+    _, host, proxy = shared
+    host.type("echo kick-me-$((6*7))")
+    page = browser.new_page(viewport={"width": 900, "height": 600})
+    try:
+        page.goto(via(proxy, host.display("#{tether_web_ro}")))
+        wait_text(page, "kick-me-42")
+        ids = wait_for(lambda: [ln.split()[0] for ln in tether(
+            host.env, "-S", host.sock, "list-mates").splitlines()[1:] if " web " in ln],
+            20, "the browser to be listed")
+        tether(host.env, "-S", host.sock, "kick-mate", ids[0])
+        wait_for(lambda: "the host disconnected you" in page.inner_text("#state"), 20,
+                 "the page to say the host disconnected it")
+        before = proxy.connections
+        time.sleep(2)  # the page's first retry would come within a second
+        assert proxy.connections <= before
+        assert "disconnected" in page.inner_text("#state")
+        assert "reconnecting" not in page.inner_text("#state")
+    finally:
+        page.close()

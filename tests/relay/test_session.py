@@ -16,6 +16,7 @@ from tether.core.messages import (
     Event,
     Hello,
     Input,
+    Mates,
     Message,
     Output,
     Ping,
@@ -140,9 +141,10 @@ async def test_host_link_welcome_acks_input_and_pings_go_out_by_channel() -> Non
     session.from_replica(Input(1, 0, 0, b"early"))  # typed while no host: kept
     t0 = time.monotonic()  # the session reads the clock for the replica's acks
     host, conn = attached(session, t0)
-    welcome, resent, resize = host.sent
+    welcome, resent, resize, mates = host.sent
     assert isinstance(welcome, Welcome) and welcome.session == "s"
     assert isinstance(resent, Input) and resent.keys == b"early" and resize == Resize(0, 0)
+    assert mates == Mates(())
     assert replica.presence_seen == []  # never told the host was away
     session.receive(snapshot(1), t0, conn)
     session.from_replica(Ack(1))

@@ -26,6 +26,7 @@ from tether.mirror.capture import (  # re-exported: they lived here (bench uses 
     split_confirm,
 )
 from tether.transport.link import Link
+from tether.transport.netwatch import NetWatch
 from tether.transport.reconnect import Connector
 from tether.transport.tmux import TmuxControl, TmuxError
 
@@ -103,12 +104,14 @@ class HostAgent:
         link = self.relay.link
         return self.status_line.text(
             link.kind if link is not None else None, self.endpoint.last_contact,
-            self.endpoint.rtt, self.relay.back,
+            self.endpoint.rtt, self.relay.back, self.endpoint.unanswered_since,
         )
 
     async def run(self) -> None:
         """Replicate until the tmux session ends; reconnect with backoff forever."""
         await self.side.start()
+        netwatch = NetWatch(self.relay.network_changed)
+        netwatch.start()
         poller = asyncio.create_task(self.side.poll(self.exited))
         connector = asyncio.create_task(self.relay.connect_loop())
         shower = asyncio.create_task(
@@ -124,6 +127,7 @@ class HostAgent:
             self.exited.set()
             await self._end()
         finally:
+            netwatch.close()
             poller.cancel()
             connector.cancel()
             shower.cancel()

@@ -28,6 +28,7 @@ from tether.core.session import (
     LinkBack,
     LinkDead,
     LinkQuiet,
+    MatesChanged,
     PeerClosed,
     ProtocolFailed,
     ResizeRequested,
@@ -40,6 +41,7 @@ from tether.transport.link import Link, LinkClosed, send_out
 from tether.transport.reconnect import Connector
 from tether.transport.tmux import TmuxError
 
+from .presence import Presence
 from .tmux_side import TmuxSide
 
 log = logging.getLogger("tether.host")
@@ -82,6 +84,8 @@ class RelaySide:
         self.side = tmux
         self.publish = publish
         self.exited = exited
+        self.presence = Presence(publish)
+        """Who is connected, as the relay last said (``tether list-mates``)."""
         self.link: Link | None = None
         """The link while welcomed on it (the status line shows it)."""
         self._next_link: Link | None = None
@@ -90,6 +94,8 @@ class RelaySide:
         SSH handshake then overlaps tmux starting)."""
         self.wake = asyncio.Event()  # the log grew: the sender sends
         self._poke = asyncio.Event()  # the endpoint may have events or a new timer
+        self._armed: float | None = None
+        """What the timer loop sleeps until."""
         self.ready = asyncio.Event()
         self.state_changed = asyncio.Event()
         self.transport = "connecting"
@@ -118,8 +124,19 @@ class RelaySide:
         can have made an event (``SnapshotNeeded``): then the timer loop looks,
         not on every pane output."""
         self.wake.set()
-        if self.ep.need_snapshot:
+        if self.ep.need_snapshot or self._timer_moved():
             self._poke.set()
+
+    def _timer_moved(self) -> bool:
+        """The endpoint's next timer is now earlier than the one slept on (an
+        idle host's slow ping, pulled in by output)."""
+        due = self.ep.next_timer()
+        return due is not None and (self._armed is None or due < self._armed)
+
+    def network_changed(self) -> None:
+        """The host's addresses or routes changed (``netwatch``): ping now."""
+        self.ep.network_changed(time.monotonic())
+        self._poke.set()
 
     # --- one connection ----------------------------------------------------------
 
@@ -173,6 +190,8 @@ class RelaySide:
             elif isinstance(event, Welcomed):
                 self.connector.learn(event.welcome)
                 self._announce(event.welcome, event.announce)
+            elif isinstance(event, MatesChanged):
+                self._mates_changed(event)
             elif isinstance(event, PeerClosed) and self._failure is None:
                 self._failure = LinkClosed(event.reason)
             elif isinstance(event, ProtocolFailed) and self._failure is None:
@@ -216,6 +235,7 @@ class RelaySide:
                 self.ep.handle_timer(now)
                 self._flush(link)
                 continue
+            self._armed = due
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), None if due is None else due - now)
 
@@ -228,6 +248,8 @@ class RelaySide:
             await self._apply_input(event.input)
         elif isinstance(event, ResizeRequested):
             self.side.apply_resize(event.cols, event.rows)
+        elif isinstance(event, MatesChanged):
+            self._mates_changed(event)
         elif isinstance(event, LinkQuiet):
             self.outage_since = event.since
             self.state_changed.set()
@@ -290,6 +312,21 @@ class RelaySide:
             return
         self._applying = asyncio.ensure_future(self.side.apply_input(msg))
         await asyncio.shield(self._applying)
+
+    def _mates_changed(self, event: MatesChanged) -> None:
+        """Say who joined and left; ``@tether_mates`` counts who is connected."""
+        self.presence.update(event.mates)
+        self.side.tmux.send(f"set -g @tether_mates {len(self.presence.mates)}")
+
+    def kick(self, mate: int) -> bool:
+        """Ask the relay to disconnect a mate (``tether kick-mate``); False while
+        there is no link to ask on."""
+        link = self.link
+        if link is None or not self.ep.kick(mate):
+            return False
+        with contextlib.suppress(LinkClosed):
+            self._flush(link)
+        return True
 
     def _on_welcome(self, link: Link, event: Welcomed) -> None:
         self._welcomed = True

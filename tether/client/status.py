@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable
 
@@ -14,6 +15,15 @@ QUIET_AFTER = 2.5
 """Seconds without a word from the relay before the status line says so."""
 BACK_SHOWN = 10.0
 """Seconds the status line tells how the last outage ended."""
+_OWN = re.compile(r"\[tether[^\]\n]*\] ")
+
+
+def without_own(status_right: str) -> str:
+    """The host's rendered status-right less the link state ``show`` put at
+    its left: that state is the host's link, not the mates', and its RTT figure
+    would otherwise be a replicated status change at every ping."""
+    m = _OWN.match(status_right)
+    return status_right[m.end():] if m else status_right
 
 
 class StatusLine:
@@ -28,13 +38,16 @@ class StatusLine:
         last_contact: float,
         rtt: float | None,
         back: tuple[float, str, float] | None = None,
+        unanswered: float | None = None,
     ) -> str:
         """``kind``: the link's (``ssh``/``quic``), None while there is none;
-        ``back``: the last outage's length, how it ended, and when."""
+        ``back``: the last outage's length, how it ended, and when;
+        ``unanswered``: since when the relay has not answered a ping (an idle
+        host pings seldom, so the last contact alone may be long ago)."""
         now = time.monotonic()
         if kind is not None:
             quiet = now - last_contact
-            if quiet > QUIET_AFTER:
+            if unanswered is not None and now - unanswered > QUIET_AFTER:
                 return f"[tether {kind}: last contact {quiet:.0f}s ago]"
             if back is not None and now - back[2] < BACK_SHOWN:
                 return f"[tether {kind}: back after {back[0]:.0f}s, {back[1]}]"

@@ -47,6 +47,8 @@ from tether.mirror.capture import (
 )
 from tether.transport.tmux import TmuxControl, TmuxError, tmux_cmd
 
+from .status import without_own
+
 log = logging.getLogger("tether.host")
 
 FLOOD_WINDOW = 0.1
@@ -408,7 +410,9 @@ class TmuxSide:
         return changed
 
     async def _read_status(self) -> Status:
-        return parse_status(await self.tmux.run(status_cmd(self.session_name)))
+        status = parse_status(await self.tmux.run(status_cmd(self.session_name)))
+        return Status(tuple((k, without_own(v) if k == "status-right" else v)
+                            for k, v in status.options))
 
     async def poll(self, exited: asyncio.Event) -> None:
         """Status line every second, key bindings every few seconds, when changed."""

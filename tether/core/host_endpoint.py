@@ -44,8 +44,12 @@ from .session import (
     PING_EVERY,
     PING_IDLE,
     PING_QUIET,
+    PING_RETRY,
+    PING_START,
     PINGS_KEPT,
+    PROVEN_PONGS,
     QUIET_AFTER,
+    QUIET_MISSES,
     RTT_WEIGHT,
     SEND_CHUNK,
     Channel,
@@ -114,6 +118,18 @@ class HostEndpoint(Machine):
         self._next_ping: float | None = None
         self._token = 0
         self._pings: dict[int, float] = {}
+        self._pinged = 0.0
+        """When the last ping went out."""
+        self._awaiting = False
+        """A ping is out and nothing was heard since it went."""
+        self._ping_now = False
+        """Ping at the next timer whatever the interval (``network_changed``)."""
+        self._misses = 0
+        """Pings in a row after which nothing was heard before the next."""
+        self._first_miss = 0.0
+        """When the first of those went out."""
+        self._pongs = 0
+        """Pongs on this link (``PROVEN_PONGS``)."""
         self._input_ack: InputAck | None = None
         self._ack_at: float | None = None
         self._snapshot_asked = False
@@ -175,7 +191,7 @@ class HostEndpoint(Machine):
     def append(self, body: EventBody, now: float) -> int | None:
         """Log one event (None: dropped, a snapshot is owed and will carry it)."""
         if isinstance(body, Output):
-            self.last_busy = now
+            self._busy(now)
         seq = self.log.append(body)
         self._ask_snapshot()
         return seq
@@ -200,7 +216,22 @@ class HostEndpoint(Machine):
 
     def note_busy(self, now: float) -> None:
         """Output or typing the log did not see (e.g. a muted pane): pings stay fast."""
+        self._busy(now)
+
+    def _busy(self, now: float) -> None:
+        """Pings come fast while busy: an idle host's next ping may be
+        ``PING_IDLE`` away, and a path that died meanwhile must show soon."""
         self.last_busy = now
+        if self._next_ping is not None and self._next_ping > now + PING_EVERY:
+            self._next_ping = now + PING_EVERY
+
+    def network_changed(self, now: float) -> None:
+        """The host's addresses or routes changed: ping now, so the relay learns
+        the new path (QUIC migrates on it) before a mate's key needs it."""
+        if self.state is State.CONNECTED:
+            self._busy(now)
+            self._ping_now = True
+            self._next_ping = now
 
     def note_activity(self, now: float) -> None:
         """The transport heard the relay outside ``receive`` (QUIC ``last_activity``)."""
@@ -218,7 +249,20 @@ class HostEndpoint(Machine):
         self._emit(LinkBack(now - since))
         if self.log.jump(JUMP_BYTES):
             self._ask_snapshot()
+        self._awaiting = False
+        self._misses = 0
         self._next_ping = now + self._ping_interval(now)
+
+    @property
+    def unanswered_since(self) -> float | None:
+        """When the oldest ping the relay has not answered went out (None: it
+        answered the last one, or none is out): an idle host pings every
+        ``PING_IDLE``, so the last contact alone says little."""
+        if self.state is not State.CONNECTED or not self._awaiting:
+            return None
+        if max(self.last_contact, self._activity or 0.0) >= self._pinged:
+            return None
+        return self._first_miss if self._misses else self._pinged
 
     @property
     def quiet(self) -> bool:
@@ -292,6 +336,9 @@ class HostEndpoint(Machine):
         self.rtt = None
         self._token = 0
         self._pings.clear()
+        self._pongs = self._misses = 0
+        self._awaiting = self._ping_now = False
+        self._pinged = now
         self._next_ping = now + self._ping_interval(now)
         self._emit(Welcomed(welcome, announce or new_session, new_session))
         self._ask_snapshot()
@@ -301,7 +348,7 @@ class HostEndpoint(Machine):
         if isinstance(msg, Ack):
             self.log.on_ack(msg.seq)
         elif isinstance(msg, Input):
-            self.last_busy = now
+            self._busy(now)
             if self.inputs.accept(msg):
                 self._emit(InputReceived(msg))
             self._input_ack = InputAck(msg.stream, msg.seq)  # a resend is acked again
@@ -314,6 +361,7 @@ class HostEndpoint(Machine):
         elif isinstance(msg, Pong):
             sent = self._pings.pop(msg.token, None)
             if sent is not None:
+                self._pongs += 1
                 sample = now - sent
                 old = self.rtt
                 self.rtt = sample if old is None else (1 - RTT_WEIGHT) * old + RTT_WEIGHT * sample
@@ -361,20 +409,50 @@ class HostEndpoint(Machine):
             self._ping(now)
 
     def _ping(self, now: float) -> None:
-        """Ping; past QUIET_AFTER of silence say so (``LinkQuiet``) and go on
-        pinging, faster: the link is never given up for silence alone."""
+        """The ping timer. A ping heard back (anything from the relay counts)
+        rearms at the interval; one unanswered is retried within about two
+        round trips. ``QUIET_MISSES`` unanswered in a row, over ``QUIET_AFTER``
+        at least, make the link quiet (``LinkQuiet``), and pinging goes on: the
+        link is never given up for silence alone."""
+        heard = max(self.last_contact, self._activity or 0.0)
+        if self._awaiting:
+            if heard >= self._pinged:
+                self._awaiting = False
+                self._misses = 0
+            else:
+                if self._misses == 0:
+                    self._first_miss = self._pinged
+                self._misses += 1
+        if not self._awaiting and not self._ping_now:
+            due = self._pinged + self._ping_interval(now)
+            if due > now:
+                self._next_ping = due
+                return
+        self._ping_now = False
         self._token += 1
         self._pings[self._token] = now
         self._pings.pop(self._token - PINGS_KEPT, None)
         self._send(Ping(self._token), Channel.DATAGRAM)
-        heard = max(self.last_contact, self._activity or 0.0)
-        if self.quiet_since is None and now - heard > QUIET_AFTER:
+        self._pinged = now
+        self._awaiting = True
+        if (
+            self.quiet_since is None
+            and self._misses >= QUIET_MISSES
+            and now - self._first_miss >= QUIET_AFTER
+        ):
             self.quiet_since = heard
             self._emit(LinkQuiet(heard))
-        self._next_ping = now + self._ping_interval(now)
+        if self.quiet_since is not None:
+            wait = PING_QUIET
+        else:
+            retry = min(max(PING_RETRY, 2 * (self.rtt or 0.0)), PING_EVERY)
+            wait = min(retry, self._ping_interval(now))
+        self._next_ping = now + wait
 
     def _ping_interval(self, now: float) -> float:
+        """Between two pings answered: fast while busy, slow once idle."""
         if self.quiet_since is not None:
             return PING_QUIET
-        idle = self.last_busy is None or now - self.last_busy > IDLE_AFTER
-        return PING_IDLE if idle else PING_EVERY
+        if self.last_busy is not None and now - self.last_busy <= IDLE_AFTER:
+            return PING_EVERY
+        return PING_IDLE if self._pongs >= PROVEN_PONGS else PING_START

@@ -50,6 +50,7 @@ from .session import (
     HELLO_TIMEOUT,
     HOST_AWAY_TIMEOUT,
     HOST_SILENCE,
+    HOST_SILENCE_IDLE,
     MIN_WAIT,
     PING_BURST,
     PING_RATE,
@@ -199,6 +200,8 @@ class RelayHostEndpoint(Machine):
         self._activity: float | None = None
         self._pings = TokenBucket(PING_RATE, PING_BURST, 0.0)
         self._silence_at: float | None = None
+        self._waiting: float | None = None
+        """Since when mates' keys wait for the host's ack (None: all acked)."""
         self._ack_at: float | None = None
         self._resync_owed = False
         self.mates: tuple[MateInfo, ...] = ()
@@ -237,7 +240,8 @@ class RelayHostEndpoint(Machine):
         self.heard = now
         self._activity = None
         self._pings = TokenBucket(PING_RATE, PING_BURST, now)
-        self._silence_at = now + HOST_SILENCE
+        self._waiting = now if self.inputs.unacked() else None
+        self._silence_at = self._silence_due(now)
         w = self.welcome
         self._send(
             Welcome(
@@ -249,8 +253,7 @@ class RelayHostEndpoint(Machine):
         for msg in self.inputs.unacked():
             self._send(msg)
         self._send(Resize(*self.size))
-        if self.mates:
-            self._send(Mates(self.mates))
+        self._send(Mates(self.mates))  # even empty: a re-created session forgot them
         if self._resync_owed:
             self._resync_owed = False
             self._send(Resync())
@@ -298,6 +301,10 @@ class RelayHostEndpoint(Machine):
     ) -> Input:
         """A mate typed: number it; the host gets it now or after it reconnects."""
         msg = self.inputs.push(pane, keys, binding)
+        if self._waiting is None:
+            self._waiting = now
+            if self.state is State.CONNECTED and self._silence_at is not None:
+                self._silence_at = min(self._silence_at, self._silence_due(self.heard))
         if self.connected:
             self._send(msg)
         return msg
@@ -333,7 +340,7 @@ class RelayHostEndpoint(Machine):
         if not self.connected or (conn is not None and conn != self.conn):
             return  # a straggler from a link being closed
         self.heard = now
-        self._silence_at = now + HOST_SILENCE
+        self._silence_at = self._silence_due(now)
         if self.state is State.SILENT:
             self._go("heard")
             self._back()
@@ -352,6 +359,7 @@ class RelayHostEndpoint(Machine):
         elif isinstance(msg, InputAck):
             if msg.stream == self.inputs.stream:
                 self.inputs.on_ack(msg.seq)
+                self._waiting = None if self.inputs.acked + 1 >= self.inputs.next_seq else now
         elif isinstance(msg, Ping):
             if not self._pings.allow(1, now):
                 raise RemoteProtocolError(
@@ -408,11 +416,21 @@ class RelayHostEndpoint(Machine):
             self._go("end")
             self._emit(SessionExpired())
 
+    def _silence_due(self, heard: float) -> float:
+        """When a host last heard at ``heard`` counts as away: ``HOST_SILENCE``
+        after mates' keys began to wait for it, else ``HOST_SILENCE_IDLE`` (an
+        idle host pings every ``PING_IDLE``)."""
+        due = heard + HOST_SILENCE_IDLE
+        if self._waiting is not None:
+            due = min(due, max(heard, self._waiting) + HOST_SILENCE)
+        return due
+
     def _check_silence(self, now: float) -> None:
-        """The host's silence: away after HOST_SILENCE of
-        nothing (hosts ping at least once a second), checked every AWAY_CHECK."""
+        """The host's silence: away once ``_silence_due``, checked every
+        ``AWAY_CHECK`` while away."""
         self.heard = max(self.heard, self._activity or 0.0)
-        quiet = now - self.heard >= HOST_SILENCE
+        due = self._silence_due(self.heard)
+        quiet = now >= due
         if quiet and self.state is State.CONNECTED:
             self._go("quiet")
             self._away()
@@ -428,4 +446,4 @@ class RelayHostEndpoint(Machine):
         if self.state is State.SILENT:
             self._silence_at = now + AWAY_CHECK
         else:
-            self._silence_at = now + max(HOST_SILENCE - (now - self.heard), MIN_WAIT)
+            self._silence_at = max(due, now + MIN_WAIT)

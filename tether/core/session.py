@@ -27,15 +27,30 @@ from .records import Record
 # --- timer values: today's, so the wire does not change ------------------------
 
 PING_EVERY = 0.5
-"""Host ping interval while busy (host.py ``PING_EVERY``)."""
-PING_IDLE = 1.0
-"""Host ping interval once idle (host.py ``PING_IDLE``)."""
+"""Host ping interval while busy (typing or output in the last ``IDLE_AFTER``)."""
+PING_START = 1.0
+"""Host ping interval while idle, until ``PROVEN_PONGS`` pongs proved the path."""
+PING_IDLE = 10.0
+"""Host ping interval once idle on a proven path. It keeps NAT mappings open
+(30 s is about the shortest UDP timeout of home routers) and costs an idle
+session about 10 bytes a second each way and the relay one ping in ten
+seconds. Output or mate input makes the host busy, and its next ping comes
+within ``PING_EVERY``; a change of the host's addresses pings at once."""
+PROVEN_PONGS = 3
+"""Pongs on a link before its idle pings slow to ``PING_IDLE``."""
 IDLE_AFTER = 5.0
 """Seconds without typing or output before the host pings at ``PING_IDLE``."""
+PING_RETRY = 0.25
+"""Least time before a ping whose predecessor went unanswered (a lost ping
+or pong is retried within about two round trips, not a whole interval on)."""
 QUIET_AFTER = 2.0
-"""Seconds without a word from the relay before the host looks for another way
-to it, beside the link, which it keeps: the next packet that gets through on it
+"""Seconds of unanswered pings before the host looks for another way to the
+relay, beside the link, which it keeps: the next packet that gets through on it
 carries on (a QUIC connection survives address changes and long silences)."""
+QUIET_MISSES = 6
+"""Unanswered pings in a row, with ``QUIET_AFTER`` at least, that make a link
+quiet: at 30% loss each way half of all pongs are lost, and elapsed time alone
+raced a new link every half minute."""
 PING_QUIET = 0.5
 """Host ping interval while the link is quiet: each ping is a probe that finds
 the path again (a QUIC connection moves to the host's new address on it)."""
@@ -55,7 +70,11 @@ RTT_WEIGHT = 0.2
 SEND_CHUNK = 256 * 1024
 """Event bytes the host hands out per batch before draining (host.py ``_send_loop``)."""
 HOST_SILENCE = 5.0
-"""Seconds without a word from a host before its mates are told it is away."""
+"""Seconds a host may leave mates' keys unacknowledged (it is busy then, and
+pings every ``PING_EVERY``) before they are told it is away."""
+HOST_SILENCE_IDLE = 15.0
+"""Seconds without a word from an idle host before its mates are told it is
+away: past ``PING_IDLE`` and the retries of a lost ping."""
 AWAY_GRACE = 1.0
 """How long after a host's link ends mates are told it is away: a host moving to
 another link (SSH to QUIC) closes the old one just before the new one says Hello."""

@@ -35,7 +35,7 @@ from tether.core.ratelimit import FailureBackoff, TokenBucket
 from tether.transport.link import Link, LinkClosed, send_out
 
 from .config import RelayConfig
-from .mates import MAX_HOLD, clamp_size
+from .mates import MAX_HOLD, clamp_size, display_address
 from .registry import Registry
 from .session import Mate, Session
 
@@ -46,6 +46,22 @@ INPUT_BURST = 64 * 1024.0
 """Bytes of keys a join client may send a second, and in a burst (a paste)."""
 MAX_RESUMES = 4096
 """Join places the relay remembers across all sessions (each ends with its session)."""
+KICKED_JOIN_TEXT = "tether: the host ended the session for you (the host disconnected you)"
+"""What a join client the host disconnected is told: the client ends (and does not
+resume) on a notice that starts as the one of an ended session."""
+KICK_GRACE = 1.0
+"""How long the notice to a disconnected join client gets before its link is
+closed (QUIC's drain says only that it left the send buffer)."""
+_KICKS: set[asyncio.Task[None]] = set()
+
+
+async def _bye(link: Link) -> None:
+    """Tell a disconnected join client why, then close its link."""
+    with contextlib.suppress(LinkClosed, TimeoutError, ConnectionError):
+        link.send_nowait(Notice(KICKED_JOIN_TEXT))
+        await asyncio.wait_for(link.drain(), KICK_GRACE)
+        await asyncio.sleep(KICK_GRACE / 2)
+    link.close()
 
 
 def _key(resume: bytes) -> bytes:
@@ -124,7 +140,8 @@ class Joins:
             return
         join = await self._first(link)
         session, readonly = found
-        place = self._resumed(join, session) or self._new_place(session, readonly)
+        place = self._resumed(join, session) or self._new_place(
+            session, readonly, peer, getattr(link, "fingerprint", ""))
         if place is None:
             link.send_nowait(Error("this session has too many mates connected"))
             return
@@ -183,7 +200,9 @@ class Joins:
             return None
         return place
 
-    def _new_place(self, session: Session, readonly: bool) -> Place | None:
+    def _new_place(
+        self, session: Session, readonly: bool, peer: str = "", fingerprint: str = ""
+    ) -> Place | None:
         self._forget_gone(session)
         if len(session.mates) + session.joining >= self.config.max_mates:
             return None
@@ -191,15 +210,19 @@ class Joins:
             self._forget_ended()
             if len(self._places) >= MAX_RESUMES:
                 return None
-        mate = Mate(next(self._ids), readonly, 80, 24)
+        mate = Mate(next(self._ids), readonly, 80, 24, kind="join",
+                    address=display_address(peer), fingerprint=fingerprint)
         resume = secrets.token_bytes(32)
         ep = RelayJoinEndpoint(session.id, mate.id, readonly, resume, session.cache,
                                self.quic, self.quic_fingerprint)
         place = Place(session, ep, mate)
         self._places[_key(resume)] = place
-        session.mates[mate.id] = mate
+        mate.kick = lambda: self._kick(place)
         session.joins += 1
         session.subscribe(place.feed)
+        # listed while its place is held, links or not (``Mate.away`` marks a
+        # link that is down): the same mate, coming back, is no newcomer
+        session.add_mate(mate)
         return place
 
     def _forget_gone(self, session: Session) -> None:
@@ -220,10 +243,23 @@ class Joins:
         """The client is gone for good (its session ended)."""
         session = place.session
         session.unsubscribe(place.feed)
-        if session.mates.pop(place.mate.id, None) is not None:
+        if session.remove_mate(place.mate.id) is not None:
             session.joins -= 1
             session.resize()
         self._places.pop(_key(place.ep.resume), None)
+
+    def _kick(self, place: Place) -> None:
+        """The host disconnects this client: its place ends (a resume finds none)
+        and the client is told the session is over for it, so it does not come
+        back; the token stays valid."""
+        link = place.link
+        place.ep.connection_lost()  # nothing more it sends is taken, not a key
+        place.link = place.feed.link = None
+        self.leave(place)
+        if link is not None:
+            task = asyncio.ensure_future(_bye(link))
+            _KICKS.add(task)
+            task.add_done_callback(_KICKS.discard)
 
     # --- one link ------------------------------------------------------------------------
 
@@ -233,6 +269,11 @@ class Joins:
             place.link.close()  # superseded: the client came back another way
         place.link = place.feed.link = link
         place.left_at = None
+        mate = place.mate
+        address = display_address(peer)
+        if mate.away or mate.address != address:  # back, or moved: the list says so
+            mate.away, mate.address = False, address
+            session.mates_changed()
         conn = ep.attach(join, time.monotonic())
         log.info("join mate %d (%s) on session %s from %s via %s", ep.mate,
                  "read-only" if ep.readonly else "read-write", session.id, peer,
@@ -258,6 +299,9 @@ class Joins:
             if place.link is link:
                 place.link = place.feed.link = None
                 place.left_at = time.monotonic()
+                if place.mate.id in session.mates and not session.ended:
+                    place.mate.away = True
+                    session.mates_changed()
             if session.ended:
                 self.leave(place)
 
@@ -270,8 +314,7 @@ class Joins:
             if isinstance(ev, MateTyped):
                 if not place.input.allow(len(ev.keys) + 1, now):
                     continue  # over its rate: dropped, as for ssh mates
-                session.ep.send_input(ev.pane, ev.keys, ev.binding, now)
-                session.flush(now)
+                session.send_input(ev.pane, ev.keys, ev.binding, now)
             elif isinstance(ev, MateResized):
                 place.mate.cols, place.mate.rows = clamp_size(ev.cols, ev.rows)
                 session.resize()

@@ -45,6 +45,19 @@ the session. 1000x500 is past a 4K screen at a small font."""
 MATE_WAIT_SCREEN = 10.0
 """How long a mate joining a brand-new session waits for the host's first
 screen before attaching anyway (to a replica that says it is waiting)."""
+KICKED_TEXT = "tether: the host disconnected you"
+EXIT_KICKED = 4
+"""The exit status of a mate the host disconnected (``tether kick-mate``): its
+ssh exits with it, and the web front closes with 4004 for it
+(``transport.web.EXIT_KICKED``, which must equal this)."""
+
+
+def display_address(peer: str) -> str:
+    """A peer's ``address:port`` as people write it (``[2001:db8::1]:22`` for IPv6)."""
+    host, _, port = peer.rpartition(":")
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return peer
 
 
 def clamp_size(cols: int, rows: int) -> tuple[int, int]:
@@ -59,6 +72,10 @@ class Terminal(Protocol):
     """The session token the mate presented (an SSH user name, a URL's part)."""
     peer: str
     """"address:port": failed tokens are counted per address."""
+    kind: str
+    """``ssh`` or ``web``, as the host's list of mates shows it."""
+    fingerprint: str
+    """``SHA256:...`` of the SSH key the mate proved (sessions with ``-a``), or ""."""
     term: str
     """TERM for the tmux client; empty: no terminal, which is refused."""
     cols: int
@@ -109,10 +126,13 @@ class Mates:
             session.joining -= 1
         if mate is None:
             return
-        session.mates[mate.id] = mate  # no await since the count above
+        mate.kind = getattr(term, "kind", "ssh")
+        mate.address = display_address(term.peer)
+        mate.fingerprint = getattr(term, "fingerprint", "")
         log.info(
-            "mate %d (%s) joined session %s from %s",
+            "mate %d (%s, %s) joined session %s from %s",
             mate.id,
+            mate.kind,
             "read-only" if readonly else "read-write",
             session.id,
             term.peer,
@@ -171,25 +191,40 @@ class Mates:
                 )
 
     async def _serve(self, session: Session, term: Terminal, mate: Mate) -> None:
-        """Pump an attached mate until either side leaves, then let it go."""
-        session.resize()
+        """Pump an attached mate until either side leaves (or the host disconnects
+        it), then let it go."""
 
         def on_resize() -> None:
             if not session.ended and mate.id in session.mates:
                 session.resize()
 
+        pump = Pump(term, mate, self.config.mate_input_rate, on_resize)
+        mate.kick = pump.kick
+        show = getattr(term, "show_mates", None)  # a browser's page lists the mates
+        if show is not None:
+            mate.show = lambda infos: show(mate.id, infos)
+        # listed only now, with no await since the mate limit counted it: a kick
+        # from here on finds its pump
+        session.add_mate(mate)
+        session.resize()
         try:
-            await Pump(term, mate, self.config.mate_input_rate, on_resize).run()
+            await pump.run()
         finally:
-            session.mates.pop(mate.id, None)
+            session.remove_mate(mate.id)
             with contextlib.suppress(OSError):
                 os.close(mate.fd)
             session.resize()
-            if session.ended:
+            status = 0
+            if pump.kicked:
+                term.write(f"\r\n{KICKED_TEXT}.\r\n".encode())
+                await term.drain()
+                status = EXIT_KICKED
+            elif session.ended:
                 term.write(b"\r\ntether: the host ended the session.\r\n")
                 await term.drain()
-            term.exit(0)
-            log.info("mate %d left session %s", mate.id, session.id)
+            term.exit(status)
+            log.info("mate %d left session %s%s", mate.id, session.id,
+                     " (disconnected by the host)" if pump.kicked else "")
 
 
 class Pump:
@@ -215,6 +250,14 @@ class Pump:
         self.tasks: set[asyncio.Task[None]] = set()
         self.bucket = TokenBucket(input_rate, 4 * input_rate, time.monotonic())
         self.drawn = asyncio.Event()
+        self.kicked = False
+        """The host disconnected this mate (``kick``)."""
+
+    def kick(self) -> None:
+        """The host disconnects the mate: the pump ends as if it had left."""
+        self.kicked = True
+        if not self.done.done():
+            self.done.set_result(None)
 
     async def run(self) -> None:
         """Until the mate leaves or its tmux client ends."""

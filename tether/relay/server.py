@@ -239,7 +239,7 @@ class Relay:
         if found is None:
             return None
         session, readonly = found
-        return Access(readonly, KEYS_ONLY if session.mate_keys else "")
+        return Access(readonly, KEYS_ONLY if session.mate_keys else "", session.id)
 
     async def _on_quic(self, link: quic.QuicLink) -> None:
         """A QUIC connection's first message says who it is: a host resuming its

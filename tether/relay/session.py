@@ -15,14 +15,27 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field
 from typing import Protocol
 
 from tether.core.join_endpoint import SnapshotCache
-from tether.core.messages import Ack, Error, Event, Hello, Input, Message, Snapshot, Status
+from tether.core.limits import MAX_ITEMS
+from tether.core.messages import (
+    Ack,
+    Binding,
+    Error,
+    Event,
+    Hello,
+    Input,
+    MateInfo,
+    Message,
+    Snapshot,
+    Status,
+)
 from tether.core.ratelimit import TokenBucket
 from tether.core.relay_endpoint import RelayHostEndpoint
-from tether.core.session import EventReceived, Presence, SessionEvent
+from tether.core.session import EventReceived, KickRequested, Presence, SessionEvent
 from tether.transport.link import Link, LinkClosed, send_out
 
 log = logging.getLogger("tether.relay")
@@ -68,6 +81,13 @@ class Replica(Subscriber, Protocol):
         ...
 
 
+MORE = "more"
+"""The kind of the last entry of a mate list cut at ``MAX_ITEMS``: not a mate
+(its id is 0, which no mate has), its address says how many were left out."""
+
+MatesShown = Callable[[tuple[MateInfo, ...]], None]
+
+
 @dataclass
 class Mate:
     id: int
@@ -75,6 +95,32 @@ class Mate:
     cols: int
     rows: int
     fd: int = -1
+    kind: str = "ssh"
+    """``ssh``, ``join`` or ``web``: how the mate is connected."""
+    address: str = ""
+    """Where it connects from (``203.0.113.5:40122``), for the host's list."""
+    fingerprint: str = ""
+    """``SHA256:...`` of the SSH key it authenticated with (sessions with ``-a``)."""
+    away: bool = False
+    """A join client whose link is down while its place is held: still listed."""
+    kick: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    """Disconnects this mate (set by its role); None: it cannot be (yet)."""
+    show: MatesShown | None = field(default=None, repr=False, compare=False)
+    """Shows the session's mate list to this mate (a browser's page), on every change."""
+
+    def info(self) -> MateInfo:
+        address = f"{self.address} (link down)" if self.away else self.address
+        return MateInfo(self.id, self.kind, self.readonly, address, self.fingerprint)
+
+
+def mate_list(mates: dict[int, Mate]) -> tuple[MateInfo, ...]:
+    """Every mate by id, cut to fit one message: past ``MAX_ITEMS`` the first
+    ones, then an entry of kind ``MORE`` saying how many more there are."""
+    infos = [mates[k].info() for k in sorted(mates)]
+    if len(infos) > MAX_ITEMS:
+        left = len(infos) - (MAX_ITEMS - 1)
+        infos = [*infos[: MAX_ITEMS - 1], MateInfo(0, MORE, True, f"{left} more not listed")]
+    return tuple(infos)
 
 
 def status_rows(status: Status) -> int:
@@ -194,6 +240,8 @@ class Session:
                 self._fan_out(ev.event)
             elif isinstance(ev, Presence):
                 self.presence(ev.present, ev.text)
+            elif isinstance(ev, KickRequested):
+                self.kick(ev.mate)
             else:
                 left.append(ev)
         return left
@@ -248,6 +296,16 @@ class Session:
 
     # --- back to the host -------------------------------------------------------
 
+    def send_input(self, pane: int, keys: bytes, binding: Binding | None, now: float) -> None:
+        """A mate's keys to the host; the timer loop rearms when the host's
+        silence now counts sooner (keys wait for it)."""
+        before = self.ep.next_timer()
+        self.ep.send_input(pane, keys, binding, now)
+        self.flush(now)
+        after = self.ep.next_timer()
+        if after is not None and (before is None or after < before):
+            self.wake.set()
+
     def from_replica(self, msg: Message) -> None:
         """What the replica worker says: acks, mates' keys, complaints."""
         now = time.monotonic()
@@ -258,13 +316,48 @@ class Session:
             if self.ep.next_timer() != before:
                 self.wake.set()
         elif isinstance(msg, Input):
-            self.ep.send_input(msg.pane, msg.keys, msg.binding, now)
-            self.flush(now)
+            self.send_input(msg.pane, msg.keys, msg.binding, now)
         elif isinstance(msg, Error):
             # the worker is jailed because it may be hostile: its words are data,
             # and it may not flood the relay's log
             if self.worker_log.allow(1, now):
                 log.warning("session %s: %s", self.id, ascii(msg.message[:300]))
+
+    # --- presence: who is connected, for the host and the mates' pages ----------------
+
+    def add_mate(self, mate: Mate) -> None:
+        """``mate`` is connected: listed for the host and every watching mate."""
+        self.mates[mate.id] = mate
+        self.mates_changed()
+
+    def remove_mate(self, mate_id: int) -> Mate | None:
+        """The mate is gone (None: it was not listed)."""
+        mate = self.mates.pop(mate_id, None)
+        if mate is not None:
+            self.mates_changed()
+        return mate
+
+    def mates_changed(self) -> None:
+        """Tell the host (now, and again on its next reconnect) and the mates who
+        watch the list who is connected; a mate's details changed or the set did."""
+        infos = mate_list(self.mates)
+        self.ep.set_mates(infos)
+        self.flush(time.monotonic())
+        for mate in list(self.mates.values()):
+            if mate.show is not None:
+                mate.show(infos)
+
+    def kick(self, mate_id: int) -> bool:
+        """The host asked to disconnect a mate: its connection ends, its token stays
+        valid. An id no listed mate has (gone already, or never was) is ignored."""
+        mate = self.mates.get(mate_id)
+        if mate is None or mate.kick is None:
+            log.info("session %s: the host asked to disconnect mate %d, which is not "
+                     "connected; ignored", self.id, mate_id)
+            return False
+        log.info("session %s: the host disconnected mate %d (%s)", self.id, mate_id, mate.kind)
+        mate.kick()
+        return True
 
     def resize(self) -> None:
         """Window size follows the smallest read-write mate; read-only mates never count."""

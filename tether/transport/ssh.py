@@ -98,9 +98,12 @@ class SSHLink(StreamLink):
         writer: asyncssh.SSHWriter[bytes],
         description: str,
         on_close: Callable[[], None] | None = None,
+        fingerprint: str = "",
     ) -> None:
         super().__init__(reader, writer, description)
         self._on_close = on_close
+        self.fingerprint = fingerprint
+        """A join client's key (``SHA256:...``), if the session asked for one."""
 
     def _closing(self) -> bool:
         return bool(self._writer.channel.is_closing())
@@ -144,6 +147,9 @@ class MateTerminal:
     cols: int
     rows: int
     process: asyncssh.SSHServerProcess[bytes]
+    fingerprint: str = ""
+    """``SHA256:...`` of the key the mate authenticated with (none: no key asked)."""
+    kind: str = "ssh"
 
     async def read(self) -> bytes | tuple[int, int]:
         """Typed bytes, a new ``(cols, rows)`` on resize, or b'' at the end."""
@@ -234,7 +240,12 @@ class _RelaySSHServer(BoundedServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         if username != HOST_USER:
             allowed = self._mate_keys(username) if self._mate_keys else None
-            return bool(allowed) and key.public_data in allowed  # type: ignore[operator]
+            ok = bool(allowed) and key.public_data in allowed  # type: ignore[operator]
+            if ok and self.conn is not None:
+                # asyncssh validates the key again just before checking its
+                # signature: the last one set is the key the mate proved
+                self.conn.set_extra_info(tether_mate_key=fingerprint(key))
+            return ok
         if self._key_check is not None and not self._key_check(key):
             return False
         if self.conn is not None:
@@ -332,8 +343,10 @@ async def _serve(
             link.close()
             process.exit(0)
             return
+        mate_key = process.get_extra_info("tether_mate_key") or ""
         if process.subsystem == SUBSYSTEM and on_join is not None:
-            link = SSHLink(process.stdin, process.stdout, f"ssh {peer_s}")
+            link = SSHLink(process.stdin, process.stdout, f"ssh {peer_s}",
+                           fingerprint=mate_key)
             await on_join(link, user, peer_s)
             link.close()
             process.exit(0)
@@ -344,7 +357,7 @@ async def _serve(
             return
         term = process.get_terminal_type()
         cols, rows, _, _ = process.get_terminal_size()
-        mate = MateTerminal(user, peer_s, term or "", cols, rows, process)
+        mate = MateTerminal(user, peer_s, term or "", cols, rows, process, mate_key)
         await on_mate(mate)
     except (asyncssh.Error, OSError, LinkClosed):
         pass

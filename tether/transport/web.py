@@ -18,10 +18,19 @@ WebSocket protocol (``GET /ws``; the page implements exactly this)
    10 s of the upgrade: JSON ``{"token": "...", "cols": N, "rows": M}`` (N, M
    integers from 1 to 65535; the relay clamps them to its largest terminal,
    1000x500). Anything else closes with 4000.
-2. Token known: the server sends text ``{"type": "hello", "readonly": bool}``,
-   then binary messages of terminal output (bytes for a terminal emulator,
+2. Token known: the server sends text ``{"type": "hello", "readonly": bool,
+   "session": "NAME"}`` (the session's name, for the page's title; absent if
+   the relay gave none), then
+   binary messages of terminal output (bytes for a terminal emulator,
    xterm-256color) until the end. Token unknown: after the same delay and
    back-off as SSH, ``{"type": "error", ...}`` and close 4001.
+   Once attached, and again whenever a mate joins or leaves, the server sends
+   text ``{"type": "mates", "mates": [{"id": N, "kind": "ssh"|"join"|"web",
+   "readonly": bool, "you": bool, "address": "..."}, ...], "more": M}``: every
+   mate of the session, this one included (``"you": true``). ``address`` is
+   given to read-write mates only (a read-only link may be posted widely: its
+   viewers do not learn each other's addresses); ``more`` (absent when 0) counts
+   mates left out of a list cut at 1023 entries.
 3. The client sends binary messages of typed bytes (a read-only mate's are
    dropped by its read-only tmux client), and text JSON
    ``{"type": "resize", "cols": N, "rows": M}`` when its terminal changes size
@@ -42,6 +51,8 @@ Close codes (server to client):
   message says how long to wait).
 - 4003: refused: the session has too many mates, admits only mates with an SSH
   key, or the replica could not attach a client.
+- 4004: the host disconnected this mate (``tether kick-mate``); its link still
+  works, but the page does not reconnect by itself.
 - 1009 (message over 64 KiB), 1007 (text not UTF-8): closed by aiohttp itself,
   without an error message.
 - 1006 (no close frame): the client did not answer pings (``HEARTBEAT``) or took
@@ -71,7 +82,7 @@ import ssl
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +111,13 @@ CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL = 4000
 CLOSE_INVALID_TOKEN = 4001
 CLOSE_REFUSED = 4003
+CLOSE_KICKED = 4004
+EXIT_KICKED = 4
+"""The mate handler's exit status for a mate the host disconnected
+(``relay.mates.EXIT_KICKED``): closed with ``CLOSE_KICKED``."""
+KICKED_TEXT = "the host disconnected you"
+MORE = "more"
+"""The kind of a mate list's last entry when it was cut (``relay.session.MORE``)."""
 
 MAX_MESSAGE = 64 * 1024
 """Largest WebSocket message a client may send (aiohttp closes with 1009 past it):
@@ -156,6 +174,8 @@ class Access:
     readonly: bool
     refused: str = ""
     """Non-empty: the token is known but browsers may not join; why (close 4003)."""
+    session: str = ""
+    """The session's name, which the page shows in its title."""
 
 
 Lookup = Callable[[str], Access | None]
@@ -241,6 +261,9 @@ class WebTerminal:
         self.ws = ws
         self.username = username
         self.peer = peer
+        self.kind = "web"
+        self.fingerprint = ""
+        self.readonly = False
         self.term = TERM
         self.cols = cols
         self.rows = rows
@@ -315,10 +338,37 @@ class WebTerminal:
 
     # --- the front's side ------------------------------------------------------------
 
-    def accept(self, readonly: bool) -> None:
+    def accept(self, readonly: bool, session: str = "") -> None:
         """The token is known: say hello; output flows from now on."""
         self.accepted = True
-        self._queue(json.dumps({"type": "hello", "readonly": readonly}))
+        self.readonly = readonly
+        hello: dict[str, Any] = {"type": "hello", "readonly": readonly}
+        if session:
+            hello["session"] = session
+        self._queue(json.dumps(hello))
+
+    def show_mates(self, me: int, mates: Sequence[Any]) -> None:
+        """The session's mates (``MateInfo``s; ``me`` is this one's id) for the
+        page's list. Addresses go to read-write mates only: a read-only link may
+        be posted widely, and its viewers need not learn each other's."""
+        if not self.accepted or self.gone:
+            return
+        listed: list[dict[str, Any]] = []
+        more = 0
+        for m in mates:
+            if m.kind == MORE and m.id == 0:  # "N more not listed"
+                head = str(m.address).split(" ", 1)[0]
+                more = int(head) if head.isdigit() else 1
+                continue
+            entry: dict[str, Any] = {"id": m.id, "kind": m.kind, "readonly": m.readonly,
+                                     "you": m.id == me}
+            if not self.readonly:
+                entry["address"] = m.address
+            listed.append(entry)
+        msg: dict[str, Any] = {"type": "mates", "mates": listed}
+        if more:
+            msg["more"] = more
+        self._queue(json.dumps(msg))
 
     def verdict(self) -> tuple[int, str]:
         """The close code and the error message (empty for a normal end)."""
@@ -327,6 +377,8 @@ class WebTerminal:
         if not self.status:
             return CLOSE_NORMAL, ""
         said = self._said()
+        if self.status == EXIT_KICKED:
+            return CLOSE_KICKED, said or KICKED_TEXT
         if not self.accepted:
             return CLOSE_INVALID_TOKEN, said or "Invalid or expired session token."
         return CLOSE_REFUSED, said or "refused"
@@ -427,6 +479,7 @@ def _reason(code: int) -> bytes:
         CLOSE_PROTOCOL: b"protocol error",
         CLOSE_INVALID_TOKEN: b"invalid token",
         CLOSE_REFUSED: b"refused",
+        CLOSE_KICKED: b"disconnected by the host",
     }.get(code, b"")
 
 
@@ -662,7 +715,7 @@ class WebFront:
             term.closing = (CLOSE_REFUSED, access.refused)
         else:
             if access is not None:
-                term.accept(access.readonly)
+                term.accept(access.readonly, access.session)
             self.terminals.add(term)
             try:
                 await self.on_mate(term)

@@ -4,18 +4,26 @@
 // WebSocket message, never in a URL the relay logs. Output arrives as binary
 // messages, written to the terminal as they come; keys and pastes go back as
 // binary messages, resizes as JSON. A dropped connection comes back by itself
-// with back-off, and the relay's replica redraws the current screen.
+// with back-off, and the relay's replica redraws the current screen. The bar
+// names the session and counts who else is connected (ssh, join, web;
+// read-write or read-only); a click lists them.
 "use strict";
 
 (function () {
   const RETRY_FIRST = 500;
   const RETRY_MAX = 10000;
-  const FATAL = { 4001: "invalid or expired session token", 4003: "refused by the relay" };
+  const FATAL = {
+    4001: "invalid or expired session token",
+    4003: "refused by the relay",
+    4004: "the host disconnected you",
+  };
 
   const token = decodeURIComponent(location.pathname.replace(/^\/t\//, "").replace(/\/+$/, ""));
   const stateEl = document.getElementById("state");
   const modeEl = document.getElementById("mode");
   const nameEl = document.getElementById("name");
+  const matesEl = document.getElementById("mates");
+  const listEl = document.getElementById("mate-list");
   const encoder = new TextEncoder();
 
   const term = new Terminal({
@@ -42,6 +50,43 @@
     stateEl.textContent = text;
     stateEl.className = kind || "";
   }
+
+  // who is connected: text only (textContent), never markup, whatever the relay says
+  function showMates(mates, more) {
+    const others = mates.filter(function (m) { return !m.you; });
+    const groups = {};
+    others.forEach(function (m) {
+      const key = String(m.kind) + " " + (m.readonly ? "ro" : "rw");
+      groups[key] = (groups[key] || 0) + 1;
+    });
+    const parts = Object.keys(groups).sort().map(function (k) { return groups[k] + " " + k; });
+    const n = others.length + (more || 0);
+    matesEl.textContent = n === 0 ? "no one else connected"
+      : n + (n === 1 ? " other: " : " others: ") + parts.join(", ") + (more ? ", …" : "");
+    matesEl.hidden = false;
+    listEl.replaceChildren();
+    mates.forEach(function (m) {
+      const li = document.createElement("li");
+      const words = [m.you ? "you" : "mate " + m.id, String(m.kind),
+        m.readonly ? "read-only" : "read-write"];
+      if (m.address) words.push(String(m.address));
+      li.textContent = words.join(" · ");
+      if (m.you) li.className = "you";
+      listEl.appendChild(li);
+    });
+    if (more) {
+      const li = document.createElement("li");
+      li.textContent = "… and " + more + " more";
+      listEl.appendChild(li);
+    }
+  }
+
+  matesEl.addEventListener("click", function () {
+    listEl.hidden = !listEl.hidden;
+    matesEl.setAttribute("aria-expanded", listEl.hidden ? "false" : "true");
+    fit.fit();
+    term.focus();
+  });
 
   function sendKeys(data) {
     if (readonly || !ws || ws.readyState !== WebSocket.OPEN) return;
@@ -92,6 +137,8 @@
         }
         term.reset(); // the relay redraws the current screen
         show("connected", "");
+      } else if (msg.type === "mates" && Array.isArray(msg.mates)) {
+        showMates(msg.mates, Number(msg.more) || 0);
       } else if (msg.type === "error") {
         show(String(msg.message || "error"), "bad");
       }
@@ -99,6 +146,9 @@
     sock.onclose = function (ev) {
       if (ws !== sock) return;
       ws = null;
+      matesEl.hidden = true; // no longer known; the next connection lists them again
+      listEl.hidden = true;
+      matesEl.setAttribute("aria-expanded", "false");
       if (FATAL[ev.code]) {
         over = true;
         if (!stateEl.classList.contains("bad")) show(FATAL[ev.code], "bad");
