@@ -9,7 +9,14 @@ import pytest
 from tether.core.host_endpoint import HostEndpoint
 from tether.core.messages import PROTOCOL_VERSION, Hello, Kick, MateInfo, Mates, Welcome
 from tether.core.relay_endpoint import RelayHostEndpoint
-from tether.core.session import KickRequested, MatesChanged, Welcomed
+from tether.core.session import (
+    KICK_BURST,
+    KickRequested,
+    MatesChanged,
+    ProtocolFailed,
+    State,
+    Welcomed,
+)
 
 ALICE = MateInfo(1, "ssh", False, "192.0.2.7", "SHA256:abc")
 BOB = MateInfo(2, "web", True, "198.51.100.2")
@@ -56,6 +63,21 @@ def test_kick_from_the_host_is_an_event_at_the_relay() -> None:
         pass
     ep.receive(Kick(2), 2.0)
     assert ep.next_event() == KickRequested(2)
+
+
+def test_a_host_flooding_kicks_is_refused() -> None:
+    ep = relay()
+    ep.attach(Hello(PROTOCOL_VERSION, "tether-host"), 1.0)
+    while ep.next_event() is not None:
+        pass
+    events = []
+    for _ in range(100):
+        ep.receive(Kick(999), 2.0)
+        while (ev := ep.next_event()) is not None:
+            events.append(ev)
+    assert events.count(KickRequested(999)) == KICK_BURST
+    assert isinstance(events[-1], ProtocolFailed) and "kicks a second" in events[-1].text
+    assert ep.state is not State.CONNECTED
 
 
 @pytest.mark.parametrize("connected", [True, False])

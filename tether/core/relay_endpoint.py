@@ -51,6 +51,8 @@ from .session import (
     HOST_AWAY_TIMEOUT,
     HOST_SILENCE,
     HOST_SILENCE_IDLE,
+    KICK_BURST,
+    KICK_RATE,
     MIN_WAIT,
     PING_BURST,
     PING_RATE,
@@ -199,6 +201,7 @@ class RelayHostEndpoint(Machine):
         self.heard = 0.0
         self._activity: float | None = None
         self._pings = TokenBucket(PING_RATE, PING_BURST, 0.0)
+        self._kicks = TokenBucket(KICK_RATE, KICK_BURST, 0.0)
         self._silence_at: float | None = None
         self._waiting: float | None = None
         """Since when mates' keys wait for the host's ack (None: all acked)."""
@@ -240,6 +243,7 @@ class RelayHostEndpoint(Machine):
         self.heard = now
         self._activity = None
         self._pings = TokenBucket(PING_RATE, PING_BURST, now)
+        self._kicks = TokenBucket(KICK_RATE, KICK_BURST, now)
         self._waiting = now if self.inputs.unacked() else None
         self._silence_at = self._silence_due(now)
         w = self.welcome
@@ -372,6 +376,10 @@ class RelayHostEndpoint(Machine):
             self._emit(Presence(False, f"tether: the host ended the session ({msg.reason})"))
             self._emit(HostEnded(msg.reason))
         elif isinstance(msg, Kick):
+            if not self._kicks.allow(1, now):
+                raise RemoteProtocolError(
+                    f"more than {KICK_RATE:.0f} kicks a second; a host kicks when asked"
+                )
             self._emit(KickRequested(msg.mate))
         elif not isinstance(msg, Pong):
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a host")

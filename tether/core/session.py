@@ -84,6 +84,9 @@ MIN_WAIT = 0.05
 """Shortest silence wait the relay arms (server.py ``_host_loop``)."""
 PING_RATE = 10.0
 PING_BURST = 50.0
+KICK_RATE = 2.0
+KICK_BURST = 20.0
+"""Kicks a host may send a second, and in a burst (each may log a line)."""
 """Pings a host may send a second, and in a burst (server.py)."""
 HELLO_TIMEOUT = 15.0
 """How long the relay waits for a new link's ``Hello`` (``RelayConfig.hello_timeout``)."""
