@@ -41,7 +41,7 @@ def rig(netsim_factory, tmp_path: Path,  # type: ignore[no-untyped-def]
     argv = [*ns(net, "mate"), *tether_cmd("join", "--log", str(log), *words[2:])]
     mate = JoinMate(tmp_path / "mate", argv)
     try:
-        wait_for(lambda: "tether quic" in mate.screen(), 40, "the host's screen on the mate's")
+        wait_for(lambda: "stty -echo" in mate.screen(), 40, "the host's screen on the mate's")
         wait_for(lambda: _on_quic(log), 30, "the join client on QUIC")
         yield Rig(net, relay, host, mate, keys)  # type: ignore[arg-type]
     finally:
@@ -249,7 +249,7 @@ def test_join_with_udp_blocked_uses_ssh_and_moves_to_quic_when_it_can(
     mate = JoinMate(tmp_path / "mate",
                     [*ns(net, "mate"), *tether_cmd("join", "--log", str(log), *words[2:])])
     try:
-        wait_for(lambda: "tether quic" in mate.screen(), 40, "the host's screen on the mate's")
+        wait_for(lambda: "stty -echo" in mate.screen(), 40, "the host's screen on the mate's")
         rig = Rig(net, relay, host, mate, keys)  # type: ignore[arg-type]
         with Typist(rig) as typist:
             time.sleep(2)

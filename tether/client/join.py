@@ -9,7 +9,10 @@ does not. As the host's agent does (``relay_side``), it never gives a quiet
 link up: after ``QUIET_AFTER`` of silence it races new links beside it
 (``Connector.race``), and keeps whichever gets through first. Events go to
 a local tmux server (``local_replica``); keys come back numbered, and reach
-the host exactly once across every reconnect.
+the host exactly once across every reconnect. Over QUIC both directions are
+also repeated as datagrams, so a lost packet costs no loss recovery: the
+client's unacked keys (``InputRepeat``) and the relay's small unacked events
+(``EventRepeat``), each taken only when it is the next in order.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from typing import Protocol
 
 from tether.core.errors import AuthError, RemoteProtocolError, TetherError
 from tether.core.inputs import InputSender
-from tether.core.join_endpoint import MAX_REPEATED
+from tether.core.join_endpoint import (
+    MAX_REPEATED,
+    REPEAT_AFTER_RTTS,
+    REPEAT_APART,
+    REPEAT_SLACK,
+    check_event_repeat,
+)
 from tether.core.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -33,6 +42,7 @@ from tether.core.messages import (
     Error,
     Event,
     EventBody,
+    EventRepeat,
     Input,
     InputAck,
     InputRepeat,
@@ -65,10 +75,6 @@ and the SRTT for local echo kept fresh."""
 REPEAT_BYTES = 900
 """Most key bytes one ``InputRepeat`` datagram carries (a QUIC datagram is ~1200)."""
 REPEAT_OVERHEAD = 24
-REPEAT_APART = 0.005
-"""The first repeat of a key, this long after it: in a packet of its own."""
-REPEAT_AFTER_RTTS, REPEAT_SLACK = 1.25, 0.02
-"""A key still unacked this long after it (in SRTTs, plus slack) is repeated once more."""
 MAX_PINGS_OUT = 16
 """Pings remembered for their pongs (lost ones are forgotten oldest first)."""
 """A ping a second keeps the relay's view of us fresh and tells us of silence."""
@@ -137,6 +143,8 @@ class JoinClient:
         self._repeat_timer: asyncio.TimerHandle | None = None
         self._behind: int | None = None
         """A local pane whose bytes were dropped (tmux fell behind): start over."""
+        self.repeats_taken = 0
+        """Events taken from the relay's ``EventRepeat`` datagrams (before the stream's copy)."""
 
     # --- what the mate does ------------------------------------------------------
 
@@ -287,24 +295,15 @@ class JoinClient:
             since, self.quiet_since = self.quiet_since, None
             await self._back(now - since, "on the same connection")
         if isinstance(msg, Event):
-            if self.receiver.receive(msg):
-                try:
-                    await self.replica.apply(msg.body)
-                except ValueError as exc:
-                    # refused (a structure the mirror cannot build): start over
-                    # from a snapshot on a new link rather than drift
-                    log.warning("event %d refused: %s; resyncing", msg.seq, exc)
-                    self.receiver.forget()
-                    raise LinkClosed(f"event refused: {exc}") from None
-                if self._behind is not None:
-                    pane, self._behind = self._behind, None
-                    log.warning("the local tmux fell behind on pane %d; resyncing", pane)
-                    self.receiver.forget()
-                    raise LinkClosed("the local tmux fell behind; resyncing")
-                self._ack = msg.seq
-                self._poke.set()
-                if not self.ready.is_set():
-                    self.ready.set()
+            await self._event(msg)
+        elif isinstance(msg, EventRepeat):
+            check_event_repeat(msg)
+            for ev in msg.events:
+                # only the next one: never ahead of the ordered stream; the
+                # stream's own copy of it comes later and is dropped as old
+                if self.receiver.is_next(ev):
+                    self.repeats_taken += 1
+                    await self._event(ev)
         elif isinstance(msg, InputAck):
             if msg.stream == self.inputs.stream:
                 self.inputs.on_ack(msg.seq)
@@ -318,6 +317,29 @@ class JoinClient:
             self._rtt_sample(msg.token, now)
         elif not isinstance(msg, Ping):
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the relay")
+
+    async def _event(self, msg: Event) -> None:
+        """One event of the log, from the stream or a repeat alike: applied once,
+        in order, and acked."""
+        if not self.receiver.receive(msg):
+            return  # a duplicate: its repeat got here first
+        try:
+            await self.replica.apply(msg.body)
+        except ValueError as exc:
+            # refused (a structure the mirror cannot build): start over
+            # from a snapshot on a new link rather than drift
+            log.warning("event %d refused: %s; resyncing", msg.seq, exc)
+            self.receiver.forget()
+            raise LinkClosed(f"event refused: {exc}") from None
+        if self._behind is not None:
+            pane, self._behind = self._behind, None
+            log.warning("the local tmux fell behind on pane %d; resyncing", pane)
+            self.receiver.forget()
+            raise LinkClosed("the local tmux fell behind; resyncing")
+        self._ack = msg.seq
+        self._poke.set()
+        if not self.ready.is_set():
+            self.ready.set()
 
     def _ping(self, link: Link, now: float) -> None:
         self._ping_token += 1

@@ -13,11 +13,17 @@ The endpoint outlives its links: a client that reconnects (any address, any
 transport) with the ``resume`` secret of its ``Joined`` takes its place
 again, and its keystrokes, numbered by the client, reach the host exactly
 once (``core.inputs``).
+
+Over QUIC the endpoint also repeats the client's small unacked events as
+datagrams (``EventRepeat``), the mirror of the client's ``InputRepeat``: a
+lost packet of the host's echo then costs no loss-recovery delay when a copy
+just after it, or one a little over a round trip later, gets through.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from .errors import RemoteProtocolError
 from .inputs import InputReceiver
@@ -27,12 +33,16 @@ from .messages import (
     Binding,
     Error,
     Event,
+    EventRepeat,
+    Frame,
     Input,
     InputAck,
     InputRepeat,
     Join,
     Joined,
     Message,
+    Output,
+    PaneReset,
     Ping,
     Pong,
     Resize,
@@ -45,6 +55,27 @@ from .session import ACK_EVERY, JUMP_BYTES, PING_BURST, PING_RATE, SEND_CHUNK, C
 
 MAX_REPEATED = 32
 """Most inputs one ``InputRepeat`` may carry (the client sends fewer: a datagram's worth)."""
+REPEAT_APART = 0.005
+"""The first repeat (of a key, of an event) this long after it: in a packet of its
+own (sent in the same turn it would share the original's packet, and a loss
+would take both)."""
+REPEAT_AFTER_RTTS, REPEAT_SLACK = 1.25, 0.02
+"""A key still unacked this long after it, an event this long after its first
+repeat (in SRTTs, plus slack): repeated once more. Past that, QUIC's own
+recovery. Long enough for the ack to come back first when nothing was lost."""
+REPEAT_RTT = 0.1
+"""The SRTT assumed before the link has measured one."""
+EVENT_REPEATS = 2
+"""Times an event goes as a repeat at most (besides its copy on the stream)."""
+EVENT_REPEAT_MAX = 16
+"""Most events one ``EventRepeat`` carries (and a client accepts)."""
+EVENT_REPEAT_BYTES = 1000
+"""Most encoded bytes of one ``EventRepeat`` (a QUIC datagram holds ~1200)."""
+REPEATED_EVENT_BYTES = 512
+"""Events larger than this encoded are not repeated: an echo is a few bytes;
+bulk output is QUIC's to recover, repeats would only multiply it."""
+REPEAT_HEADER = 8
+"""Bytes of an ``EventRepeat``'s own framing, beyond its events'."""
 RESIZE_RATE = 32.0
 RESIZE_BURST = 256.0
 """Resizes a join client may send a second, and in a burst (as ssh window changes)."""
@@ -159,6 +190,16 @@ class JoinFailed(Record):
 JoinEvent = ResyncNeeded | MateTyped | MateResized | JoinFailed
 
 
+@dataclass(slots=True)
+class _Repeat:
+    """A small sent event, unacked: repeated as a datagram up to ``EVENT_REPEATS`` times."""
+
+    event: Event
+    size: int
+    count: int
+    due: float
+
+
 class RelayJoinEndpoint:
     """One join client's place in a session: log position, input stream, size."""
 
@@ -193,14 +234,23 @@ class RelayJoinEndpoint:
         self._resync_asked = False
         self._pings = TokenBucket(PING_RATE, PING_BURST, 0.0)
         self._resizes = TokenBucket(RESIZE_RATE, RESIZE_BURST, 0.0)
+        self.datagrams = False
+        """The link takes datagrams (QUIC): small events are repeated on it."""
+        self.rtt: float | None = None
+        """The link's smoothed RTT, set by the adapter (QUIC's estimate)."""
+        self._repeats: deque[_Repeat] = deque()
+        """Sent, unacked, small events, in order; together they fit one datagram."""
 
     # --- links -------------------------------------------------------------------------
 
-    def attach(self, join: Join, now: float) -> int:
+    def attach(self, join: Join, now: float, datagrams: bool = False) -> int:
         """A link said ``Join`` (checked by the adapter: version, token or resume):
-        answer, and place the client in the log. Returns the link's number."""
+        answer, and place the client in the log. Returns the link's number.
+        ``datagrams``: the link can send them (QUIC), so events are repeated."""
         self.conn += 1
         self.connected = True
+        self.datagrams = datagrams
+        self._repeats.clear()
         self._outbox.clear()
         self._input_ack = None
         self._ack_at = None
@@ -226,9 +276,11 @@ class RelayJoinEndpoint:
         self.connected = False
         self._outbox.clear()
         self._ack_at = None
+        self._repeats.clear()
 
     def _start(self) -> None:
         """From the cache's snapshot, or ask the host for one."""
+        self._repeats.clear()  # a jump: what was sent before it is superseded
         if self.cache.valid:
             self.next_send = self.cache.first_seq
             self._resync_asked = False
@@ -264,6 +316,8 @@ class RelayJoinEndpoint:
             if self.next_send is not None and msg.seq >= self.next_send:
                 raise RemoteProtocolError(f"ack {msg.seq} for an event never sent")
             self.acked = max(self.acked, msg.seq)
+            while self._repeats and self._repeats[0].event.seq <= msg.seq:
+                self._repeats.popleft()
         elif isinstance(msg, Input):
             if self.readonly:
                 raise RemoteProtocolError("this is a read-only join: input is not accepted")
@@ -317,13 +371,59 @@ class RelayJoinEndpoint:
             if events:
                 self.next_send = events[-1].seq + 1
                 out += [Outgoing(ev) for ev in events]
+                if self.datagrams:
+                    for ev in events:
+                        self._track(ev, now)
         return out
+
+    def _track(self, event: Event, now: float) -> None:
+        """Repeat ``event`` if it is small and fits one datagram with the other
+        unacked ones: the repeats are for the echo of a key, not a flood's bytes
+        (while acks lag, new events are left to the stream)."""
+        body = event.body
+        if isinstance(body, Snapshot):
+            return
+        if isinstance(body, Output | Frame | PaneReset) and event_size(body) > REPEATED_EVENT_BYTES:
+            return  # big: not encoded only to be measured
+        size = len(event.encode())
+        if size > REPEATED_EVENT_BYTES or len(self._repeats) >= EVENT_REPEAT_MAX:
+            return
+        held = sum(r.size for r in self._repeats)
+        if REPEAT_HEADER + held + size > EVENT_REPEAT_BYTES:
+            return
+        self._repeats.append(_Repeat(event, size, 0, now + REPEAT_APART))
+
+    def _repeat(self, now: float) -> None:
+        """One ``EventRepeat``: every tracked event with a repeat left, oldest first
+        (an event the client lacks lets it take none after it), but none in the
+        turn it went on the stream."""
+        pick: list[Event] = []
+        size = REPEAT_HEADER
+        again = now + REPEAT_AFTER_RTTS * (self.rtt or REPEAT_RTT) + REPEAT_SLACK
+        for r in self._repeats:
+            if r.count >= EVENT_REPEATS or (r.count == 0 and r.due > now):
+                continue
+            if len(pick) >= EVENT_REPEAT_MAX or size + r.size > EVENT_REPEAT_BYTES:
+                break
+            pick.append(r.event)
+            size += r.size
+            r.count += 1
+            r.due = again
+        if pick:
+            self._send(EventRepeat(tuple(pick)), Channel.DATAGRAM)
+
+    def _repeat_due(self) -> float | None:
+        dues = [r.due for r in self._repeats if r.count < EVENT_REPEATS]
+        return min(dues) if dues else None
 
     def next_event(self) -> JoinEvent | None:
         return self._events.popleft() if self._events else None
 
     def next_timer(self) -> float | None:
-        return self._ack_at
+        due = self._repeat_due() if self.connected else None
+        if due is None or (self._ack_at is not None and self._ack_at < due):
+            return self._ack_at
+        return due
 
     def handle_timer(self, now: float) -> None:
         if self._ack_at is not None and now >= self._ack_at:
@@ -331,6 +431,16 @@ class RelayJoinEndpoint:
             ack, self._input_ack = self._input_ack, None
             if ack is not None and self.connected:
                 self._send(ack, Channel.ACK)
+        if self.connected:
+            due = self._repeat_due()
+            if due is not None and now >= due:
+                self._repeat(now)
+
+
+def check_event_repeat(msg: EventRepeat) -> None:
+    """A client's check of an ``EventRepeat`` beyond its schema: bounded as sent."""
+    if len(msg.events) > EVENT_REPEAT_MAX:
+        raise RemoteProtocolError(f"more than {EVENT_REPEAT_MAX} events repeated at once")
 
 
 def check_join(msg: Message) -> Join:

@@ -191,6 +191,12 @@ class LogReceiver:
         self.next_seq += 1
         return True
 
+    def is_next(self, event: Event) -> bool:
+        """Whether ``event``, repeated out of band (``EventRepeat``), may be taken
+        now: only the very next one. A repeat never jumps (no snapshot ahead, no
+        gap) and a duplicate is not new; the ordered copy covers the rest."""
+        return self.next_seq is not None and event.seq == self.next_seq
+
     def forget(self) -> None:
         """Drop the position (e.g. the replica was lost): the next event must be a snapshot."""
         self.next_seq = None

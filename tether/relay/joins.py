@@ -274,7 +274,8 @@ class Joins:
         if mate.away or mate.address != address:  # back, or moved: the list says so
             mate.away, mate.address = False, address
             session.mates_changed()
-        conn = ep.attach(join, time.monotonic())
+        conn = ep.attach(join, time.monotonic(),
+                         datagrams=getattr(link, "send_datagram", None) is not None)
         log.info("join mate %d (%s) on session %s from %s via %s", ep.mate,
                  "read-only" if ep.readonly else "read-write", session.id, peer,
                  link.description)
@@ -331,6 +332,7 @@ class Joins:
         ep, feed = place.ep, place.feed
         with contextlib.suppress(LinkClosed):
             while True:
+                ep.rtt = getattr(link, "rtt", None)  # QUIC's: times the event repeats
                 while out := ep.messages_to_send(time.monotonic()):
                     for o in out:
                         send_out(link, o)
