@@ -2,7 +2,7 @@
 keeps whichever speaks first, the old link (``LinkBack``) or a new one.
 
 The endpoint runs on real time with small constants (``QUIET_AFTER`` and the
-ping intervals of ``tether.core.host_endpoint``); the links are memory links the
+ping intervals of ``tether.core.liveness``); the links are memory links the
 test speaks for the relay on, and the connector's ``race`` is a future the test
 settles (``Connector.race`` itself: tests/transport/test_reconnect.py)."""
 
@@ -21,7 +21,7 @@ from test_relay_side import WELCOME, MemoryLink, Recorder
 
 from tether.client.relay_side import RelaySide
 from tether.client.status import StatusLine
-from tether.core import host_endpoint
+from tether.core import liveness
 from tether.core.errors import AuthError
 from tether.core.host_endpoint import HostEndpoint
 from tether.core.messages import Hello, Ping, Pong, Welcome
@@ -34,9 +34,9 @@ BACK = re.compile(r"the relay is back after (\d+\.\d)s, (.+)")
 @pytest.fixture(autouse=True)
 def fast_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Quiet after 0.3 s, checked by pings every 0.05 s."""
-    monkeypatch.setattr(host_endpoint, "QUIET_AFTER", QUIET)
-    for name in ("PING_EVERY", "PING_IDLE", "PING_QUIET"):
-        monkeypatch.setattr(host_endpoint, name, 0.05)
+    monkeypatch.setattr(liveness, "QUIET_AFTER", QUIET)
+    for name in ("PING_EVERY", "PING_START", "PING_IDLE", "PING_QUIET", "PING_RETRY"):
+        monkeypatch.setattr(liveness, name, 0.05)
     yield
 
 

@@ -6,7 +6,7 @@ for its place in the session (``Join``), and from then on resumes that place
 with the secret of its ``Joined`` over whatever link gets through: QUIC when
 UDP works (the connection rides out address changes), the SSH channel when it
 does not. As the host's agent does (``relay_side``), it never gives a quiet
-link up: after ``QUIET_AFTER`` of silence it races new links beside it
+link up: once its pings go unanswered (``core.liveness``) it races new links beside it
 (``Connector.race``), and keeps whichever gets through first. Events go to
 a local tmux server (``local_replica``); keys come back numbered, and reach
 the host exactly once across every reconnect. Over QUIC both directions are
@@ -35,6 +35,7 @@ from tether.core.join_endpoint import (
     REPEAT_SLACK,
     check_event_repeat,
 )
+from tether.core.liveness import Pinger
 from tether.core.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -68,10 +69,6 @@ from tether.transport.reconnect import Connector
 
 log = logging.getLogger("tether.join")
 
-PING_EVERY = 0.5
-"""As the host while busy: four round trips to fail before a link is quiet (at
-30% loss each way one a second made a live link look quiet every half minute),
-and the SRTT for local echo kept fresh."""
 REPEAT_BYTES = 900
 """Most key bytes one ``InputRepeat`` datagram carries (a QUIC datagram is ~1200)."""
 REPEAT_OVERHEAD = 24
@@ -126,6 +123,10 @@ class JoinClient:
         self.link: Link | None = None
         self.last_heard = 0.0
         self.quiet_since: float | None = None
+        self._pinger: Pinger | None = None
+        """The current link's ping schedule (``core.liveness``: fast while busy,
+        every ``PING_IDLE`` once idle, quiet after ``QUIET_MISSES`` unanswered)."""
+        self._busy_at: float | None = None
         self._next: Link | None = None
         self._ack: int | None = None
         self._poke = asyncio.Event()
@@ -154,6 +155,7 @@ class JoinClient:
         if self.joined is not None and self.joined.readonly:
             return  # the relay would refuse them; the local replica shows as much
         msg = self.inputs.push(pane, keys, binding)
+        self._busy()
         self._send(msg)
         loop = asyncio.get_running_loop()
         # a packet of its own: sent in this turn it would share the key's packet
@@ -318,11 +320,23 @@ class JoinClient:
         elif not isinstance(msg, Ping):
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the relay")
 
+    def _busy(self) -> None:
+        """Typing or the host's output: pings go fast (a path that dies now must
+        show within a couple of seconds, not at the next idle ping)."""
+        now = time.monotonic()
+        self._busy_at = now
+        if self._pinger is not None:
+            before = self._pinger.next_at
+            self._pinger.busy(now)
+            if self._pinger.next_at < before:
+                self._poke.set()
+
     async def _event(self, msg: Event) -> None:
         """One event of the log, from the stream or a repeat alike: applied once,
         in order, and acked."""
         if not self.receiver.receive(msg):
             return  # a duplicate: its repeat got here first
+        self._busy()
         try:
             await self.replica.apply(msg.body)
         except ValueError as exc:
@@ -353,6 +367,8 @@ class JoinClient:
         sent = self._pinged.pop(token, None)
         if sent is None:
             return
+        if self._pinger is not None:
+            self._pinger.pong()
         sample = now - sent
         self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
         quic = getattr(self.link, "rtt", None)
@@ -368,18 +384,17 @@ class JoinClient:
             await self.replica.presence(True, "")
 
     async def _timers(self, link: Link) -> None:
-        """Acks (coalesced), pings, and the quiet-link race."""
-        next_ping = time.monotonic()
+        """Acks (coalesced), pings (``core.liveness``), and the quiet-link race."""
+        pinger = self._pinger = Pinger(time.monotonic(), self._busy_at)
         racing: asyncio.Task[None] | None = None
         race_after = 0.0
         try:
             while True:
-                # asleep until something is due: an ack (poked), a ping, the quiet mark
+                # asleep until something is due: an ack (poked), a ping, a race
                 now = time.monotonic()
-                heard = max(self.last_heard, getattr(link, "last_activity", 0.0))
-                idle_race = racing is None and self._next is None
-                due = min(next_ping, max(heard + QUIET_AFTER, race_after) if idle_race
-                          else next_ping)
+                due = pinger.next_at
+                if pinger.quiet and racing is None and self._next is None:
+                    due = min(due, max(race_after, now))
                 self._poke.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._poke.wait(), max(due - now, 0.0) + 0.001)
@@ -389,23 +404,27 @@ class JoinClient:
                 if self._ack is not None:
                     link.send_ack(Ack(self._ack))
                     self._ack = None
-                quiet = now - max(self.last_heard, getattr(link, "last_activity", 0.0))
-                if now >= next_ping:
+                heard = max(self.last_heard, getattr(link, "last_activity", 0.0))
+                if now >= pinger.next_at and pinger.timer(now, heard, self.srtt):
                     self._ping(link, now)
-                    next_ping = now + (PING_QUIET if quiet > QUIET_AFTER else PING_EVERY)
+                if pinger.quiet and self.quiet_since is None:  # heard again (_receive)
+                    pinger.back(now)
+                    if racing is not None:
+                        racing.cancel()
+                        racing = None
                 if racing is not None and racing.done():
                     racing = None  # over: the old link won, or it was refused
                     race_after = now + BACKOFF_MAX
-                if (quiet > QUIET_AFTER and racing is None and self._next is None
-                        and now >= race_after):
-                    self.quiet_since = now - quiet
-                    text = f"tether: last contact {quiet:.0f}s ago, reconnecting"
+                if not pinger.quiet and pinger.went_quiet(now):
+                    pinger.quiet = True
+                    pinger.next_at = min(pinger.next_at, now + PING_QUIET)
+                    self.quiet_since = heard
+                    text = f"tether: last contact {now - heard:.0f}s ago, reconnecting"
                     self.notify(text)
                     await self.replica.presence(False, text)
+                if (pinger.quiet and racing is None and self._next is None
+                        and now >= race_after):
                     racing = asyncio.create_task(self._race(link))
-                elif quiet <= QUIET_AFTER and racing is not None:
-                    racing.cancel()
-                    racing = None
         finally:
             if racing is not None:
                 racing.cancel()

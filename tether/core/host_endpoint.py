@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .errors import RemoteProtocolError
 from .inputs import InputReceiver
+from .liveness import Pinger
 from .messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -39,17 +40,9 @@ from .replog import LogSender
 from .session import (
     ACK_EVERY,
     HANDSHAKE_TIMEOUT,
-    IDLE_AFTER,
     JUMP_BYTES,
-    PING_EVERY,
-    PING_IDLE,
     PING_QUIET,
-    PING_RETRY,
-    PING_START,
     PINGS_KEPT,
-    PROVEN_PONGS,
-    QUIET_AFTER,
-    QUIET_MISSES,
     RTT_WEIGHT,
     SEND_CHUNK,
     Channel,
@@ -115,21 +108,10 @@ class HostEndpoint(Machine):
         self.last_busy: float | None = None
         self._activity: float | None = None
         self._handshake_deadline: float | None = None
-        self._next_ping: float | None = None
+        self._pinger: Pinger | None = None
+        """The ping schedule while connected (``core.liveness``)."""
         self._token = 0
         self._pings: dict[int, float] = {}
-        self._pinged = 0.0
-        """When the last ping went out."""
-        self._awaiting = False
-        """A ping is out and nothing was heard since it went."""
-        self._ping_now = False
-        """Ping at the next timer whatever the interval (``network_changed``)."""
-        self._misses = 0
-        """Pings in a row after which nothing was heard before the next."""
-        self._first_miss = 0.0
-        """When the first of those went out."""
-        self._pongs = 0
-        """Pongs on this link (``PROVEN_PONGS``)."""
         self._input_ack: InputAck | None = None
         self._ack_at: float | None = None
         self._snapshot_asked = False
@@ -163,7 +145,8 @@ class HostEndpoint(Machine):
         """The link is gone (closed by us or the peer): replay unacked events next time."""
         self._go("lost")
         self.log.on_disconnect()
-        self._handshake_deadline = self._next_ping = self._ack_at = None
+        self._handshake_deadline = self._ack_at = None
+        self._pinger = None
         self._input_ack = None
         self._pings.clear()
         self._snapshot_asked = False
@@ -177,7 +160,8 @@ class HostEndpoint(Machine):
                 self._send(ev)
             self._send(End(reason))
         self._go("end")
-        self._handshake_deadline = self._next_ping = self._ack_at = None
+        self._handshake_deadline = self._ack_at = None
+        self._pinger = None
 
     def kick(self, mate: int) -> bool:
         """Ask the relay to disconnect a mate; False while no link is up."""
@@ -219,19 +203,17 @@ class HostEndpoint(Machine):
         self._busy(now)
 
     def _busy(self, now: float) -> None:
-        """Pings come fast while busy: an idle host's next ping may be
-        ``PING_IDLE`` away, and a path that died meanwhile must show soon."""
+        """Pings come fast while busy (``Pinger.busy``)."""
         self.last_busy = now
-        if self._next_ping is not None and self._next_ping > now + PING_EVERY:
-            self._next_ping = now + PING_EVERY
+        if self._pinger is not None:
+            self._pinger.busy(now)
 
     def network_changed(self, now: float) -> None:
         """The host's addresses or routes changed: ping now, so the relay learns
         the new path (QUIC migrates on it) before a mate's key needs it."""
-        if self.state is State.CONNECTED:
-            self._busy(now)
-            self._ping_now = True
-            self._next_ping = now
+        self.last_busy = now
+        if self._pinger is not None:
+            self._pinger.ping_now(now)
 
     def note_activity(self, now: float) -> None:
         """The transport heard the relay outside ``receive`` (QUIC ``last_activity``)."""
@@ -249,20 +231,17 @@ class HostEndpoint(Machine):
         self._emit(LinkBack(now - since))
         if self.log.jump(JUMP_BYTES):
             self._ask_snapshot()
-        self._awaiting = False
-        self._misses = 0
-        self._next_ping = now + self._ping_interval(now)
+        if self._pinger is not None:
+            self._pinger.back(now)
 
     @property
     def unanswered_since(self) -> float | None:
         """When the oldest ping the relay has not answered went out (None: it
         answered the last one, or none is out): an idle host pings every
         ``PING_IDLE``, so the last contact alone says little."""
-        if self.state is not State.CONNECTED or not self._awaiting:
+        if self._pinger is None:
             return None
-        if max(self.last_contact, self._activity or 0.0) >= self._pinged:
-            return None
-        return self._first_miss if self._misses else self._pinged
+        return self._pinger.unanswered_since(max(self.last_contact, self._activity or 0.0))
 
     @property
     def quiet(self) -> bool:
@@ -336,10 +315,7 @@ class HostEndpoint(Machine):
         self.rtt = None
         self._token = 0
         self._pings.clear()
-        self._pongs = self._misses = 0
-        self._awaiting = self._ping_now = False
-        self._pinged = now
-        self._next_ping = now + self._ping_interval(now)
+        self._pinger = Pinger(now, self.last_busy)
         self._emit(Welcomed(welcome, announce or new_session, new_session))
         self._ask_snapshot()
 
@@ -361,7 +337,8 @@ class HostEndpoint(Machine):
         elif isinstance(msg, Pong):
             sent = self._pings.pop(msg.token, None)
             if sent is not None:
-                self._pongs += 1
+                if self._pinger is not None:
+                    self._pinger.pong()
                 sample = now - sent
                 old = self.rtt
                 self.rtt = sample if old is None else (1 - RTT_WEIGHT) * old + RTT_WEIGHT * sample
@@ -384,14 +361,16 @@ class HostEndpoint(Machine):
 
     def _fail(self, text: str) -> None:
         self._go("fail")
-        self._handshake_deadline = self._next_ping = self._ack_at = None
+        self._handshake_deadline = self._ack_at = None
+        self._pinger = None
         self._emit(ProtocolFailed(text))
 
     # --- timers ---------------------------------------------------------------------------
 
     def next_timer(self) -> float | None:
         """When ``handle_timer`` must next run (None: nothing armed)."""
-        return earliest(self._handshake_deadline, self._ack_at, self._next_ping)
+        ping = self._pinger.next_at if self._pinger is not None else None
+        return earliest(self._handshake_deadline, self._ack_at, ping)
 
     def handle_timer(self, now: float) -> None:
         """Fire whatever is due: handshake timeout, coalesced input ack, ping."""
@@ -405,54 +384,24 @@ class HostEndpoint(Machine):
             ack, self._input_ack = self._input_ack, None
             if ack is not None and self.state is State.CONNECTED:
                 self._send(ack, Channel.ACK)
-        if self._next_ping is not None and now >= self._next_ping:
+        if self._pinger is not None and now >= self._pinger.next_at:
             self._ping(now)
 
     def _ping(self, now: float) -> None:
-        """The ping timer. A ping heard back (anything from the relay counts)
-        rearms at the interval; one unanswered is retried within about two
-        round trips. ``QUIET_MISSES`` unanswered in a row, over ``QUIET_AFTER``
-        at least, make the link quiet (``LinkQuiet``), and pinging goes on: the
-        link is never given up for silence alone."""
+        """The ping timer (``core.liveness``): past ``QUIET_MISSES`` unanswered
+        the link is quiet (``LinkQuiet``), and pinging goes on: the link is
+        never given up for silence alone."""
+        pinger = self._pinger
+        assert pinger is not None
         heard = max(self.last_contact, self._activity or 0.0)
-        if self._awaiting:
-            if heard >= self._pinged:
-                self._awaiting = False
-                self._misses = 0
-            else:
-                if self._misses == 0:
-                    self._first_miss = self._pinged
-                self._misses += 1
-        if not self._awaiting and not self._ping_now:
-            due = self._pinged + self._ping_interval(now)
-            if due > now:
-                self._next_ping = due
-                return
-        self._ping_now = False
+        if not pinger.timer(now, heard, self.rtt):
+            return
         self._token += 1
         self._pings[self._token] = now
         self._pings.pop(self._token - PINGS_KEPT, None)
         self._send(Ping(self._token), Channel.DATAGRAM)
-        self._pinged = now
-        self._awaiting = True
-        if (
-            self.quiet_since is None
-            and self._misses >= QUIET_MISSES
-            and now - self._first_miss >= QUIET_AFTER
-        ):
+        if self.quiet_since is None and pinger.went_quiet(now):
             self.quiet_since = heard
+            pinger.quiet = True
+            pinger.next_at = now + PING_QUIET
             self._emit(LinkQuiet(heard))
-        if self.quiet_since is not None:
-            wait = PING_QUIET
-        else:
-            retry = min(max(PING_RETRY, 2 * (self.rtt or 0.0)), PING_EVERY)
-            wait = min(retry, self._ping_interval(now))
-        self._next_ping = now + wait
-
-    def _ping_interval(self, now: float) -> float:
-        """Between two pings answered: fast while busy, slow once idle."""
-        if self.quiet_since is not None:
-            return PING_QUIET
-        if self.last_busy is not None and now - self.last_busy <= IDLE_AFTER:
-            return PING_EVERY
-        return PING_IDLE if self._pongs >= PROVEN_PONGS else PING_START
