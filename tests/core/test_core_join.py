@@ -9,6 +9,7 @@ from tether.core.errors import RemoteProtocolError
 from tether.core.join_endpoint import (
     MAX_REPEATED,
     JoinFailed,
+    MateLeft,
     MateResized,
     MateTyped,
     RelayJoinEndpoint,
@@ -20,6 +21,7 @@ from tether.core.messages import (
     PROTOCOL_VERSION,
     Ack,
     Bindings,
+    End,
     Error,
     Event,
     Input,
@@ -205,6 +207,17 @@ def test_a_read_only_client_cannot_type() -> None:
     assert isinstance(events(ep)[0], Error)
     ep.receive(Input(1, 2, 0, b"x"), 0.0)  # the link is being closed: ignored
     assert drain_events(ep) == []
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_client_that_says_goodbye_leaves_and_nothing_after_is_taken(readonly: bool) -> None:
+    ep = endpoint(SnapshotCache(), readonly=readonly)
+    ep.attach(Join(PROTOCOL_VERSION, "t"), 0.0)
+    drain_events(ep)
+    ep.receive(End("the mate left"), 0.0)
+    assert drain_events(ep) == [MateLeft("the mate left")]
+    ep.receive(Input(1, 1, 0, b"x"), 0.0)  # after goodbye: ignored
+    assert drain_events(ep) == [] and events(ep) == []
 
 
 def test_bad_acks_and_strangers_are_refused() -> None:

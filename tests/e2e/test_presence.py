@@ -162,3 +162,20 @@ def test_ssh_join_and_web_mates_are_listed_by_kind_and_each_can_be_kicked(
     finally:
         joiner.close()
         web.close()
+
+
+def test_a_join_mate_who_detaches_leaves_the_list_at_once(host: Host, tmp_path: Path) -> None:
+    """Detaching ends `tether join`, and it says goodbye: the host's list drops it
+    now, where a link that merely ended keeps its place, listed "(link down)",
+    until the relay forgets it."""
+    host.type("echo leaving-$((6*7))")
+    joiner = JoinMate(tmp_path / "joiner", join_argv(host.join_rw))
+    try:
+        joiner.wait_text("leaving-42", 40)
+        (join_id,) = wait_for(lambda: mate_ids(host, "join"), 20, "the join mate listed")
+        tmux(joiner.sock, "send-keys", "C-b", "d")  # detach (README: C-b d to leave)
+        joiner.wait_text("[join exited: 0]", 20)
+        shown(host, f"mate {join_id} left (join, read-write")
+        assert list_mates(host).strip() == "no mates connected"
+    finally:
+        joiner.close()

@@ -40,6 +40,7 @@ from tether.core.messages import (
     PROTOCOL_VERSION,
     Ack,
     Binding,
+    End,
     Error,
     Event,
     EventBody,
@@ -79,6 +80,8 @@ JOIN_TIMEOUT = 20.0
 """How long a link may take to answer ``Join``."""
 UPGRADE_EVERY = 10.0
 """On the SSH channel: how often to try QUIC again."""
+LEAVE_WITHIN = 1.0
+"""Longest wait for the relay to take our goodbye before exiting anyway."""
 BACKOFF_MAX = 1.0
 TOKEN_PATIENCE = 3600.0
 """Once joined, how long a refused token is taken for a relay that restarted and
@@ -136,6 +139,9 @@ class JoinClient:
         self.refused: str | None = None
         self.first_joined: float | None = None
         self.ended: str | None = None
+        self._leaving = False
+        self._left = asyncio.Event()
+        """Set when a link ends after ``leave`` said goodbye on it."""
         """Why the host ended the session (the relay said so): the join ends too."""
         self.srtt: float | None = None
         """The link's smoothed round trip, from pings (for local echo)."""
@@ -200,6 +206,19 @@ class JoinClient:
             with contextlib.suppress(LinkClosed):
                 link.send_nowait(msg)
 
+    async def leave(self, reason: str = "the mate left", within: float = LEAVE_WITHIN) -> None:
+        """Say goodbye (``End``) on the current link and wait, at most ``within``,
+        for the relay to close it: the host's list of mates then drops us at
+        once, where a link that merely ended keeps our place (and our line in
+        the list) until the relay forgets it. A dead link does not hold the exit."""
+        link = self.link
+        if link is None or self.joined is None:
+            return
+        self._leaving = True
+        with contextlib.suppress(LinkClosed, ConnectionError, OSError, TimeoutError):
+            link.send_nowait(End(reason))
+            await asyncio.wait_for(self._left.wait(), within)
+
     # --- links, one after another ---------------------------------------------------
 
     async def run(self) -> None:
@@ -226,6 +245,10 @@ class JoinClient:
             finally:
                 link.close()
                 self.link = None
+                if self._leaving:
+                    self._left.set()
+            if self._leaving:
+                return
             if self._next is not None:
                 continue
             if time.monotonic() - start > 10:

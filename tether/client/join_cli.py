@@ -148,9 +148,9 @@ async def _join(
     workdir = tempfile.mkdtemp(prefix="tether-join-")
     replica: LocalReplica | None = None
     client_task: asyncio.Task[None] | None = None
+    client_ref: list[JoinClient] = []
     try:
         sock = os.path.join(workdir, "tmux.sock")
-        client_ref: list[JoinClient] = []
 
         def on_input(pane: int, keys: bytes, binding: object = None) -> None:
             if client_ref:
@@ -187,6 +187,9 @@ async def _join(
         return attach.result()
     finally:
         stopping = True
+        if client_ref and client_task is not None and not client_task.done():
+            with contextlib.suppress(Exception):
+                await client_ref[0].leave()  # the host's list drops us now
         if client_task is not None:
             client_task.cancel()
             with contextlib.suppress(BaseException):

@@ -31,6 +31,7 @@ from .messages import (
     PROTOCOL_VERSION,
     Ack,
     Binding,
+    End,
     Error,
     Event,
     EventRepeat,
@@ -179,6 +180,13 @@ class MateResized(Record):
 
     cols: int
     rows: int
+
+
+class MateLeft(Record):
+    """The client said goodbye (``End``): its place ends now, not when the relay
+    would forget it, so the host's list of mates is right at once."""
+
+    reason: str
 
 
 class JoinFailed(Record):
@@ -343,6 +351,10 @@ class RelayJoinEndpoint:
             if not self._pings.allow(1, now):
                 raise RemoteProtocolError(f"more than {PING_RATE:.0f} pings a second")
             self._send(Pong(msg.token), Channel.DATAGRAM)
+        elif isinstance(msg, End):
+            self.connected = False
+            self._outbox.clear()
+            self._events.append(MateLeft(msg.reason))
         elif not isinstance(msg, Pong):
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from a join client")
 

@@ -24,6 +24,7 @@ from typing import Any
 from tether.core.errors import RemoteProtocolError
 from tether.core.join_endpoint import (
     JoinFailed,
+    MateLeft,
     MateResized,
     MateTyped,
     RelayJoinEndpoint,
@@ -324,6 +325,10 @@ class Joins:
                 session.flush(now)
             elif isinstance(ev, JoinFailed):
                 log.warning("join mate %d: %s", ep.mate, ev.text)
+                ok = False
+            elif isinstance(ev, MateLeft):
+                log.info("join mate %d on session %s left", ep.mate, session.id)
+                self.leave(place)
                 ok = False
         return ok
 
