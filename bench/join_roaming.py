@@ -100,7 +100,6 @@ from bench.roaming_rig import (
     fmt_ms,
     interrupt_on_sigterm,
     log,
-    ns,
     tear_down,
     wait_until,
 )
@@ -298,9 +297,9 @@ class Rig:
         net = self.net
         net.start()
         log(f"netsim: run {net.run_id} seed={net.seed}")
-        self.relay = RelayProcess(self.root / "relay", PORT, prefix=ns(net, "relay"),
+        self.relay = RelayProcess(self.root / "relay", PORT, prefix=net.prefix("relay"),
                                   bind="0.0.0.0", public=net.addr("relay"))
-        host = Host(self.root / "host", self.relay.conf(), SIZE, prefix=ns(net, "host"))
+        host = Host(self.root / "host", self.relay.conf(), SIZE, prefix=net.prefix("host"))
         self.host = host
         host.type(f"exec tee -a {shlex.quote(str(self.typed))}")
         wait_until(lambda: host.display("#{pane_current_command}") == "tee", 15,
@@ -321,7 +320,7 @@ class Rig:
         """Start mate ``m`` (again); until a key it types reaches the host."""
         self.starts[m] += 1
         label = f"mate-{m}{self.starts[m]}"
-        prefix = ns(self.net, "mate")
+        prefix = self.net.prefix("mate")
         t0 = time.monotonic()
         term: Mate | JoinTerm
         if m == "ssh":

@@ -124,10 +124,6 @@ def fmt(v: float) -> str:
 # --- the rig ------------------------------------------------------------------------------
 
 
-def ns(net: Network, host: str) -> list[str]:
-    """The prefix that runs a command in one of the network's namespaces."""
-    return ["ip", "netns", "exec", net.netns(host)]
-
 
 @dataclass
 class Side:
@@ -185,7 +181,7 @@ class Rig:
                 workdir.mkdir(parents=True)
                 shutil.copytree(relays["quic"].workdir / "keys", workdir / "keys")
             extra = ["--no-quic"] if name == "ssh" else []
-            r = RelayProcess(workdir, RELAY_PORTS[name], *extra, prefix=ns(net, "relay"),
+            r = RelayProcess(workdir, RELAY_PORTS[name], *extra, prefix=net.prefix("relay"),
                              bind="0.0.0.0", public=net.addr("relay"))
             self.relays.append(r)
             relays[name] = r
@@ -195,7 +191,7 @@ class Rig:
             if name not in relays:
                 relay(name)
             h = Host(self.root / f"host-{name}", relays[name].conf(), SIZE,
-                     prefix=ns(net, "host"))
+                     prefix=net.prefix("host"))
             self.hosts.append(h)
             hosts[name] = h
             # a cat (the echo part waits for its copy of a line) that also appends each
@@ -211,7 +207,7 @@ class Rig:
             wait_until(lambda h=host: h.display("#{pane_current_command}") == "tee", 15,
                        "tee in the host pane")
             mate = Mate(self.root, host.ssh_rw, SIZE, name=f"mate-{name}",
-                        prefix=ns(net, "mate"))
+                        prefix=net.prefix("mate"))
             self.mates.append(mate)
             tap = Tap(mate.sock)
             self.taps.append(tap)

@@ -304,6 +304,11 @@ class Network:
         """Name of the host's namespace (for ``ip netns exec``)."""
         return self._host(host).netns
 
+    def prefix(self, host: str) -> list[str]:
+        """The argv prefix that runs a command inside ``host`` (``ip netns exec``),
+        for processes a caller starts itself (with its own pipes or pty)."""
+        return ["ip", "netns", "exec", self.netns(host)]
+
     def active_link(self, host: str) -> str:
         return self._host(host).active
 
@@ -427,7 +432,7 @@ class Network:
     # -- processes and sockets -----------------------------------------------
     def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside ``host`` (via ``ip netns exec``); killed on close."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.netns(host), *argv], **kwargs)
+        proc = subprocess.Popen([*self.prefix(host), *argv], **kwargs)
         self._procs.append(proc)
         self.log("popen", host=host, pid=proc.pid, argv=" ".join(argv)[:80])
         return proc
@@ -437,7 +442,7 @@ class Network:
     ) -> subprocess.CompletedProcess[Any]:
         """Run ``argv`` inside ``host`` to completion (bounded by ``timeout``)."""
         return subprocess.run(
-            ["ip", "netns", "exec", self.netns(host), *argv], timeout=timeout, **kwargs
+            [*self.prefix(host), *argv], timeout=timeout, **kwargs
         )
 
     def call(self, host: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
