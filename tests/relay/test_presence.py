@@ -25,7 +25,7 @@ from tether.relay.joins import KICKED_JOIN_TEXT, Joins
 from tether.relay.mates import EXIT_KICKED, KICKED_TEXT, display_address
 from tether.relay.mates import Mates as MatesRole
 from tether.relay.session import MORE, Mate, mate_list
-from tether.transport import web
+from tether.transport import web_terminal as web
 
 
 def sent_mates(host: HostLink) -> list[tuple[MateInfo, ...]]:

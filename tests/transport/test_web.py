@@ -23,14 +23,14 @@ import pytest
 
 from tether.core import tokens
 from tether.relay import cli as relay_cli
-from tether.transport import web
-from tether.transport.web import (
+from tether.transport import web_terminal
+from tether.transport.web import Access, WebFront, tls_context
+from tether.transport.web_terminal import (
     CLOSE_INVALID_TOKEN,
     CLOSE_PROTOCOL,
     CLOSE_REFUSED,
-    Access,
+    MAX_MESSAGE,
     ProtocolError,
-    WebFront,
     WebTerminal,
     parse_control,
     parse_first,
@@ -297,7 +297,7 @@ async def test_oversized_garbage_and_flooding_messages_close_only_that_client(
                 await send(ws)
                 return await session_closes(ws)
 
-        _, code = await after_hello(lambda ws: ws.send_bytes(b"x" * (web.MAX_MESSAGE + 1)))
+        _, code = await after_hello(lambda ws: ws.send_bytes(b"x" * (MAX_MESSAGE + 1)))
         assert code == 1009
 
         async def not_utf8(ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -310,7 +310,7 @@ async def test_oversized_garbage_and_flooding_messages_close_only_that_client(
                                                       "message": "a text message is not JSON"}
 
         async def flood(ws: aiohttp.ClientWebSocketResponse) -> None:
-            for _ in range(web.REQUEST_BURST + 50):
+            for _ in range(web_terminal.REQUEST_BURST + 50):
                 await ws.send_str('{"type": "resize", "cols": 80, "rows": 24}')
 
         got, code = await after_hello(flood)
@@ -456,7 +456,7 @@ async def test_tls(page_dir: Path, tmp_path: Path) -> None:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     front = WebFront(echo, lookup, page_dir)
-    await front.start("127.0.0.1", 0, web.tls_context(tmp_path / "cert.pem", tmp_path / "key.pem"))
+    await front.start("127.0.0.1", 0, tls_context(tmp_path / "cert.pem", tmp_path / "key.pem"))
     try:
         client = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
         async with aiohttp.ClientSession() as http:

@@ -49,7 +49,7 @@ KICKED_TEXT = "tether: the host disconnected you"
 EXIT_KICKED = 4
 """The exit status of a mate the host disconnected (``tether kick-mate``): its
 ssh exits with it, and the web front closes with 4004 for it
-(``transport.web.EXIT_KICKED``, which must equal this)."""
+(``transport.web_terminal.EXIT_KICKED``, which must equal this)."""
 
 
 def display_address(peer: str) -> str:
