@@ -297,9 +297,9 @@ class Rig:
         net = self.net
         net.start()
         log(f"netsim: run {net.run_id} seed={net.seed}")
-        self.relay = RelayProcess(self.root / "relay", PORT, prefix=net.prefix("relay"),
+        self.relay = RelayProcess(self.root / "relay", PORT, prefix=net.exec_argv("relay"),
                                   bind="0.0.0.0", public=net.addr("relay"))
-        host = Host(self.root / "host", self.relay.conf(), SIZE, prefix=net.prefix("host"))
+        host = Host(self.root / "host", self.relay.conf(), SIZE, prefix=net.exec_argv("host"))
         self.host = host
         host.type(f"exec tee -a {shlex.quote(str(self.typed))}")
         wait_until(lambda: host.display("#{pane_current_command}") == "tee", 15,
@@ -320,7 +320,7 @@ class Rig:
         """Start mate ``m`` (again); until a key it types reaches the host."""
         self.starts[m] += 1
         label = f"mate-{m}{self.starts[m]}"
-        prefix = self.net.prefix("mate")
+        prefix = self.net.exec_argv("mate")
         t0 = time.monotonic()
         term: Mate | JoinTerm
         if m == "ssh":

@@ -318,14 +318,14 @@ class Rig:
         net = self.net
         net.start()
         log(f"netsim: run {net.run_id} seed={net.seed}")
-        self.relay = RelayProcess(self.root / "relay", PORT, prefix=net.prefix("relay"),
+        self.relay = RelayProcess(self.root / "relay", PORT, prefix=net.exec_argv("relay"),
                                   bind="0.0.0.0", public=net.addr("relay"))
         home = self.root / "host"
         home.mkdir()
         # tmux starts login shells: ~/.bash_profile, not ~/.bashrc
         (home / ".bash_profile").write_text(f"PS1='{PROMPT}'\nunset PROMPT_COMMAND\nHISTFILE=\n")
         env = tether_env(home, tmp=self._tmp("host"), term=TERM_NAME, shell="/bin/bash")
-        host = Host(home, self.relay.conf(), PANE, prefix=net.prefix("host"), env=env,
+        host = Host(home, self.relay.conf(), PANE, prefix=net.exec_argv("host"), env=env,
                     tmux_conf=TMUX_CONF + "set -g status off\n")
         self.host = host
         self.wait(lambda: self.host_rows()[0] == PROMPT.rstrip(), 20, "bash's prompt on the host")
@@ -348,7 +348,7 @@ class Rig:
             else:
                 argv = tether_cmd("join", "--log", str(mhome / "join.log"), "--predict", m,
                                   *join_line[2:])
-            self.argv[m] = ([*net.prefix("mate"), *argv], menv)
+            self.argv[m] = ([*net.exec_argv("mate"), *argv], menv)
             self.start_mate(m)
         host.type("echo ready-$((6*7))")
         for m, t in self.mates.items():

@@ -181,7 +181,7 @@ class Rig:
                 workdir.mkdir(parents=True)
                 shutil.copytree(relays["quic"].workdir / "keys", workdir / "keys")
             extra = ["--no-quic"] if name == "ssh" else []
-            r = RelayProcess(workdir, RELAY_PORTS[name], *extra, prefix=net.prefix("relay"),
+            r = RelayProcess(workdir, RELAY_PORTS[name], *extra, prefix=net.exec_argv("relay"),
                              bind="0.0.0.0", public=net.addr("relay"))
             self.relays.append(r)
             relays[name] = r
@@ -191,7 +191,7 @@ class Rig:
             if name not in relays:
                 relay(name)
             h = Host(self.root / f"host-{name}", relays[name].conf(), SIZE,
-                     prefix=net.prefix("host"))
+                     prefix=net.exec_argv("host"))
             self.hosts.append(h)
             hosts[name] = h
             # a cat (the echo part waits for its copy of a line) that also appends each
@@ -207,7 +207,7 @@ class Rig:
             wait_until(lambda h=host: h.display("#{pane_current_command}") == "tee", 15,
                        "tee in the host pane")
             mate = Mate(self.root, host.ssh_rw, SIZE, name=f"mate-{name}",
-                        prefix=net.prefix("mate"))
+                        prefix=net.exec_argv("mate"))
             self.mates.append(mate)
             tap = Tap(mate.sock)
             self.taps.append(tap)

@@ -82,19 +82,19 @@ def _at(rows: list[str], col: int, row: int) -> str:
 @pytest.fixture
 def rig(netsim_factory, tmp_path: Path) -> Iterator[Rig]:  # type: ignore[no-untyped-def]
     net: Network = netsim_factory(TOPOLOGY)
-    relay = RelayProcess(tmp_path / "relay", 2222, prefix=net.prefix("relay"), bind="0.0.0.0",
+    relay = RelayProcess(tmp_path / "relay", 2222, prefix=net.exec_argv("relay"), bind="0.0.0.0",
                          public=net.addr("relay"))
     home = tmp_path / "host"
     home.mkdir()
     # tmux starts login shells: a plain prompt from ~/.bash_profile
     (home / ".bash_profile").write_text(f"PS1='{PROMPT}'\nunset PROMPT_COMMAND\nHISTFILE=\n")
-    host = Host(home, relay.conf(), (PANE[0], PANE[1] + 1), prefix=net.prefix("host"),
+    host = Host(home, relay.conf(), (PANE[0], PANE[1] + 1), prefix=net.exec_argv("host"),
                 env=tether_env(home, shell="/bin/bash"))
     # impaired before the join starts: its pings find the link's RTT from the first one
     net.link("mate", "eth0").set(delay="50ms", loss="10%", seed=LINK_SEED)
     log = tmp_path / "join.log"
     words = host.join_rw.split()
-    argv = [*net.prefix("mate"),
+    argv = [*net.exec_argv("mate"),
             *tether_cmd("join", "--log", str(log), "--predict", "always", *words[2:])]
     mate = JoinMate(tmp_path / "mate", argv)
     r = Rig(net, relay, host, mate, random.Random(LINK_SEED))

@@ -31,14 +31,14 @@ def rig(netsim_factory, tmp_path: Path,  # type: ignore[no-untyped-def]
     net: Network = netsim_factory(TOPOLOGY)
     if request.node.get_closest_marker("nat") is not None:
         net.nat("mate", True)  # the mate (not the host) behind the router's NAT
-    relay = RelayProcess(tmp_path / "relay", 2222, prefix=net.prefix("relay"), bind="0.0.0.0",
+    relay = RelayProcess(tmp_path / "relay", 2222, prefix=net.exec_argv("relay"), bind="0.0.0.0",
                          public=net.addr("relay"))
-    host = Host(tmp_path / "host", relay.conf(), prefix=net.prefix("host"))
+    host = Host(tmp_path / "host", relay.conf(), prefix=net.exec_argv("host"))
     keys = tmp_path / "keys.txt"
     host.type(f"stty -echo; cat > {keys}")
     words = host.join_rw.split()
     log = tmp_path / "join.log"
-    argv = [*net.prefix("mate"), *tether_cmd("join", "--log", str(log), *words[2:])]
+    argv = [*net.exec_argv("mate"), *tether_cmd("join", "--log", str(log), *words[2:])]
     mate = JoinMate(tmp_path / "mate", argv)
     try:
         wait_for(lambda: "stty -echo" in mate.screen(), 40, "the host's screen on the mate's")
@@ -238,16 +238,16 @@ def test_join_with_udp_blocked_uses_ssh_and_moves_to_quic_when_it_can(
     netsim_factory, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
     net: Network = netsim_factory(TOPOLOGY)
-    relay = RelayProcess(tmp_path / "relay", 2222, prefix=net.prefix("relay"), bind="0.0.0.0",
+    relay = RelayProcess(tmp_path / "relay", 2222, prefix=net.exec_argv("relay"), bind="0.0.0.0",
                          public=net.addr("relay"))
-    host = Host(tmp_path / "host", relay.conf(), prefix=net.prefix("host"))
+    host = Host(tmp_path / "host", relay.conf(), prefix=net.exec_argv("host"))
     keys = tmp_path / "keys.txt"
     host.type(f"stty -echo; cat > {keys}")
     net.block_udp("mate", True)
     log = tmp_path / "join.log"
     words = host.join_rw.split()
     mate = JoinMate(tmp_path / "mate",
-                    [*net.prefix("mate"), *tether_cmd("join", "--log", str(log), *words[2:])])
+                    [*net.exec_argv("mate"), *tether_cmd("join", "--log", str(log), *words[2:])])
     try:
         wait_for(lambda: "stty -echo" in mate.screen(), 40, "the host's screen on the mate's")
         rig = Rig(net, relay, host, mate, keys)  # type: ignore[arg-type]

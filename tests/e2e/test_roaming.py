@@ -40,17 +40,17 @@ def rig(netsim: Network, tmp_path: Path, request: pytest.FixtureRequest) -> Iter
     block_from_start = request.node.get_closest_marker("udp_blocked_from_start") is not None
     if request.node.get_closest_marker("nat") is not None:
         netsim.nat("host", True)
-    relay = RelayProcess(tmp_path / "relay", 2222, prefix=netsim.prefix("relay"), bind="0.0.0.0",
+    relay = RelayProcess(tmp_path / "relay", 2222, prefix=netsim.exec_argv("relay"), bind="0.0.0.0",
                          public=netsim.addr("relay"))
     if block_from_start:
         netsim.block_udp("host", True)
-    host = Host(tmp_path / "host", relay.conf(), prefix=netsim.prefix("host"))
+    host = Host(tmp_path / "host", relay.conf(), prefix=netsim.exec_argv("host"))
     keys = tmp_path / "keys.txt"
     host.tmux("split-window", "-h")
     host.type("i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.05; done", target=":0.1")
     host.tmux("select-pane", "-t", ":0.0")
     host.type(f"stty -echo; cat > {keys}")
-    mate = Mate(tmp_path, host.ssh_rw, (100, 30), prefix=netsim.prefix("mate"))
+    mate = Mate(tmp_path, host.ssh_rw, (100, 30), prefix=netsim.exec_argv("mate"))
     wait_for(lambda: "0:" in mate.status_line(), 30, "the mate to attach")
     wait_for(lambda: "tick-" in mate.screen(), 30, "the ticker on the mate's screen")
     try:

@@ -304,7 +304,7 @@ class Network:
         """Name of the host's namespace (for ``ip netns exec``)."""
         return self._host(host).netns
 
-    def prefix(self, host: str) -> list[str]:
+    def exec_argv(self, host: str) -> list[str]:
         """The argv prefix that runs a command inside ``host`` (``ip netns exec``),
         for processes a caller starts itself (with its own pipes or pty)."""
         return ["ip", "netns", "exec", self.netns(host)]
@@ -432,7 +432,7 @@ class Network:
     # -- processes and sockets -----------------------------------------------
     def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside ``host`` (via ``ip netns exec``); killed on close."""
-        proc = subprocess.Popen([*self.prefix(host), *argv], **kwargs)
+        proc = subprocess.Popen([*self.exec_argv(host), *argv], **kwargs)
         self._procs.append(proc)
         self.log("popen", host=host, pid=proc.pid, argv=" ".join(argv)[:80])
         return proc
@@ -442,7 +442,7 @@ class Network:
     ) -> subprocess.CompletedProcess[Any]:
         """Run ``argv`` inside ``host`` to completion (bounded by ``timeout``)."""
         return subprocess.run(
-            [*self.prefix(host), *argv], timeout=timeout, **kwargs
+            [*self.exec_argv(host), *argv], timeout=timeout, **kwargs
         )
 
     def call(self, host: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
