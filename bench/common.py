@@ -11,6 +11,8 @@ its pid, and the directory is removed.
 from __future__ import annotations
 
 import math
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -235,9 +237,12 @@ class Relay(RelayProcess):
         # the benchmarks' hosts share one account, so one host key, and one
         # address: lift the relay's per-key (50) and per-address (32) limits
         # for the 100-session runs
+        # TETHER_BENCH_RELAY_ARGS: more relay flags for every benchmark, e.g.
+        # "--replica worker" to measure the previous design beside the current one
+        more = shlex.split(os.environ.get("TETHER_BENCH_RELAY_ARGS", ""))
         super().__init__(
             home, port, "--max-sessions-per-key", "100000",
-            "--max-connections-per-address", "100000", *extra,
+            "--max-connections-per-address", "100000", *extra, *more,
             public=None, env=wd.env(home), verbose=False, keys=KEYS, keep_output=False,
             stop_timeout=15.0,
         )

@@ -137,7 +137,8 @@ def run(ctx: Ctx) -> list[Figure]:
 
             def sessions_up(relay: Relay = relay, n: int = n) -> bool:
                 p = relay.parts()
-                return (len(p["workers"]) == n and len(p["replica tmux servers"]) == n
+                # a worker per session (--replica worker) or none (direct)
+                return (len(p["workers"]) in (0, n) and len(p["replica tmux servers"]) == n
                         and len(p["replica tmux clients"]) == n)
 
             wait_for(sessions_up, 60 + n, f"{n} replicas")

@@ -134,8 +134,9 @@ def profile_running(scenario: str, args: argparse.Namespace) -> None:
         for p in (mate, host_term):
             p.wait_quiet(0.3, 30)
         groups = {**host.pids(), **relay.parts(), "mate ssh": [mate.pid]}
-        watched = {"agent": groups["agent"][0], "relay": groups["relay"][0],
-                   "worker": groups["workers"][0]}
+        watched = {"agent": groups["agent"][0], "relay": groups["relay"][0]}
+        if groups["workers"]:  # --replica worker (TETHER_BENCH_RELAY_ARGS)
+            watched["worker"] = groups["workers"][0]
         if scenario == "echo":
             seconds = args.keys * 0.03
         else:

@@ -190,14 +190,16 @@ def run(ctx: Ctx) -> list[Figure]:
 
                     def replicas_up(want: int = live + 1) -> bool:
                         drain_all()
-                        return len(relay.parts()["workers"]) >= want
+                        # one replica tmux server per session, fed by the relay or
+                        # (--replica worker) a worker process each
+                        return len(relay.parts()["replica tmux servers"]) >= want
 
-                    wait_for(replicas_up, 60 + live / 10, f"{live + 1} replica workers", 0.5)
+                    wait_for(replicas_up, 60 + live / 10, f"{live + 1} replicas", 0.5)
                 drain_all()
                 readings = settle(measure, 30 + live / 20)
                 drain_all()
                 groups = relay.parts()
-                sessions = len(groups["workers"]) - 1
+                sessions = len(groups["replica tmux servers"]) - 1
                 live_fleets = [f for f in fleets if f.proc.poll() is None]
                 fleet_pids = [f.proc.pid for f in live_fleets]
                 before = [f.stats(log) for f in live_fleets]

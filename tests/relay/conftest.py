@@ -1,4 +1,5 @@
-"""A live (unjailed) replica worker for the replica tests."""
+"""A live (unjailed) replica for the replica tests: fed by a worker process, or
+by the relay's own process (``DirectReplica``); every test runs against both."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import pytest
 from test_replica import Worker
 
 
-@pytest.fixture
-async def worker() -> AsyncIterator[Worker]:
-    w = Worker()
+@pytest.fixture(params=["direct", "worker"])
+async def worker(request: pytest.FixtureRequest) -> AsyncIterator[Worker]:
+    w = Worker(request.param)
     await w.handle.start()
     yield w
     await w.handle.close()

@@ -1,8 +1,10 @@
-"""The replica worker's jail, with real processes: bubblewrap, tmux, the worker.
+"""The replica's jail, with real processes: bubblewrap, tmux, and what feeds it.
 
-Two kinds of evidence. A live jailed ``ReplicaHandle`` shows the jail does not
-break the worker (rendering, ptys passed back to the relay, mates' keys) and is
-inspected from outside (``/proc/<worker>/``) and from inside its own namespaces
+Two kinds of evidence. A live jailed replica (``DirectReplica``, fed by the
+relay's process, and ``ReplicaHandle``, fed by a worker in the jail) shows the
+jail does not break it (rendering, ptys passed back to the relay, mates' keys)
+and is inspected from outside (``/proc/<pid>/`` of a jailed process: the
+worker, or the replica's tmux control client) and from inside its own namespaces
 (``nsenter``). Probes run in a jail built by the same ``jail_command`` prefix try
 what a compromised worker would: read the relay's files, reach the network,
 see other processes, gain privileges.
@@ -40,6 +42,7 @@ from tether.core.messages import (
 )
 from tether.relay import jail
 from tether.relay.replica import ReplicaHandle
+from tether.relay.replica_direct import DirectReplica
 
 WHY = jail.jail_unavailable()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"cannot jail here: {WHY}")
@@ -66,11 +69,14 @@ class Session:
 
     @property
     def worker(self) -> int:
-        """The worker's pid: the descendant running the interpreter itself."""
+        """A jailed process's pid: the worker's interpreter, or (no worker) the
+        replica's tmux control client, the jail's first process."""
         assert self.handle.proc is not None
         for pid in descendants(self.handle.proc.pid):
             argv = cmdline(pid)
             if argv[:2] == [sys.executable, "-c"] and "tether.relay.worker" in argv[2]:
+                return pid
+            if argv[:1] == ["tmux"] and "-C" in argv and isinstance(self.handle, DirectReplica):
                 return pid
         raise AssertionError("no worker process")
 
@@ -112,9 +118,10 @@ def gone(pid: int) -> bool:
         return True
 
 
-async def start_session() -> Session:
+async def start_session(kind: str = "direct") -> Session:
     got: list[Message] = []
-    handle = ReplicaHandle("jailed", got.append, jail=True)
+    cls = DirectReplica if kind == "direct" else ReplicaHandle
+    handle = cls("jailed", got.append, jail=True)
     await handle.start()
     session = Session(handle, got)
     handle.send(Event(1, SNAPSHOT))
@@ -123,9 +130,9 @@ async def start_session() -> Session:
     return session
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[Session]:
-    s = await start_session()
+@pytest.fixture(params=["direct", "worker"])
+async def session(request: pytest.FixtureRequest) -> AsyncIterator[Session]:
+    s = await start_session(request.param)
     yield s
     await s.handle.close()
 
@@ -319,13 +326,17 @@ def test_jail_holds_nothing_of_the_relays_but_its_sockets(tmp_path: Path) -> Non
         pidns = os.readlink(f"/proc/{worker}/ns/pid")
         tree = descendants(relay.pid)
         jailed = [p for p in tree if os.readlink(f"/proc/{p}/ns/pid") == pidns]
-        assert len(jailed) >= 4, jailed  # bwrap's pid 1, the worker, tmux server and client
+        assert len(jailed) >= 4, jailed  # bwrap's pid 1, tmux's server and client, a pane
         for p in tree:  # the jail and the bwrap processes around it
             fds = {fd: os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")}
             assert str(log) not in fds.values(), (p, cmdline(p), fds)
             assert out_pipe not in fds.values(), (p, cmdline(p), fds)
+        # the jail's first process is the replica's tmux control client: its
+        # stdin and stdout are one socket to the relay, its stderr /dev/null
         worker_fds = {fd: os.readlink(f"/proc/{worker}/fd/{fd}") for fd in ("0", "1", "2")}
-        assert set(worker_fds.values()) == {"/dev/null"}, worker_fds
+        assert worker_fds["2"] == "/dev/null", worker_fds
+        assert worker_fds["0"] == worker_fds["1"], worker_fds
+        assert worker_fds["0"].startswith("socket:["), worker_fds
     finally:
         relay.kill()
         relay.wait()

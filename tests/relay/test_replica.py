@@ -25,6 +25,7 @@ from tether.core.messages import (
     Window,
 )
 from tether.relay.replica import ReplicaHandle
+from tether.relay.replica_direct import DirectReplica
 
 
 def tmux(sock: str, *args: str) -> str:
@@ -43,9 +44,10 @@ async def until(fn: object, timeout: float = 10.0) -> object:
 
 
 class Worker:
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "direct") -> None:
         self.got: list[Message] = []
-        self.handle = ReplicaHandle("test", self.got.append)
+        cls = DirectReplica if kind == "direct" else ReplicaHandle
+        self.handle = cls("test", self.got.append)
         self.seq = 0
 
     @property

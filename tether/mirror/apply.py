@@ -79,6 +79,9 @@ class Mirror:
     status_prefix = AWAY
     """What the replica puts before the host's status-left: the host's absence."""
     options: tuple[str, ...] = OPTIONS
+    pane_cmd: str = PANE_CMD
+    """What a new replica pane runs, as a tmux command line's arguments (the
+    relay's own replica sets a helper that hands the pane's tty out first)."""
 
     def __init__(self) -> None:
         self.windows: dict[int, str] = {}  # host window id -> replica "@N"
@@ -171,7 +174,7 @@ class Mirror:
     def _new_window(self, hid: int, first: int) -> Plan:
         reply = yield _run(
             f"new-window -d -t {SESSION}: -P "
-            f"-F '#{{window_id}} #{{pane_id}} #{{pane_tty}}' {PANE_CMD}"
+            f"-F '#{{window_id}} #{{pane_id}} #{{pane_tty}}' {self.pane_cmd}"
         )
         wid, pid, ptty = reply.lines[0].split()
         self.windows[hid] = wid
@@ -211,7 +214,9 @@ class Mirror:
                 if hp in other:
                     other.remove(hp)
         where = f"-t {self.panes[desired[i - 1]]}" if i else f"-b -t {self.panes[current[0]]}"
-        reply = yield _run(f"split-window -d {where} -P -F '#{{pane_id}} #{{pane_tty}}' {PANE_CMD}")
+        reply = yield _run(
+            f"split-window -d {where} -P -F '#{{pane_id}} #{{pane_tty}}' {self.pane_cmd}"
+        )
         pid, ptty = reply.lines[0].split()
         yield from self._add_pane(hp, pid, ptty)
         current.insert(current.index(desired[i - 1]) + 1 if i else 0, hp)

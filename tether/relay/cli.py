@@ -127,6 +127,14 @@ def _parser() -> argparse.ArgumentParser:
         help="run replica workers without the bubblewrap jail (unsafe with untrusted hosts)",
     )
     p.add_argument(
+        "--replica",
+        choices=("direct", "worker"),
+        default="direct",
+        help="feed each session's jailed replica tmux from the relay's own process "
+        "(direct, the default), or from a Python worker per session (worker: costs "
+        "~5 MiB and two process hops per keystroke more; kept for comparison)",
+    )
+    p.add_argument(
         "--no-quic",
         action="store_true",
         help="replicate over the SSH channel only (for networks that block UDP)",
@@ -256,6 +264,7 @@ def _config(a: argparse.Namespace, keys: Path) -> RelayConfig | None:
         max_sessions=a.max_sessions,
         quic_port=-1 if a.no_quic else a.quic_port,
         jail=not a.no_jail,
+        replica=a.replica,
         authorized_keys=authorized,
         max_mates=a.max_mates,
         max_sessions_per_key=a.max_sessions_per_key,

@@ -26,7 +26,11 @@ class RelayConfig:
     """How long a session waits for its host to come back."""
     hello_timeout: float = 15.0
     jail: bool = True
-    """Run each replica worker in a bubblewrap jail (see SECURITY.md)."""
+    """Run each replica in a bubblewrap jail (see SECURITY.md)."""
+    replica: str = "direct"
+    """How replicas are fed: ``direct`` from the relay's own process
+    (``relay/replica_direct.py``), or ``worker``, a Python process per session
+    (``relay/worker.py``), kept to measure one against the other."""
     quic_port: int | None = None
     """UDP port for QUIC; None: the SSH port's number; -1: no QUIC."""
     authorized_keys: list[str] | None = None

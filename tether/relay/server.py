@@ -32,6 +32,7 @@ from .joins import Joins
 from .mates import INVALID_TOKEN, MATE_COLS, MATE_ROWS, MATE_WAIT_SCREEN, Mates, clamp_size
 from .registry import Registry
 from .replica import ReplicaHandle
+from .replica_direct import DirectReplica
 from .session import Mate, Session
 
 __all__ = [
@@ -85,7 +86,9 @@ class Relay:
         self.joins = Joins(self.registry, config, self.mates.backoff)
 
     def _new_replica(self, sid: str, on_message: Callable[[Message], None]) -> ReplicaHandle:
-        return ReplicaHandle(sid, on_message, self.config.jail)
+        if self.config.replica == "worker":
+            return ReplicaHandle(sid, on_message, self.config.jail)
+        return DirectReplica(sid, on_message, self.config.jail)
 
     # --- what callers and tests look at -----------------------------------------
 

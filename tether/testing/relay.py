@@ -37,6 +37,12 @@ class KeyCache:
         atexit.register(shutil.rmtree, cache, True)
 
 
+def _sock(argv: list[str]) -> str | None:
+    """The ``-S`` socket of a tmux command line (None: none given)."""
+    i = argv.index("-S") if "-S" in argv else -1
+    return argv[i + 1] if 0 <= i < len(argv) - 1 else None
+
+
 def _base(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
@@ -132,14 +138,20 @@ class RelayProcess:
                    if any("tether.relay.worker" in a for a in p.argv)
                    and _base(p.argv[0]) != "bwrap"]
         socks = {os.path.join(p.argv[-1], "tmux.sock") for p in workers}
-        servers, clients = [], []
-        for p in procs:
-            if _base(p.argv[0]) != "tmux" or "-S" not in p.argv:
-                continue
-            i = p.argv.index("-S")
-            if i + 1 < len(p.argv) and p.argv[i + 1] in socks:
-                (servers if "new-session" in p.argv else clients).append(p.pid)
-        panes = [d.pid for s in servers for d in descendants(s, procs)]
+        # replicas fed by the relay itself: their tmux runs below the relay (jailed)
+        # or, daemonised, anywhere (unjailed), named by the socket in its command line
+        socks |= {s for p in below if _base(p.argv[0]) == "tmux" and (s := _sock(p.argv))}
+        tmuxes = [p for p in procs if _base(p.argv[0]) == "tmux" and _sock(p.argv) in socks]
+        ids = {p.pid for p in tmuxes}
+        servers, clients, panes = [], [], []
+        for p in tmuxes:
+            under = descendants(p.pid, procs)
+            # a server has panes (a control client started by new-session has none)
+            if "new-session" in p.argv and under:
+                servers.append(p.pid)
+                panes += [d.pid for d in under if d.pid not in ids]
+            else:
+                clients.append(p.pid)
         known = {self.pid, *servers, *clients, *panes, *(p.pid for p in workers)}
         jail = [p.pid for p in below if _base(p.argv[0]) == "bwrap"]
         other = [p.pid for p in below if p.pid not in known and p.pid not in jail]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -39,8 +40,13 @@ class TmuxControl:
         self._parser = ControlParser(muted)
         self._pending: deque[tuple[asyncio.Future[Reply], ReplyCallback | None]] = deque()
         self._proc: asyncio.subprocess.Process | None = None
+        self._stdout: asyncio.StreamReader | None = None
+        self._stdin: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self.closed: asyncio.Future[None] | None = None
+        self.budget: Callable[[int], bool] | None = None
+        """Called with each line's length before it is parsed; False stops
+        reading (the relay's budget for a replica tmux it does not trust)."""
 
     async def start(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
         """Start ``tmux -S SOCKET -C ARGS`` (e.g. ``attach -t NAME``)."""
@@ -58,6 +64,19 @@ class TmuxControl:
             env=env or os.environ.copy(),
             limit=4 * 1024 * 1024,
         )
+        assert self._proc.stdout is not None and self._proc.stdin is not None
+        await self._attached(self._proc.stdout, self._proc.stdin)
+
+    async def start_on(self, sock: socket.socket) -> None:
+        """Speak to a control client already started elsewhere (in a jail) with
+        ``sock``'s peer as its stdin and stdout."""
+        self.closed = asyncio.get_running_loop().create_future()
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=4 * 1024 * 1024)
+        await self._attached(reader, writer)
+
+    async def _attached(self, stdout: asyncio.StreamReader, stdin: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        self._stdout, self._stdin = stdout, stdin
         # tmux answers the attach itself with the first %begin/%end block; until
         # then this client is not attached and commands fail with "no current client"
         attached: asyncio.Future[Reply] = loop.create_future()
@@ -68,8 +87,8 @@ class TmuxControl:
             raise TmuxError(b"; ".join(reply.lines).decode(errors="replace") or "attach failed")
 
     async def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        stdout = self._proc.stdout
+        assert self._stdout is not None
+        stdout = self._stdout
         try:
             while True:
                 try:
@@ -79,8 +98,12 @@ class TmuxControl:
                 except asyncio.LimitOverrunError:
                     # a line longer than our buffer: tmux never sends one this long
                     # in practice; skip it rather than die
-                    await stdout.read(4 * 1024 * 1024)
+                    skipped = await stdout.read(4 * 1024 * 1024)
+                    if self.budget is not None and not self.budget(len(skipped)):
+                        break
                     continue
+                if self.budget is not None and not self.budget(len(raw)):
+                    break
                 item = self._parser.line(raw[:-1])
                 if item is None:
                     continue
@@ -108,17 +131,17 @@ class TmuxControl:
 
     def send(self, command: str, callback: ReplyCallback | None = None) -> asyncio.Future[Reply]:
         """Queue one command line; its reply resolves the future (and runs ``callback``)."""
-        assert self._proc is not None and self._proc.stdin is not None
+        assert self._stdin is not None
         if "\n" in command:
             raise ValueError("a tmux command line cannot contain a newline")
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         # fire-and-forget commands are fine: a failure nobody awaits is not an error
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        if self._proc.stdin.is_closing():
+        if self._stdin.is_closing():
             fut.set_exception(TmuxError("tmux control connection closed"))
             return fut
         self._pending.append((fut, callback))
-        self._proc.stdin.write(command.encode() + b"\n")
+        self._stdin.write(command.encode() + b"\n")
         return fut
 
     async def run(self, command: str) -> list[str]:
@@ -130,10 +153,13 @@ class TmuxControl:
         return lines
 
     async def close(self) -> None:
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.close()
         if self._proc is None:
+            if self._reader_task is not None:
+                self._reader_task.cancel()
+                await asyncio.gather(self._reader_task, return_exceptions=True)
             return
-        if self._proc.stdin is not None and not self._proc.stdin.is_closing():
-            self._proc.stdin.close()
         try:
             await asyncio.wait_for(self._proc.wait(), 3)
         except TimeoutError:

@@ -1,0 +1,135 @@
+"""The relay-fed replica's hand-off socket, as a compromised jail would use it.
+
+The socket is how pane ttys and mates' ptys leave the jail; whatever connects
+to it is treated as hostile: a descriptor that is not what its tag says is
+closed, connections are bounded in number and time, and the session keeps
+working through all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+
+from test_replica import Worker, layout, snapshot, tmux, until
+
+from tether.core.messages import Input, Output, Window
+from tether.relay import replica_direct
+from tether.relay.replica_direct import HANDOFF, MAX_HANDOFFS, DirectReplica
+
+
+def _send_fd(path: str, tag: bytes, fd: int) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        socket.send_fds(s, [tag], [fd])
+    finally:
+        s.close()
+
+
+def _open_fds(pid: int) -> set[str]:
+    out = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            continue
+    return out
+
+
+async def _working(w: Worker) -> None:
+    """The session still renders the host's bytes and reads back a mate's keys."""
+    seq = w.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1))
+    await w.applied(seq)
+    seq = w.send(Output(5, b"still here\r\n"))
+    await w.applied(seq)
+    await until(lambda: "still here" in tmux(w.sock, "capture-pane", "-p", "-t", "tether:"))
+    tmux(w.sock, "send-keys", "-t", "tether:", "-l", "k")
+    await until(lambda: any(isinstance(m, Input) and m.keys == b"k" for m in w.got))
+
+
+async def test_descriptors_that_are_not_what_they_claim_are_closed(tmp_path: object) -> None:
+    w = Worker("direct")
+    h = w.handle
+    assert isinstance(h, DirectReplica)
+    await h.start()
+    try:
+        path = os.path.join(h.dir, HANDOFF)
+        bait = os.path.join(h.dir, "bait-file")
+        with open(bait, "w") as f:
+            f.write("x")
+        master, slave = os.openpty()
+        tries = [
+            (b"p", os.open(bait, os.O_RDONLY)),  # a file as a pane's tty
+            (b"p", os.open(os.devnull, os.O_RDWR)),  # a character device, not a pty
+            (b"p", master),  # a pty master as a pane's tty
+            (b"m1", slave),  # a pty slave as a mate's master
+            (b"m7", os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)),  # no mate 7 waits
+            (b"x" * 31, os.open(os.devnull, os.O_RDWR)),  # an unknown tag
+        ]
+        for tag, fd in tries:
+            _send_fd(path, tag, fd)
+            os.close(fd)
+        await until(lambda: not h._handoffs, 5)
+        kept = _open_fds(os.getpid())
+        assert bait not in kept
+        ptmx = [p for p in kept if p in ("/dev/ptmx", "/dev/pts/ptmx")]
+        assert not ptmx, f"a pty master from the socket was kept: {ptmx}"
+        # an orphan pane tty is kept for a moment only, and never more than MAX_ORPHANS
+        assert len(h._orphans) <= replica_direct.MAX_ORPHANS
+        await _working(w)
+    finally:
+        await h.close()
+
+
+async def test_connections_to_the_handoff_socket_are_bounded(tmp_path: object) -> None:
+    w = Worker("direct")
+    h = w.handle
+    assert isinstance(h, DirectReplica)
+    replica_direct_timeout = replica_direct.HANDOFF_TIMEOUT
+    replica_direct.HANDOFF_TIMEOUT = 0.5
+    await h.start()
+    silent: list[socket.socket] = []
+    try:
+        path = os.path.join(h.dir, HANDOFF)
+        for _ in range(3 * MAX_HANDOFFS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except (BlockingIOError, ConnectionRefusedError):
+                pass
+            silent.append(s)
+        await asyncio.sleep(0.05)
+        assert len(h._handoffs) <= MAX_HANDOFFS
+        # silent connections are dropped after HANDOFF_TIMEOUT
+        await until(lambda: not h._handoffs, 5)
+        await _working(w)
+    finally:
+        replica_direct.HANDOFF_TIMEOUT = replica_direct_timeout
+        for s in silent:
+            s.close()
+        await h.close()
+
+
+async def test_a_mate_gets_a_pty_master_of_a_client_inside(tmp_path: object) -> None:
+    w = Worker("direct")
+    h = w.handle
+    await h.start()
+    try:
+        seq = w.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1))
+        await w.applied(seq)
+        fd = await h.attach(3, True, 100, 30, "xterm-256color")
+        try:
+            assert stat.S_ISCHR(os.fstat(fd).st_mode)
+            assert os.fstat(fd).st_rdev == os.makedev(5, 2)
+            fmt = "#{client_readonly} #{session_name} #{client_width}x#{client_height}"
+            await until(lambda: "1 tether 100x30" in tmux(w.sock, "list-clients", "-F", fmt))
+        finally:
+            os.close(fd)
+        # the session its client was started in is gone once the client runs
+        await until(lambda: tmux(w.sock, "list-sessions", "-F", "#{session_name}") == "tether\n")
+    finally:
+        await h.close()
