@@ -3,7 +3,8 @@
 
     python3 bench/run.py [--quick] [--only NAME...] [--json FILE] [-q]
 
-Benchmarks (in priority order): echo, startup, flood, memory, idle, wire, scale.
+Benchmarks (in priority order): echo, startup, flood, memory, idle, wire, scale,
+scale-active.
 Netsim benchmarks run on their own: bench/roaming.py, bench/join_roaming.py,
 bench/local_echo.py.
 Writes a JSON file (default bench-results.json in the current directory) and
@@ -34,7 +35,7 @@ if __package__ in (None, ""):  # `python3 bench/run.py`
 
 from bench.common import Ctx, Figure, Log
 
-BENCHMARKS = ["echo", "startup", "flood", "memory", "idle", "wire", "scale"]
+BENCHMARKS = ["echo", "startup", "flood", "memory", "idle", "wire", "scale", "scale-active"]
 
 
 def _fmt(v: float | None, unit: str = "") -> str:
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         ctx.log(f"== {name}")
         try:
-            mod = importlib.import_module(f"bench.{name}")
+            mod = importlib.import_module(f"bench.{name.replace('-', '_')}")
             figures.extend(mod.run(ctx))
         except Exception as exc:
             errors[name] = "".join(traceback.format_exception(exc))
