@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -360,6 +361,19 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=level, handlers=[handler], format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    profile = os.environ.get("TETHER_RELAY_PROFILE")
+    if profile:  # a developer's tool: where the relay's time goes (bench/profile.py)
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                use_pidfd_watcher()
+                return asyncio.run(_run(a))
+        finally:
+            prof.disable()
+            prof.dump_stats(profile)
     with contextlib.suppress(KeyboardInterrupt):
         use_pidfd_watcher()
         return asyncio.run(_run(a))

@@ -169,6 +169,8 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         self._acked = 0
         self._ack_soon = False
         self._dead = False
+        self._ready: asyncio.Future[None] = self._loop.create_future()
+        """Done once the replica's tmux is set up: mates may attach."""
         self._control = TokenBucket(CONTROL_RATE, 4 * CONTROL_RATE, time.monotonic())
 
     # --- starting ---------------------------------------------------------------
@@ -201,21 +203,36 @@ class DirectReplica(ReplicaHandle, PaneOwner):
             ctl_child.close()
             self._listen = listen
             self._loop.add_reader(listen.fileno(), self._accept)
-            self.tmux = t = TmuxControl(self.sock, self._on_tmux)
-            t.budget = self._budget
-            await t.start_on(ctl_parent)
-            assert t.closed is not None
-            t.closed.add_done_callback(lambda _: self._gone("its control client ended"))
-            self._tasks.append(asyncio.create_task(self._watch_proc()))
-            await t.run("refresh-client -f no-output")
-            await run_plan(self.mirror.setup(), t, self)
         except BaseException:
             ctl_child.close()
+            ctl_parent.close()
             if self._listen is None:
                 listen.close()
             if self._jail is not None and self.proc is not None:
                 await self._end_jail(self._jail)
             raise
+        self._tasks.append(asyncio.create_task(self._watch_proc()))
+        # tmux's start and the mirror's setup (a hundred commands) go on behind
+        # the host's Welcome: events queue behind them, as they did for a worker
+        self._task = self._loop.create_task(self._boot(ctl_parent))
+
+    async def _boot(self, ctl: socket.socket) -> None:
+        t = TmuxControl(self.sock, self._on_tmux)
+        t.budget = self._budget
+        try:
+            await t.start_on(ctl)
+            self.tmux = t
+            assert t.closed is not None
+            t.closed.add_done_callback(lambda _: self._gone("its control client ended"))
+            t.send("refresh-client -f no-output")
+            await run_plan(self.mirror.setup(), t, self)
+        except (OSError, TmuxError, TimeoutError, ValueError, IndexError) as exc:
+            ctl.close()
+            self._gone(f"its tmux did not start: {exc}")
+            return
+        if not self._ready.done():
+            self._ready.set_result(None)
+        await self._run_queue()
 
     async def _watch_proc(self) -> None:
         assert self.proc is not None
@@ -543,7 +560,10 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         self, mate: int, readonly: bool, cols: int, rows: int, term: str, timeout: float = 10
     ) -> int:
         """A pty master connected to a new tmux client of the replica."""
-        if self._dead or self.tmux is None:
+        if not self._ready.done():
+            await asyncio.wait([self._ready, self.closed], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        if self._dead or self.tmux is None or not self._ready.done():
             raise ReplicaError("replica is gone")
         cols = max(1, min(cols, MAX_DIMENSION))
         rows = max(1, min(rows, MAX_DIMENSION))
