@@ -163,13 +163,22 @@ def run_jailed(code: str, *args: str) -> dict[str, Any]:
 
 async def test_jailed_replica_renders(session: Session) -> None:
     sock = os.path.join(session.handle.dir, "tmux.sock")
-    shown = subprocess.run(
-        ["tmux", "-S", sock, "capture-pane", "-p", "-t", "tether:0"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert shown.splitlines()[0] == "hello"
+
+    def first_line() -> str:
+        shown = subprocess.run(
+            ["tmux", "-S", sock, "capture-pane", "-p", "-t", "tether:0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return (shown.splitlines() or [""])[0]
+
+    # acked once on its way to tmux (a new pane's tty may still be crossing the
+    # jail), so drawn a moment later
+    deadline = time.monotonic() + 10
+    while first_line() != "hello" and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert first_line() == "hello"
 
 
 async def test_mates_pty_crosses_the_jail(session: Session) -> None:
