@@ -226,7 +226,7 @@ class DirectReplica(ReplicaHandle, PaneOwner):
             t.closed.add_done_callback(lambda _: self._gone("its control client ended"))
             t.send("refresh-client -f no-output")
             await run_plan(self.mirror.setup(), t, self)
-        except (OSError, TmuxError, TimeoutError, ValueError, IndexError) as exc:
+        except Exception as exc:  # a tmux that fails (or lies) ends its own session
             ctl.close()
             self._gone(f"its tmux did not start: {exc}")
             return
