@@ -748,8 +748,8 @@ class _Bench:
                                  "mates_fit_thread": fit_thread, "mates_fit_cores": fit_cores}))
 
         # keep-alives and input, from the fleets' counters
-        def per_s(kind: str, what: str) -> float:
-            fa_all, fb_all = a["fleets"].get(kind, {}), b["fleets"].get(kind, {})
+        def per_s(kind: str, what: str, start: dict[str, Any] = a) -> float:
+            fa_all, fb_all = start["fleets"].get(kind, {}), b["fleets"].get(kind, {})
             pairs = [(fa_all[n], fb_all[n]) for n in fa_all if n in fb_all]
             if not pairs or any(fb["when"] <= fa["when"] for fa, fb in pairs):
                 return math.nan
@@ -758,11 +758,17 @@ class _Bench:
 
         if ready_i:
             want = idle_up / PING_EVERY
-            pings, pongs = per_s("idle", "pings"), per_s("idle", "pongs")
+            # from the reading before typing to the end: the widest window in which every
+            # idle host is on its idle schedule (hosts that connected together ping
+            # together, so a window shorter than PING_EVERY may hold none of their pings)
+            start = quiet[0]
+            pings = per_s("idle", "pings", start)
+            pongs = per_s("idle", "pongs", start)
             out.append(Figure(
                 BENCH, "  idle keep-alives sent", "pings/s", [pings],
                 note=f"{idle_up} idle hosts, {ready_i['on_quic']} on QUIC (one ping per "
-                f"{PING_EVERY:.0f}s each once idle: {want:.0f}/s); {pongs:.1f} pongs/s back"))
+                f"{PING_EVERY:.0f}s each once idle: {want:.0f}/s); {pongs:.1f} pongs/s back; "
+                f"over {b['t'] - start['t']:.1f}s"))
         a_pings = per_s("active", "pings")
         inputs = per_s("active", "inputs")
         out.append(Figure(
