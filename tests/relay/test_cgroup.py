@@ -3,9 +3,11 @@ start, its limits set, and a session that hits them stopped alone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -41,7 +43,8 @@ async def test_the_whole_jail_is_in_its_cgroup_with_limits() -> None:
         assert s.handle.proc is not None
         below = set(descendants(s.handle.proc.pid))
         tree = {s.handle.proc.pid, *below}
-        assert s.worker in tree and len(tree) >= 6  # bwraps, pid 1, worker, tmux x2
+        # bwraps, a pid 1 (bwrap's, or the direct replica's tmux server), worker, tmux
+        assert s.worker in tree and len(tree) >= (4 if s.direct else 6), tree
         for h, path in session_dirs(s.handle.dir):
             # all of it, nothing else; the outermost bwrap only waits for its child
             # and stays out when it had forked before the move (Jail.started)
@@ -132,3 +135,29 @@ def test_memory_beyond_the_session_limit_is_stopped() -> None:
     )
     assert status != 0  # killed by the OOM killer, in its own cgroup only
     assert out and out[-1] < 96, out
+
+
+def test_a_new_relay_ends_what_a_dead_relay_left() -> None:
+    """A jail that outlived a SIGKILLed root relay (a compromised one may ignore
+    the end of its link) is killed by the next relay's start: cgroup v2's
+    cgroup.kill on the dead relay's cgroup (v2), or each process it lists (v1)."""
+    base = os.path.dirname(HIERARCHIES[0].path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = Path(base, f"tether-relay-{gone.pid}")
+    if Path(f"/proc/{gone.pid}").exists():
+        pytest.skip("the dead relay's pid was reused at once")
+    (stale / "leftover").mkdir(parents=True)
+    left = subprocess.Popen(["sleep", "60"])
+    try:
+        (stale / "leftover" / "cgroup.procs").write_text(str(left.pid))
+        subprocess.run([sys.executable, "-c", "from tether.relay import cgroup; "
+                        "assert cgroup.relay_cgroups()[0]"], check=True, timeout=60)
+        assert left.wait(timeout=10) == -9
+        assert not stale.exists()
+    finally:
+        left.kill()
+        left.wait()
+        for d in (stale / "leftover", stale):
+            with contextlib.suppress(OSError):
+                d.rmdir()

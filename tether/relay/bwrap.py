@@ -116,11 +116,13 @@ def _exposed() -> list[str]:
 
 
 def _inner(
-    directory: str, binds: list[tuple[str, str]], dir_source: str, seccomp_fd: int | None
+    directory: str, binds: list[tuple[str, str]], dir_source: str, seccomp_fd: int | None,
+    as_pid_1: bool = False,
 ) -> list[str]:
     """The jail proper: bwrap, then prlimit, as whoever runs it."""
     argv = [
         _tool("bwrap"),
+        *(["--as-pid-1"] if as_pid_1 else []),
         "--unshare-all",
         "--unshare-user",
         "--disable-userns",
@@ -177,7 +179,8 @@ def _inner(
 
 
 def command(
-    directory: str, seccomp_fd: int | None, block_fd: int | None, stage: str | None
+    directory: str, seccomp_fd: int | None, block_fd: int | None, stage: str | None,
+    as_pid_1: bool = False,
 ) -> list[str]:
     """The argv prefix running a command jailed with ``directory`` writable.
 
@@ -185,12 +188,16 @@ def command(
     caller is root (``nobody`` mode): an outer bwrap binds the paths the jail
     needs under a tmpfs on ``stage`` and drops to ``JAIL_UID`` with setpriv
     before the jail's own bwrap, so uid 65534 need not be able to read them.
+
+    ``as_pid_1``: the command is the jail's PID 1, with no bwrap reaper above
+    it (a process less); it must reap orphans itself (a tmux server does), and
+    when it exits the kernel ends every process of the jail.
     """
     directory = os.path.realpath(directory)
     roots = _python_roots()
     block = [] if block_fd is None else ["--block-fd", str(block_fd)]
     if stage is None:
-        inner = _inner(directory, [(r, r) for r in roots], directory, seccomp_fd)
+        inner = _inner(directory, [(r, r) for r in roots], directory, seccomp_fd, as_pid_1)
         return [inner[0], *block, *inner[1:]]
     outer = [_tool("bwrap"), *block, "--die-with-parent", "--dev-bind", "/", "/"]
     outer += ["--tmpfs", stage]
@@ -205,4 +212,4 @@ def command(
         _tool("setpriv"), "--reuid", str(JAIL_UID), "--regid", str(JAIL_GID), "--clear-groups",
         "--",
     ]  # fmt: skip
-    return outer + _inner(directory, binds, f"{stage}/dir", seccomp_fd)
+    return outer + _inner(directory, binds, f"{stage}/dir", seccomp_fd, as_pid_1)

@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import functools
 import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,16 +90,53 @@ def _v1_mounts() -> dict[str, tuple[str, str]]:
 
 def _make_parent(base: str) -> str:
     """``tether-relay-<pid>`` in ``base``, removed at exit; stale ones of relays
-    that died without cleaning up are removed when empty."""
+    that died without cleaning up are emptied (a jail that outlived its relay,
+    as a compromised one may) and removed."""
     with contextlib.suppress(OSError):
         for entry in os.listdir(base):
             if entry.startswith("tether-relay-") and entry[13:].isdigit():
                 if not os.path.exists(f"/proc/{entry[13:]}"):
+                    _kill_tree(os.path.join(base, entry))
                     _remove_tree(os.path.join(base, entry))
     parent = os.path.join(base, f"tether-relay-{os.getpid()}")
     os.mkdir(parent, 0o755)
     atexit.register(_remove_tree, parent)
     return parent
+
+
+def _kill_tree(path: str) -> None:
+    """SIGKILL every process in the cgroup ``path`` and below: v2's
+    ``cgroup.kill``, or (v1) each pid its ``cgroup.procs`` lists, pinned by a
+    pidfd and signalled only if still listed. Bounded passes: a fork racing the
+    kill is caught by the next."""
+    with contextlib.suppress(OSError):
+        _write(os.path.join(path, "cgroup.kill"), "1")
+        return
+    for _ in range(10):
+        found = False
+        for top, dirs, _files in os.walk(path):
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(top, d))]
+            procs = os.path.join(top, "cgroup.procs")
+            try:
+                listed = _read(procs).split()
+            except OSError:
+                continue
+            for pid in listed:
+                try:
+                    fd = os.pidfd_open(int(pid))
+                except (OSError, ValueError):
+                    continue
+                try:
+                    if pid in _read(procs).split():
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        found = True
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+        if not found:
+            return
+        time.sleep(0.02)
 
 
 def _remove_tree(path: str) -> None:

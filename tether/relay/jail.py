@@ -96,9 +96,10 @@ def _stage_dir() -> str:
     raise JailError("no /mnt, /media, /srv or /run to stage the jail's binds in")
 
 
-def _command(mode: str, directory: str, seccomp_fd: int | None, block_fd: int | None) -> list[str]:
+def _command(mode: str, directory: str, seccomp_fd: int | None, block_fd: int | None,
+             as_pid_1: bool = False) -> list[str]:
     stage = None if mode == "self" else _stage_dir()
-    return bwrap.command(directory, seccomp_fd, block_fd, stage)
+    return bwrap.command(directory, seccomp_fd, block_fd, stage, as_pid_1)
 
 
 # --- the jail --------------------------------------------------------------------
@@ -113,7 +114,7 @@ class Jail:
     wait until ``gone()`` (or ``wait()``), then ``close()``.
     """
 
-    def __init__(self, mode: str, directory: str) -> None:
+    def __init__(self, mode: str, directory: str, as_pid_1: bool = False) -> None:
         self._pidfds: list[int] = []
         self._pid: int | None = None
         self._root: int | None = None
@@ -130,7 +131,7 @@ class Jail:
             if seccomp.supported():
                 self._seccomp = _program_fd()
             block = self._block[0] if self._block else None
-            self.argv = _command(mode, directory, self._seccomp, block)
+            self.argv = _command(mode, directory, self._seccomp, block, as_pid_1)
         except BaseException:
             self.close()
             raise
@@ -354,10 +355,11 @@ def jail_directory() -> str:
     return _make_directory(_mode())
 
 
-def jail_command(directory: str) -> Jail:
+def jail_command(directory: str, as_pid_1: bool = False) -> Jail:
     """A ``Jail`` running a command with ``directory`` (made by ``jail_directory``)
-    as its only writable path, at the same path inside.
+    as its only writable path, at the same path inside; ``as_pid_1`` as in
+    ``bwrap.command``.
 
     Inherited file descriptors (``pass_fds``) stay open across it.
     """
-    return Jail(_mode(), directory)
+    return Jail(_mode(), directory, as_pid_1)

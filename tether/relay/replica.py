@@ -68,6 +68,9 @@ class ReplicaHandle:
     or False runs it unjailed.
     """
 
+    AS_PID_1 = False
+    """Whether the jailed command is its jail's PID 1 (``bwrap.command``)."""
+
     def __init__(
         self, name: str, on_message: OnMessage, jail: bool | list[str] | None = None
     ) -> None:
@@ -79,7 +82,7 @@ class ReplicaHandle:
             # made for the jail: owned by the uid the jail really runs as
             self.dir = jail_directory()
             try:
-                self._jail = jail_command(self.dir)
+                self._jail = jail_command(self.dir, as_pid_1=self.AS_PID_1)
             except BaseException:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 raise

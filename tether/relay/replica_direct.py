@@ -3,11 +3,18 @@
 The replica tmux server stays in its jail (``tether.relay.jail``), but the code
 that feeds it runs here, on the relay's event loop, as ``tether join`` feeds
 its local tmux (``tether.client.local_replica``): ``tether.mirror`` plans are
-run over a tmux control client whose stdin and stdout are a socket to the
-relay, the host's pane bytes are written straight into the replica panes'
-ttys, and mates' keys are read straight from them. A keystroke then crosses
-no Python process but the relay's, and an idle session costs its tmux server,
-the jail's bwrap and a ``sleep`` per pane, not a 5-6 MiB interpreter.
+run over a tmux control client that is no process at all: the relay speaks
+tmux's client protocol on the jailed server's socket (``tmux_imsg``) and hands
+it a socket of its own as the client's stdin and stdout. The host's pane bytes
+are written straight into the replica panes' ttys, and mates' keys are read
+straight from them. A keystroke then crosses no Python process but the
+relay's, and an idle session costs its tmux server (the jail's PID 1), two
+bwraps around it and a ``sleep`` per pane, not a 5-6 MiB interpreter.
+
+The relay reaches that socket only through the session directory's descriptor,
+opened before the jail started, and never follows a symlink there
+(``tmux_imsg.open_socket_at``): a jail that replaced it gets a refused session,
+not a relay connected elsewhere.
 
 Only a process inside the jail can open a replica pane's tty or a pty for a
 mate's tmux client, so the replica's own tmux runs ``pane_helper`` for a
@@ -20,7 +27,8 @@ before the jail started; the relay only ever accepts on that descriptor.
 
 Everything from the jail is data from a possibly hostile peer: a received
 descriptor is kept only if it is a pty of the right kind (``_take``), the
-control client's output is bounded in bytes per second (``CONTROL_RATE``)
+control client's output and the server's client-protocol messages are
+bounded in bytes per second (``CONTROL_RATE``)
 and parsed by plans that treat any malformed reply as a refused event, and
 connections to the socket are bounded in number and time.
 """
@@ -68,6 +76,7 @@ from tether.mirror.keys import Mark, PaneKeys
 from tether.mirror.plan import PaneOwner, Plan
 from tether.mirror.run_async import run_plan
 from tether.transport.tmux import TmuxControl, TmuxError
+from tether.transport.tmux_imsg import ControlLink
 
 from . import pane_helper
 from .replica import ReplicaError, ReplicaHandle
@@ -102,6 +111,12 @@ PTY_SLAVE_MAJORS = range(136, 144)
 PTMX = os.makedev(5, 2)
 HELPER = pane_helper.__file__
 HANDOFF = "relay.sock"
+EXIT_WITH_CLIENTS = ["set", "-g", "exit-empty", "on", ";",
+                     "set", "-g", "exit-unattached", "on", ";"]  # fmt: skip
+"""The replica's server ends with its last client. When the relay dies its
+link closes (and with it mates' ptys), and so the jail ends: a root relay's
+parent-death signal never reaches a jail running as uid 65534 (the kernel
+checks the dying sender's permission), and ``tmux -D`` turned exit-empty off."""
 
 
 def _pts_number(path: str) -> int | None:
@@ -144,7 +159,14 @@ class DirectReplica(ReplicaHandle, PaneOwner):
     The same interface as ``ReplicaHandle`` (the worker process it replaces):
     ``send`` events, ``drain``, ``attach`` mates, ``presence``, ``close``; what
     the worker sent back (acks, mates' keys, complaints) reaches ``on_message``.
+
+    The jail runs the replica's tmux server alone (``tmux -D``, its PID 1: it
+    reaps the jail's orphans, and when it ends the jail ends); its control
+    client is no process but the relay speaking tmux's client protocol over
+    the server's socket (``tether.transport.tmux_imsg``).
     """
+
+    AS_PID_1 = True
 
     def __init__(self, name: str, on_message: Callable[[Message], None],
                  jail: bool | list[str] | None = None) -> None:
@@ -153,6 +175,8 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         self.sock = os.path.join(self.dir, "tmux.sock")
         self._handoff_path = os.path.join(self.dir, HANDOFF)
         self.mirror = Mirror()
+        self.mirror.options = (*(o for o in self.mirror.options if not o.startswith("exit-")),
+                               "exit-empty on", "exit-unattached on")
         self.mirror.pane_cmd = " ".join(
             quote(a) for a in (sys.executable, "-I", "-S", HELPER, self._handoff_path, "pane")
         )
@@ -172,40 +196,40 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         self._ready: asyncio.Future[None] = self._loop.create_future()
         """Done once the replica's tmux is set up: mates may attach."""
         self._control = TokenBucket(CONTROL_RATE, 4 * CONTROL_RATE, time.monotonic())
+        self._link: ControlLink | None = None
+        self._dir_fd = -1
+        """The session directory, opened before the jail: the relay reaches the
+        jail's tmux socket through it, never by a path the jail could redirect."""
 
     # --- starting ---------------------------------------------------------------
 
     async def start(self) -> None:
         listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            self._dir_fd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             # bound before the jail exists; after, the relay acts on the descriptor only
             listen.bind(self._handoff_path)
             os.chmod(self._handoff_path, 0o666)  # the jail's uid; the directory is private
             listen.listen(MAX_HANDOFFS)
             listen.setblocking(False)
-            cmd = [*self._prefix, "tmux", "-S", self.sock, "-f", "/dev/null", "-C",
-                   "new-session", "-s", SESSION, "-x", "80", "-y", "24",
-                   *PANE_ARGV]  # fmt: skip
+            # the server alone, in the foreground: the relay is its control client
+            cmd = [*self._prefix, "tmux", "-S", self.sock, "-f", "/dev/null", "-D"]
             env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                    "TERM": "tmux-256color", "HOME": self.dir}  # fmt: skip
-            # nothing of the relay's but the control socket: not even its log
+            # nothing of the relay's, not even its log
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 pass_fds=self._jail.pass_fds if self._jail else (),
-                stdin=ctl_child,
-                stdout=ctl_child,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 env=env,
             )
             if self._jail is not None:
                 await asyncio.to_thread(self._jail.started, self.proc.pid)
-            ctl_child.close()
             self._listen = listen
             self._loop.add_reader(listen.fileno(), self._accept)
         except BaseException:
-            ctl_child.close()
-            ctl_parent.close()
             if self._listen is None:
                 listen.close()
             if self._jail is not None and self.proc is not None:
@@ -214,20 +238,30 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         self._tasks.append(asyncio.create_task(self._watch_proc()))
         # tmux's start and the mirror's setup (a hundred commands) go on behind
         # the host's Welcome: events queue behind them, as they did for a worker
-        self._task = self._loop.create_task(self._boot(ctl_parent))
+        self._task = self._loop.create_task(self._boot())
 
-    async def _boot(self, ctl: socket.socket) -> None:
+    async def _boot(self) -> None:
         t = TmuxControl(self.sock, self._on_tmux)
         t.budget = self._budget
+        link = self._link = ControlLink(self._budget)
         try:
-            await t.start_on(ctl)
+            # the same control client ``tmux -C new-session`` would make
+            await link.connect(self._dir_fd, os.path.basename(self.sock),
+                               [*EXIT_WITH_CLIENTS, "new-session", "-s", SESSION,
+                                "-x", "80", "-y", "24", *PANE_ARGV],
+                               cwd=os.path.realpath(self.dir))  # fmt: skip
+            assert link.control is not None and link.closed is not None
+            link.closed.add_done_callback(lambda f: self._gone(f.result()))
+            await t.start_on(link.control, replies=3)
             self.tmux = t
             assert t.closed is not None
             t.closed.add_done_callback(lambda _: self._gone("its control client ended"))
             t.send("refresh-client -f no-output")
             await run_plan(self.mirror.setup(), t, self)
         except Exception as exc:  # a tmux that fails (or lies) ends its own session
-            ctl.close()
+            link.close()
+            if link.control is not None:
+                link.control.close()
             self._gone(f"its tmux did not start: {exc}")
             return
         if not self._ready.done():
@@ -609,6 +643,15 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         if self.tmux is not None:
             with contextlib.suppress(Exception):
                 await self.tmux.close()
+        if self._link is not None:
+            self._link.close()
+        if not self._jailed and self.proc is not None and self.proc.returncode is None:
+            # a tmux -D server outlives its clients; a jail's ends with the jail
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
         if not self.closed.done():
             self.closed.set_result(None)
         await super().close()
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1

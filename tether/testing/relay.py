@@ -146,8 +146,9 @@ class RelayProcess:
         servers, clients, panes = [], [], []
         for p in tmuxes:
             under = descendants(p.pid, procs)
-            # a server has panes (a control client started by new-session has none)
-            if "new-session" in p.argv and under:
+            # a server runs in the foreground (-D, the relay's own replicas) or has
+            # panes (a worker's control client, started by new-session, has none)
+            if "-D" in p.argv or ("new-session" in p.argv and under):
                 servers.append(p.pid)
                 panes += [d.pid for d in under if d.pid not in ids]
             else:

@@ -67,24 +67,28 @@ class TmuxControl:
         assert self._proc.stdout is not None and self._proc.stdin is not None
         await self._attached(self._proc.stdout, self._proc.stdin)
 
-    async def start_on(self, sock: socket.socket) -> None:
+    async def start_on(self, sock: socket.socket, replies: int = 1) -> None:
         """Speak to a control client already started elsewhere (in a jail) with
-        ``sock``'s peer as its stdin and stdout."""
+        ``sock``'s peer as its stdin and stdout, whose first command (a list of
+        ``replies`` commands) attaches it."""
         self.closed = asyncio.get_running_loop().create_future()
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=4 * 1024 * 1024)
-        await self._attached(reader, writer)
+        await self._attached(reader, writer, replies)
 
-    async def _attached(self, stdout: asyncio.StreamReader, stdin: asyncio.StreamWriter) -> None:
+    async def _attached(self, stdout: asyncio.StreamReader, stdin: asyncio.StreamWriter,
+                        replies: int = 1) -> None:
         loop = asyncio.get_running_loop()
         self._stdout, self._stdin = stdout, stdin
-        # tmux answers the attach itself with the first %begin/%end block; until
-        # then this client is not attached and commands fail with "no current client"
-        attached: asyncio.Future[Reply] = loop.create_future()
-        self._pending.append((attached, None))
+        # tmux answers the attach itself with the first %begin/%end blocks (one a
+        # command); until then this client is not attached and commands fail with
+        # "no current client"
+        attached: list[asyncio.Future[Reply]] = [loop.create_future() for _ in range(replies)]
+        self._pending.extend((f, None) for f in attached)
         self._reader_task = asyncio.create_task(self._read())
-        reply = await asyncio.wait_for(attached, 10)
-        if not reply.ok:
-            raise TmuxError(b"; ".join(reply.lines).decode(errors="replace") or "attach failed")
+        for reply in await asyncio.wait_for(asyncio.gather(*attached), 10):
+            if not reply.ok:
+                raise TmuxError(b"; ".join(reply.lines).decode(errors="replace")
+                                or "attach failed")
 
     async def _read(self) -> None:
         assert self._stdout is not None

@@ -1,0 +1,191 @@
+"""tmux's client protocol from Python: a real ``tmux -D`` server takes the
+relay's control client, and a hostile server or socket gets nowhere."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tether.transport import tmux_imsg
+from tether.transport.tmux import TmuxControl
+from tether.transport.tmux_imsg import (
+    HEADER,
+    MAX_IMSGSIZE,
+    MAX_INBOUND,
+    MSG_EXIT,
+    MSG_VERSION,
+    ControlLink,
+    ImsgError,
+    Messages,
+    command,
+    frame,
+    open_socket_at,
+)
+
+needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+
+
+def test_frames_are_tmuxs_imsg_layout() -> None:
+    f = frame(106, b"ab", has_fd=True, pid=7)
+    assert HEADER.unpack_from(f) == (106, HEADER.size + 2, 1, tmux_imsg.PROTOCOL_VERSION, 7)
+    c = command(["new-session", "-s", "x"])
+    assert struct.unpack_from("=i", c, HEADER.size) == (3,)
+    assert c[HEADER.size + 4:] == b"new-session\0-s\0x\0"
+    with pytest.raises(ImsgError):
+        command(["a\0b"])
+    with pytest.raises(ImsgError):
+        command(["x" * MAX_IMSGSIZE])
+
+
+def test_server_messages_are_bounded_and_checked() -> None:
+    m = Messages()
+    two = frame(MSG_EXIT) + frame(204, b"xyz")
+    assert m.feed(two[:5]) == []
+    assert m.feed(two[5:]) == [MSG_EXIT, 204]
+    with pytest.raises(ImsgError, match="claims"):
+        Messages().feed(HEADER.pack(1, 3, 0, tmux_imsg.PROTOCOL_VERSION, 0))
+    with pytest.raises(ImsgError, match="claims"):
+        Messages().feed(HEADER.pack(1, MAX_IMSGSIZE + 1, 0, tmux_imsg.PROTOCOL_VERSION, 0))
+    with pytest.raises(ImsgError, match="protocol 9"):
+        Messages().feed(HEADER.pack(1, HEADER.size, 0, 9, 0))
+    assert Messages().feed(HEADER.pack(MSG_VERSION, HEADER.size, 0, 9, 0)) == [MSG_VERSION]
+    with pytest.raises(ImsgError, match="more than"):
+        Messages().feed(HEADER.pack(1, 100, 0, tmux_imsg.PROTOCOL_VERSION, 0)
+                        + b"\0" * MAX_INBOUND)
+
+
+def test_a_symlink_or_a_file_is_not_the_server(tmp_path: Path) -> None:
+    """A jail that can write the directory cannot point the relay elsewhere."""
+    outside = tmp_path / "outside.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(outside))
+    srv.listen()
+    jail = tmp_path / "jail"
+    jail.mkdir()
+    (jail / "tmux.sock").symlink_to(outside)
+    (jail / "file").write_text("x")
+    dir_fd = os.open(jail, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for name in ("tmux.sock", "file"):
+            with pytest.raises(ImsgError, match="not a socket"):
+                open_socket_at(dir_fd, name)
+        with pytest.raises(FileNotFoundError):
+            open_socket_at(dir_fd, "missing")
+    finally:
+        os.close(dir_fd)
+        srv.close()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[bytes], int]]:
+    proc = subprocess.Popen(
+        ["tmux", "-S", str(tmp_path / "tmux.sock"), "-f", "/dev/null", "-D"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "HOME": str(tmp_path)},
+    )
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    yield proc, dir_fd
+    os.close(dir_fd)
+    proc.kill()
+    proc.wait()
+
+
+@needs_tmux
+async def test_a_control_client_with_no_process(
+    server: tuple[subprocess.Popen[bytes], int], tmp_path: Path
+) -> None:
+    """The link is what ``tmux -C new-session`` makes: commands answer, the
+    client is a UTF-8 control client, and a server with exit-unattached ends
+    once the link closes (how a replica's jail ends with its relay)."""
+    proc, dir_fd = server
+    link = ControlLink()
+    await link.connect(dir_fd, "tmux.sock",
+                       ["set", "-g", "exit-empty", "on", ";",
+                        "set", "-g", "exit-unattached", "on", ";",
+                        "new-session", "-s", "t", "-x", "90", "-y", "20", "cat"],
+                       cwd=str(tmp_path))
+    assert link.control is not None and link.closed is not None
+    t = TmuxControl(str(tmp_path / "tmux.sock"), lambda _: None)
+    await t.start_on(link.control, replies=3)
+    flags = await t.run("display -p '#{client_flags}|#{window_width}x#{window_height}'")
+    assert "control-mode" in flags[0] and "UTF-8" in flags[0], flags
+    assert flags[0].endswith("|90x20"), flags
+    assert not link.closed.done()
+    link.close()
+    await t.close()
+    assert await asyncio.to_thread(proc.wait, 10) == 0
+
+
+@needs_tmux
+async def test_the_server_ending_the_client_closes_the_link(
+    server: tuple[subprocess.Popen[bytes], int], tmp_path: Path
+) -> None:
+    _, dir_fd = server
+    link = ControlLink()
+    await link.connect(dir_fd, "tmux.sock", ["new-session", "-s", "t", "cat"],
+                       cwd=str(tmp_path))
+    assert link.control is not None and link.closed is not None
+    t = TmuxControl(str(tmp_path / "tmux.sock"), lambda _: None)
+    await t.start_on(link.control)
+    t.send("kill-server")
+    why = await asyncio.wait_for(link.closed, 10)
+    assert "ended" in why or "closed" in why, why
+    await t.close()
+
+
+async def test_a_hostile_server_gets_a_closed_link(tmp_path: Path) -> None:
+    """Garbage, an oversized claim or a flood from the server ends the link
+    (and only it) with a reason."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(tmp_path / "tmux.sock"))
+    srv.listen()
+    srv.setblocking(False)
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    loop = asyncio.get_running_loop()
+    try:
+        for reply, why in [
+            (HEADER.pack(1, 2, 0, tmux_imsg.PROTOCOL_VERSION, 0), "claims"),
+            (HEADER.pack(1, HEADER.size, 0, 3, 0), "protocol"),
+            (frame(MSG_VERSION), "version"),
+            (b"", "link"),  # closed, or reset (what the relay sent was unread)
+        ]:
+            link = ControlLink()
+            await link.connect(dir_fd, "tmux.sock", ["new-session"], cwd=str(tmp_path))
+            conn, _ = await loop.sock_accept(srv)
+            if reply:
+                conn.sendall(reply)
+            else:
+                conn.close()
+            assert link.closed is not None
+            assert why in await asyncio.wait_for(link.closed, 5)
+            if link.control is not None:
+                link.control.close()
+            conn.close()
+        flood = ControlLink(budget=lambda n: False)
+        await flood.connect(dir_fd, "tmux.sock", ["new-session"], cwd=str(tmp_path))
+        conn, _ = await loop.sock_accept(srv)
+        conn.sendall(frame(204))
+        assert flood.closed is not None
+        assert "too much" in await asyncio.wait_for(flood.closed, 5)
+        conn.close()
+    finally:
+        os.close(dir_fd)
+        srv.close()
+
+
+async def test_no_server_is_a_clear_error(tmp_path: Path) -> None:
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(ImsgError, match="no tmux server"):
+            await ControlLink().connect(dir_fd, "tmux.sock", ["new-session"],
+                                        cwd=str(tmp_path), timeout=0.2)
+    finally:
+        os.close(dir_fd)

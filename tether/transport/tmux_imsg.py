@@ -1,0 +1,275 @@
+"""tmux's own client protocol, spoken from Python: a control client with no process.
+
+A ``tmux -C`` client process does little once it has introduced itself: it
+hands the server its stdin and stdout (the server reads commands from one and
+writes control-mode output to the other itself) and waits. Saying the same
+over the server's socket, with a socket of ours as both descriptors, gives the
+same control client for no process at all: the relay's replicas save the
+0.3 MiB a ``tmux -C`` costs per session.
+
+The protocol is tmux's private one (``tmux-protocol.h``, OpenBSD ``imsg``
+framing), versioned by ``PROTOCOL_VERSION``: a server of another version
+answers ``MSG_VERSION`` and closes, which ``ControlLink`` reports as an error.
+What the server sends back is data from a peer that may be hostile (a jailed
+replica): messages are bounded in size and only their type is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable, Sequence
+
+from tether.core.errors import TetherError
+
+PROTOCOL_VERSION = 8
+"""tmux 3.2 to 3.5 (``tmux-protocol.h``)."""
+HEADER = struct.Struct("=IHHII")
+"""``struct imsg_hdr``: type, length (header included), flags, peer id (the
+protocol version), sender pid; host byte order."""
+IMSGF_HASFD = 1
+MAX_IMSGSIZE = 16384
+
+MSG_VERSION = 12
+MSG_IDENTIFY_FLAGS = 100
+MSG_IDENTIFY_TERM = 101
+MSG_IDENTIFY_TTYNAME = 102
+MSG_IDENTIFY_STDIN = 104
+MSG_IDENTIFY_ENVIRON = 105
+MSG_IDENTIFY_DONE = 106
+MSG_IDENTIFY_CLIENTPID = 107
+MSG_IDENTIFY_CWD = 108
+MSG_IDENTIFY_FEATURES = 109
+MSG_IDENTIFY_STDOUT = 110
+MSG_IDENTIFY_LONGFLAGS = 111
+MSG_COMMAND = 200
+MSG_DETACH = 201
+MSG_DETACHKILL = 202
+MSG_EXIT = 203
+MSG_EXITED = 204
+MSG_EXITING = 205
+MSG_SHUTDOWN = 210
+
+CLIENT_CONTROL = 0x2000
+CLIENT_UTF8 = 0x10000
+CLIENT_STARTSERVER = 0x10000000
+CONTROL_FLAGS = CLIENT_CONTROL | CLIENT_UTF8 | CLIENT_STARTSERVER
+"""What ``tmux -C`` sends with a UTF-8 locale (tmux's own log shows 0x10012000)."""
+
+MAX_INBOUND = 64 * 1024
+"""Bytes of server messages buffered before the link is judged broken; the
+server sends a control client only a handful of small ones."""
+
+
+class ImsgError(TetherError):
+    """The tmux server refused the client or broke the protocol."""
+
+
+def frame(kind: int, data: bytes = b"", *, has_fd: bool = False, pid: int = 0) -> bytes:
+    """One imsg message."""
+    size = HEADER.size + len(data)
+    if size > MAX_IMSGSIZE:
+        raise ImsgError(f"a tmux message of {size} bytes is over tmux's {MAX_IMSGSIZE}")
+    flags = IMSGF_HASFD if has_fd else 0
+    return HEADER.pack(kind, size, flags, PROTOCOL_VERSION, pid) + data
+
+
+def cstring(text: str) -> bytes:
+    raw = text.encode()
+    if b"\0" in raw:
+        raise ImsgError("a tmux client string may not hold a NUL")
+    return raw + b"\0"
+
+
+def command(argv: Sequence[str], pid: int = 0) -> bytes:
+    """``MSG_COMMAND``: ``struct msg_command { int argc; }`` then argv, each
+    NUL-terminated (tmux's ``cmd_pack_argv``)."""
+    packed = b"".join(cstring(a) for a in argv)
+    return frame(MSG_COMMAND, struct.pack("=i", len(argv)) + packed, pid=pid)
+
+
+def identify(flags: int, term: str, cwd: str, pid: int,
+             environ: Sequence[str] = ()) -> list[tuple[bytes, bool]]:
+    """The introduction ``client_send_identify`` makes, in its order, as (frame,
+    whether a descriptor goes with it): the two ``True`` ones are stdin and
+    stdout."""
+    out = [
+        (frame(MSG_IDENTIFY_FLAGS, struct.pack("=i", flags & 0x7FFFFFFF), pid=pid), False),
+        (frame(MSG_IDENTIFY_LONGFLAGS, struct.pack("=Q", flags), pid=pid), False),
+        (frame(MSG_IDENTIFY_TERM, cstring(term), pid=pid), False),
+        (frame(MSG_IDENTIFY_FEATURES, struct.pack("=i", 0), pid=pid), False),
+        (frame(MSG_IDENTIFY_TTYNAME, b"\0", pid=pid), False),
+        (frame(MSG_IDENTIFY_CWD, cstring(cwd), pid=pid), False),
+        (frame(MSG_IDENTIFY_STDIN, has_fd=True, pid=pid), True),
+        (frame(MSG_IDENTIFY_STDOUT, has_fd=True, pid=pid), True),
+        (frame(MSG_IDENTIFY_CLIENTPID, struct.pack("=i", pid), pid=pid), False),
+    ]
+    out += [(frame(MSG_IDENTIFY_ENVIRON, cstring(e), pid=pid), False) for e in environ]
+    out.append((frame(MSG_IDENTIFY_DONE, pid=pid), False))
+    return out
+
+
+class Messages:
+    """Splits what the server sends into message types; raises ``ImsgError`` on
+    anything malformed or oversized."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[int]:
+        self._buf += data
+        if len(self._buf) > MAX_INBOUND:
+            raise ImsgError("the tmux server sent more than a control client takes")
+        kinds = []
+        while len(self._buf) >= HEADER.size:
+            kind, size, _flags, peer, _pid = HEADER.unpack_from(self._buf)
+            if size < HEADER.size or size > MAX_IMSGSIZE:
+                raise ImsgError(f"a tmux message claims {size} bytes")
+            if kind != MSG_VERSION and (peer & 0xFF) != PROTOCOL_VERSION:
+                raise ImsgError(f"the tmux server speaks protocol {peer & 0xFF}, "
+                                f"not {PROTOCOL_VERSION}")
+            if len(self._buf) < size:
+                break
+            del self._buf[:size]
+            kinds.append(kind)
+        return kinds
+
+
+def open_socket_at(dir_fd: int, name: str) -> int:
+    """An ``O_PATH`` descriptor of the socket ``name`` in the directory ``dir_fd``,
+    never following a symlink: connecting to ``/proc/self/fd/N`` of it reaches
+    exactly that socket, whatever a jail that can write the directory put
+    there meanwhile. Raises ``FileNotFoundError`` while it does not exist yet."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImsgError(f"{name} is not a socket")
+    return fd
+
+
+class ControlLink:
+    """A control client made over a tmux server's socket.
+
+    ``connect`` introduces it and sends its first command; ``control`` is then
+    the relay's end of the socket the server reads commands from and writes
+    control-mode output to (hand it to ``TmuxControl.start_on``). The link
+    itself stays open for the client's life; ``closed`` is done when the server
+    ends it (``MSG_EXIT``, ``MSG_SHUTDOWN``, a refused version, EOF).
+    """
+
+    def __init__(self, budget: Callable[[int], bool] | None = None) -> None:
+        self.budget = budget
+        """Called with each read's size; False ends the link (a hostile server)."""
+        self.control: socket.socket | None = None
+        self.closed: asyncio.Future[str] | None = None
+        self._link: socket.socket | None = None
+        self._messages = Messages()
+
+    async def connect(self, dir_fd: int, name: str, argv: Sequence[str], *, cwd: str,
+                      term: str = "tmux-256color", timeout: float = 10.0) -> None:
+        """Connect to the socket ``name`` in ``dir_fd`` as soon as the server
+        listens there (at most ``timeout`` seconds), then attach with ``argv``."""
+        loop = asyncio.get_running_loop()
+        link = await self._connect(dir_fd, name, timeout)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = os.getpid()
+            link.setblocking(True)
+            link.settimeout(timeout)
+            # the introduction is a few hundred bytes into an empty socket: it
+            # cannot block; each descriptor travels in a sendmsg of its own, as
+            # tmux's imsg takes one per read
+            for data, with_fd in identify(CONTROL_FLAGS, term, cwd, pid):
+                if with_fd:
+                    link.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           struct.pack("=i", theirs.fileno()))])
+                else:
+                    link.sendall(data)
+            link.sendall(command(argv, pid))
+            link.setblocking(False)
+        except BaseException:
+            link.close()
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._link, self.control = link, ours
+        self.closed = loop.create_future()
+        loop.add_reader(link.fileno(), self._on_readable)
+
+    async def _connect(self, dir_fd: int, name: str, timeout: float) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.001
+        while True:
+            try:
+                fd = open_socket_at(dir_fd, name)
+            except FileNotFoundError:
+                fd = -1
+            if fd >= 0:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, f"/proc/self/fd/{fd}")
+                    return sock
+                except (ConnectionRefusedError, FileNotFoundError):
+                    sock.close()  # bound, not yet listening
+                except BaseException:
+                    sock.close()
+                    raise
+                finally:
+                    os.close(fd)
+            if loop.time() > deadline:
+                raise ImsgError(f"no tmux server listened on {name} within {timeout:.0f}s")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _on_readable(self) -> None:
+        assert self._link is not None
+        try:
+            data = self._link.recv(MAX_INBOUND)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._end(f"its tmux link failed: {exc}")
+            return
+        if not data:
+            self._end("its tmux server closed the link")
+            return
+        if self.budget is not None and not self.budget(len(data)):
+            self._end("its tmux server sent too much")
+            return
+        try:
+            kinds = self._messages.feed(data)
+        except ImsgError as exc:
+            self._end(str(exc))
+            return
+        for kind in kinds:
+            if kind == MSG_VERSION:
+                self._end("its tmux server speaks another protocol version")
+            elif kind == MSG_EXIT:
+                # as tmux's client does: say so, and the server answers MSG_EXITED
+                with contextlib.suppress(OSError):
+                    self._link.send(frame(MSG_EXITING, pid=os.getpid()))
+            elif kind in (MSG_EXITED, MSG_SHUTDOWN, MSG_DETACH, MSG_DETACHKILL):
+                self._end("its tmux server ended the control client")
+
+    def _end(self, why: str) -> None:
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_result(why)
+        self.close()
+
+    def close(self) -> None:
+        """Close the link: the server then drops the client. ``control`` belongs to
+        whoever reads it (``TmuxControl``)."""
+        if self._link is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._link.fileno())
+            self._link.close()
+            self._link = None
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_result("closed")
