@@ -137,9 +137,11 @@ def run(ctx: Ctx) -> list[Figure]:
 
             def sessions_up(relay: Relay = relay, n: int = n) -> bool:
                 p = relay.parts()
-                # a worker per session (--replica worker) or none (direct)
-                return (len(p["workers"]) in (0, n) and len(p["replica tmux servers"]) == n
-                        and len(p["replica tmux clients"]) == n)
+                # a worker and its tmux control client per session (--replica
+                # worker), or neither (direct: the relay is the control client)
+                workers = len(p["workers"])
+                return (workers in (0, n) and len(p["replica tmux servers"]) == n
+                        and len(p["replica tmux clients"]) == workers)
 
             wait_for(sessions_up, 60 + n, f"{n} replicas")
             idle = settle(measure)
@@ -159,7 +161,8 @@ def run(ctx: Ctx) -> list[Figure]:
                 mates.append(m)
 
             def mates_up(relay: Relay = relay, n: int = n) -> bool:
-                return len(relay.parts()["replica tmux clients"]) == 2 * n
+                p = relay.parts()  # each mate's client, beside any control clients
+                return len(p["replica tmux clients"]) == n + len(p["workers"])
 
             wd.on_close(drainer.close)  # runs before the ptys close
             wait_for(mates_up, 120 + n, f"{n} mates attached")

@@ -210,6 +210,21 @@ async def test_mates_pty_crosses_the_jail(session: Session) -> None:
         os.close(ro)
 
 
+async def test_a_mates_odd_terminal_type_falls_back(session: Session) -> None:
+    """A TERM that is no terminfo file (a directory, a path, unknown) attaches
+    as xterm-256color instead of failing or reaching a path."""
+    for mate, term in enumerate(("..", "../../etc/passwd", "no-such-terminal"), start=10):
+        fd = await session.handle.attach(mate, False, 80, 24, term)
+        try:
+            screen = b""
+            deadline = time.monotonic() + 10
+            while b"hello" not in screen and time.monotonic() < deadline:
+                screen += await asyncio.to_thread(os.read, fd, 65536)
+            assert b"hello" in screen, term
+        finally:
+            os.close(fd)
+
+
 async def test_worker_identity_seen_from_outside(session: Session) -> None:
     pid = session.worker
     st = status(pid)

@@ -58,6 +58,12 @@ class Recorder:
     async def attach(self, mate: int, readonly: bool, cols: int, rows: int, term: str) -> int:
         return -1
 
+    def resized(self, mate: int) -> None:
+        pass
+
+    def detached(self, mate: int) -> None:
+        pass
+
 
 class HostLink:
     def __init__(self) -> None:

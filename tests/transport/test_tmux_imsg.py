@@ -4,17 +4,21 @@ relay's control client, and a hostile server or socket gets nowhere."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import shutil
 import socket
 import struct
 import subprocess
+import termios
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tether.transport import tmux_imsg
+from tether.transport.terminfo import TerminfoError, capabilities
 from tether.transport.tmux import TmuxControl
 from tether.transport.tmux_imsg import (
     HEADER,
@@ -22,6 +26,7 @@ from tether.transport.tmux_imsg import (
     MAX_INBOUND,
     MSG_EXIT,
     MSG_VERSION,
+    ClientLink,
     ControlLink,
     ImsgError,
     Messages,
@@ -49,14 +54,14 @@ def test_server_messages_are_bounded_and_checked() -> None:
     m = Messages()
     two = frame(MSG_EXIT) + frame(204, b"xyz")
     assert m.feed(two[:5]) == []
-    assert m.feed(two[5:]) == [MSG_EXIT, 204]
+    assert m.feed(two[5:]) == [(MSG_EXIT, b""), (204, b"xyz")]
     with pytest.raises(ImsgError, match="claims"):
         Messages().feed(HEADER.pack(1, 3, 0, tmux_imsg.PROTOCOL_VERSION, 0))
     with pytest.raises(ImsgError, match="claims"):
         Messages().feed(HEADER.pack(1, MAX_IMSGSIZE + 1, 0, tmux_imsg.PROTOCOL_VERSION, 0))
     with pytest.raises(ImsgError, match="protocol 9"):
         Messages().feed(HEADER.pack(1, HEADER.size, 0, 9, 0))
-    assert Messages().feed(HEADER.pack(MSG_VERSION, HEADER.size, 0, 9, 0)) == [MSG_VERSION]
+    assert Messages().feed(HEADER.pack(MSG_VERSION, HEADER.size, 0, 9, 0)) == [(MSG_VERSION, b"")]
     with pytest.raises(ImsgError, match="more than"):
         Messages().feed(HEADER.pack(1, 100, 0, tmux_imsg.PROTOCOL_VERSION, 0)
                         + b"\0" * MAX_INBOUND)
@@ -189,3 +194,74 @@ async def test_no_server_is_a_clear_error(tmp_path: Path) -> None:
                                         cwd=str(tmp_path), timeout=0.2)
     finally:
         os.close(dir_fd)
+
+
+@needs_tmux
+async def test_a_terminal_client_with_no_process(
+    server: tuple[subprocess.Popen[bytes], int], tmp_path: Path
+) -> None:
+    """A pty of ours as a client's terminal, as ``tmux attach`` would be: tmux
+    draws on it, learns its size changes from ``resize``, and cannot suspend
+    or lock it into running anything."""
+    _, dir_fd = server
+    ctl = ControlLink()
+    await ctl.connect(dir_fd, "tmux.sock", ["new-session", "-s", "t", "-x", "80", "-y", "24",
+                                            "cat"], cwd=str(tmp_path))
+    assert ctl.control is not None
+    t = TmuxControl(str(tmp_path / "tmux.sock"), lambda _: None)
+    await t.start_on(ctl.control)
+    master, slave = os.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    mate = ClientLink()
+    try:
+        await mate.connect(dir_fd, "tmux.sock", ["attach-session", "-t", "t"],
+                           cwd=str(tmp_path), term="xterm-256color", tty=slave,
+                           ttyname="tether-mate-7")
+        os.close(slave)
+        assert mate.ready is not None and mate.closed is not None
+        await asyncio.wait_for(mate.ready, 10)
+        fmt = "'#{client_name} #{client_width}x#{client_height} #{client_flags}'"
+
+        async def mate_line() -> str:
+            lines = await t.run(f"list-clients -F {fmt}")
+            return next(ln for ln in lines if ln.startswith("tether-mate-7"))
+
+        assert " 100x30 " in await mate_line()
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        mate.resize()
+        for _ in range(100):
+            if " 120x40 " in await mate_line():
+                break
+            await asyncio.sleep(0.02)
+        assert " 120x40 " in await mate_line()
+        await t.run("suspend-client -t tether-mate-7")
+        await t.run("lock-client -t tether-mate-7")
+        for _ in range(100):
+            line = await mate_line()
+            if "suspended" not in line:
+                break
+            await asyncio.sleep(0.02)
+        assert "suspended" not in line, line
+        assert not mate.closed.done()
+        drawn = b""
+        os.set_blocking(master, False)
+        with contextlib.suppress(BlockingIOError):
+            drawn = os.read(master, 65536)
+        assert b"\x1b[" in drawn  # tmux drew on our pty
+        os.close(master)  # the mate leaves: tmux drops its client
+        await asyncio.wait_for(mate.closed, 10)
+        lines = await t.run(f"list-clients -F {fmt}")
+        assert not any(ln.startswith("tether-mate-7") for ln in lines), lines
+    finally:
+        mate.close()
+        ctl.close()
+        await t.close()
+
+
+def test_terminal_capabilities_as_tmuxs_client_sends_them() -> None:
+    caps = dict(c.split(b"=", 1) for c in capabilities("xterm-256color"))
+    assert caps[b"colors"] == b"256" and caps[b"clear"].startswith(b"\x1b[")
+    assert caps[b"am"] == b"1"
+    for bad in ("no-such-terminal", "../../etc/passwd", "", "x" * 100):
+        with pytest.raises(TerminfoError):
+            capabilities(bad)

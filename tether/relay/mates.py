@@ -195,6 +195,7 @@ class Mates:
         it), then let it go."""
 
         def on_resize() -> None:
+            session.replica.resized(mate.id)
             if not session.ended and mate.id in session.mates:
                 session.resize()
 
@@ -213,6 +214,7 @@ class Mates:
             session.remove_mate(mate.id)
             with contextlib.suppress(OSError):
                 os.close(mate.fd)
+            session.replica.detached(mate.id)
             session.resize()
             status = 0
             if pump.kicked:

@@ -210,6 +210,12 @@ class ReplicaHandle:
         finally:
             self._attach_waiters.pop(mate, None)
 
+    def resized(self, mate: int) -> None:
+        """A mate's pty changed size (its tmux client learns it from SIGWINCH)."""
+
+    def detached(self, mate: int) -> None:
+        """A mate left and its pty master is closed (its tmux client sees EOF)."""
+
     def presence(self, present: bool, text: str) -> None:
         with contextlib.suppress(ReplicaError):
             self.send(HostPresence(present, text))

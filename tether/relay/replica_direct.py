@@ -16,14 +16,15 @@ opened before the jail started, and never follows a symlink there
 (``tmux_imsg.open_socket_at``): a jail that replaced it gets a refused session,
 not a relay connected elsewhere.
 
-Only a process inside the jail can open a replica pane's tty or a pty for a
-mate's tmux client, so the replica's own tmux runs ``pane_helper`` for a
-moment: as each new pane's command (it hands its tty to the relay and execs
-``sleep``) and, for each mate, as the one pane of a session of its own (it
-opens a pty, hands the master to the relay, forks ``tmux attach`` on the slave
-and exits, which ends that session).
-They reach the relay through a unix socket it bound in the session directory
-before the jail started; the relay only ever accepts on that descriptor.
+Only a process inside the jail can open a replica pane's tty, so the
+replica's own tmux runs ``pane_helper`` for a moment as each new pane's
+command: it hands its tty to the relay and execs ``sleep``. The ttys reach the
+relay through a unix socket it bound in the session directory before the jail
+started; the relay only ever accepts on that descriptor. A mate's tmux client
+is no process either: the relay opens a pty, keeps the master and hands the
+slave to the replica's server as a client's terminal (``attach``), saying a
+size change over that client's link (``resized``) as tmux's client would on
+SIGWINCH.
 
 Everything from the jail is data from a possibly hostile peer: a received
 descriptor is kept only if it is a pty of the right kind (``_take``), the
@@ -37,10 +38,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import termios
@@ -52,7 +55,7 @@ from typing import Any
 
 from tether.core.codec import decompress
 from tether.core.control import Notification, PaneOutput, quote
-from tether.core.errors import RemoteProtocolError
+from tether.core.errors import RemoteProtocolError, TetherError
 from tether.core.limits import MAX_DATA, MAX_DIMENSION
 from tether.core.messages import (
     Ack,
@@ -76,7 +79,7 @@ from tether.mirror.keys import Mark, PaneKeys
 from tether.mirror.plan import PaneOwner, Plan
 from tether.mirror.run_async import run_plan
 from tether.transport.tmux import TmuxControl, TmuxError
-from tether.transport.tmux_imsg import ControlLink
+from tether.transport.tmux_imsg import ClientLink, ControlLink
 
 from . import pane_helper
 from .replica import ReplicaError, ReplicaHandle
@@ -84,10 +87,9 @@ from .worker import known_terminal
 
 log = logging.getLogger("tether.relay")
 
-MATE_SESSION = "tether-mate-"
-"""Prefix of the replica's short-lived sessions in which a mate's tmux client is
-started (``pane_helper``): each lasts only until its helper forked the client
-and exited. Mates attach to ``SESSION``; no key of theirs switches sessions."""
+MATE_CLIENT = "tether-mate-"
+"""Prefix of a mate's tmux client's name (its ``ttyname``, then ``client_name``):
+unique per mate, and never a pane's tty name (tmux would refuse it as nested)."""
 ACK_LAG = 256 * 1024
 """Bytes queued for the replica's panes before acks stop: the relay's acks (and
 so the host's backlog) follow what tmux took, as the worker's did."""
@@ -108,7 +110,6 @@ CONTROL_RATE = 4 * 1024 * 1024
 four times that); a tmux that sends more is ended with its session."""
 PTY_SLAVE_MAJORS = range(136, 144)
 """UNIX98 pty slaves; their number is (major - 136) * 256 + minor."""
-PTMX = os.makedev(5, 2)
 HELPER = pane_helper.__file__
 HANDOFF = "relay.sock"
 EXIT_WITH_CLIENTS = ["set", "-g", "exit-empty", "on", ";",
@@ -197,6 +198,7 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         """Done once the replica's tmux is set up: mates may attach."""
         self._control = TokenBucket(CONTROL_RATE, 4 * CONTROL_RATE, time.monotonic())
         self._link: ControlLink | None = None
+        self._mates: dict[int, ClientLink] = {}
         self._dir_fd = -1
         """The session directory, opened before the jail: the relay reaches the
         jail's tmux socket through it, never by a path the jail could redirect."""
@@ -333,8 +335,8 @@ class DirectReplica(ReplicaHandle, PaneOwner):
                 os.close(fd)
 
     def _take(self, tag: bytes, fd: int) -> bool:
-        """Keep ``fd`` if it is what ``tag`` says: a pane's pty slave, or a pty
-        master for a mate the relay is waiting for."""
+        """Keep ``fd`` if it is what ``tag`` says: a pane's pty slave (nothing
+        else comes this way: mates' ptys are the relay's own)."""
         st = os.fstat(fd)
         if not stat.S_ISCHR(st.st_mode):
             return False
@@ -349,11 +351,6 @@ class DirectReplica(ReplicaHandle, PaneOwner):
             else:
                 self._adopt(pane, fd)
             return True
-        if tag[:1] == b"m" and tag[1:].isdigit() and len(tag) < 22 and st.st_rdev == PTMX:
-            fut = self._attach_waiters.pop(int(tag[1:]), None)
-            if fut is not None and not fut.done():
-                fut.set_result(fd)
-                return True
         return False
 
     def _orphan(self, pts: int, fd: int) -> None:
@@ -529,6 +526,10 @@ class DirectReplica(ReplicaHandle, PaneOwner):
     async def _run_queue(self) -> None:
         while self._queue and not self._dead:
             item = self._queue.popleft()
+            if isinstance(item, asyncio.Future):  # an attach waiting for its turn
+                if not item.done():
+                    item.set_result(None)
+                continue
             try:
                 if isinstance(item, tuple):
                     await self._run(self.mirror.presence(*item))
@@ -603,18 +604,58 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         rows = max(1, min(rows, MAX_DIMENSION))
         # an unknown TERM (e.g. a terminal's own name) would stop tmux from attaching
         term = term if known_terminal(term) else "xterm-256color"
-        argv = [sys.executable, "-I", "-S", HELPER, self._handoff_path, "mate", str(mate),
-                str(cols), str(rows), term, *(["ro"] if readonly else [])]  # fmt: skip
-        fut: asyncio.Future[int] = self._loop.create_future()
-        self._attach_waiters[mate] = fut
+        # in turn with the host's events, as the worker took them: a client that
+        # attached before the host's first structure was applied would type
+        # into the replica's placeholder pane
+        turn: asyncio.Future[None] = self._loop.create_future()
+        self._queue.append(turn)
+        if self._task is None or self._task.done():
+            self._task = self._loop.create_task(self._run_queue())
+        await asyncio.wait([turn, self.closed], timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not turn.done():
+            turn.cancel()
+            raise ReplicaError("replica is gone" if self._dead else "replica is busy")
+        # the relay's own pty, its slave handed to the replica's server as the
+        # client's terminal: tmux's client protocol, no client process
+        master, slave = os.openpty()
+        link = ClientLink(self._budget)
         try:
-            await self.tmux.run(f"new-session -d -s {MATE_SESSION}{mate} "
-                                + " ".join(quote(a) for a in argv))
-            return await asyncio.wait_for(fut, timeout)
-        except TmuxError as exc:
-            raise ReplicaError(f"cannot start a client of the replica: {exc}") from None
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            await link.connect(self._dir_fd, os.path.basename(self.sock),
+                               ["attach-session", "-t", SESSION, *(["-r"] if readonly else [])],
+                               cwd=os.path.realpath(self.dir), term=term, tty=slave,
+                               ttyname=f"{MATE_CLIENT}{mate}", timeout=timeout)
+            assert link.ready is not None and link.closed is not None
+            await asyncio.wait([link.ready, link.closed, self.closed], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not link.ready.done():
+                why = link.closed.result() if link.closed.done() else "no answer"
+                raise ReplicaError(f"cannot start a client of the replica: {why}")
+        except BaseException as exc:
+            link.close()
+            os.close(master)
+            if isinstance(exc, TetherError | OSError):
+                raise ReplicaError(f"cannot start a client of the replica: {exc}") from None
+            raise
         finally:
-            self._attach_waiters.pop(mate, None)
+            os.close(slave)
+        self._mates[mate] = link
+        link.closed.add_done_callback(lambda _: self._mates.pop(mate, None))
+        return master
+
+    def resized(self, mate: int) -> None:
+        """No client process gets SIGWINCH: say it over the client's link."""
+        link = self._mates.get(mate)
+        if link is not None:
+            link.resize()
+
+    def detached(self, mate: int) -> None:
+        """The server drops the client when its tty hangs up; the link goes too,
+        whatever a compromised server does."""
+        link = self._mates.pop(mate, None)
+        if link is not None:
+            link.close()
 
     # --- ending -------------------------------------------------------------------
 
@@ -645,6 +686,8 @@ class DirectReplica(ReplicaHandle, PaneOwner):
                 await self.tmux.close()
         if self._link is not None:
             self._link.close()
+        for link in list(self._mates.values()):
+            link.close()
         if not self._jailed and self.proc is not None and self.proc.returncode is None:
             # a tmux -D server outlives its clients; a jail's ends with the jail
             with contextlib.suppress(ProcessLookupError):

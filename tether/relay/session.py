@@ -80,6 +80,12 @@ class Replica(Subscriber, Protocol):
         """A pty master connected to a new tmux client of the replica."""
         ...
 
+    def resized(self, mate: int) -> None:
+        """The mate's pty master was just given a new size."""
+
+    def detached(self, mate: int) -> None:
+        """The mate left; its pty master is closed."""
+
 
 MORE = "more"
 """The kind of the last entry of a mate list cut at ``MAX_ITEMS``: not a mate

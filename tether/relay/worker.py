@@ -81,7 +81,7 @@ def known_terminal(term: str) -> bool:
     if not re.fullmatch(r"[A-Za-z0-9._+-]{1,64}", term or ""):
         return False
     return any(
-        os.path.exists(os.path.join(base, term[0], term))
+        os.path.isfile(os.path.join(base, term[0], term))
         for base in ("/usr/share/terminfo", "/lib/terminfo", "/usr/lib/terminfo")
     )
 

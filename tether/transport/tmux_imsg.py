@@ -1,11 +1,18 @@
-"""tmux's own client protocol, spoken from Python: a control client with no process.
+"""tmux's own client protocol, spoken from Python: tmux clients with no process.
 
-A ``tmux -C`` client process does little once it has introduced itself: it
-hands the server its stdin and stdout (the server reads commands from one and
-writes control-mode output to the other itself) and waits. Saying the same
-over the server's socket, with a socket of ours as both descriptors, gives the
-same control client for no process at all: the relay's replicas save the
-0.3 MiB a ``tmux -C`` costs per session.
+A tmux client process does little once it has introduced itself: it hands the
+server its stdin and stdout (the server reads and writes the terminal, or for
+``tmux -C`` the control-mode stream, on them itself), passes on window size
+changes, and waits. Saying the same over the server's socket, with a
+descriptor of ours as both, gives the same client for no process at all: the
+relay's replicas save the 0.3 MiB a ``tmux -C`` costs per session, and the
+0.5 MiB of a mate's ``tmux attach`` (whose pty the relay then opens itself).
+
+What tmux asks of a client beyond that is refused or answered without acting:
+the client never runs a command (``MSG_LOCK``'s lock command, ``MSG_EXEC``,
+``MSG_SHELL``), never opens a file for the server (``MSG_READ_OPEN``,
+``MSG_WRITE_OPEN`` get an error), and cannot be suspended (``MSG_SUSPEND`` is
+answered at once with ``MSG_WAKEUP``).
 
 The protocol is tmux's private one (``tmux-protocol.h``, OpenBSD ``imsg``
 framing), versioned by ``PROTOCOL_VERSION``: a server of another version
@@ -25,6 +32,8 @@ import struct
 from collections.abc import Callable, Sequence
 
 from tether.core.errors import TetherError
+
+from .terminfo import capabilities
 
 PROTOCOL_VERSION = 8
 """tmux 3.2 to 3.5 (``tmux-protocol.h``)."""
@@ -46,19 +55,35 @@ MSG_IDENTIFY_CWD = 108
 MSG_IDENTIFY_FEATURES = 109
 MSG_IDENTIFY_STDOUT = 110
 MSG_IDENTIFY_LONGFLAGS = 111
+MSG_IDENTIFY_TERMINFO = 112
 MSG_COMMAND = 200
 MSG_DETACH = 201
 MSG_DETACHKILL = 202
 MSG_EXIT = 203
 MSG_EXITED = 204
 MSG_EXITING = 205
+MSG_LOCK = 206
+MSG_READY = 207
+MSG_RESIZE = 208
 MSG_SHUTDOWN = 210
+MSG_SUSPEND = 214
+MSG_UNLOCK = 215
+MSG_WAKEUP = 216
+MSG_EXEC = 217
+MSG_READ_OPEN = 300
+MSG_READ_DONE = 302
+MSG_WRITE_OPEN = 303
+MSG_WRITE_READY = 305
+REFUSED = 13
+"""EACCES: the answer to the server's file requests."""
 
 CLIENT_CONTROL = 0x2000
 CLIENT_UTF8 = 0x10000
 CLIENT_STARTSERVER = 0x10000000
 CONTROL_FLAGS = CLIENT_CONTROL | CLIENT_UTF8 | CLIENT_STARTSERVER
 """What ``tmux -C`` sends with a UTF-8 locale (tmux's own log shows 0x10012000)."""
+TERMINAL_FLAGS = CLIENT_UTF8 | CLIENT_STARTSERVER
+"""What ``tmux -u attach`` sends."""
 
 MAX_INBOUND = 64 * 1024
 """Bytes of server messages buffered before the link is judged broken; the
@@ -92,8 +117,8 @@ def command(argv: Sequence[str], pid: int = 0) -> bytes:
     return frame(MSG_COMMAND, struct.pack("=i", len(argv)) + packed, pid=pid)
 
 
-def identify(flags: int, term: str, cwd: str, pid: int,
-             environ: Sequence[str] = ()) -> list[tuple[bytes, bool]]:
+def identify(flags: int, term: str, cwd: str, pid: int, environ: Sequence[str] = (),
+             ttyname: str = "", caps: Sequence[bytes] = ()) -> list[tuple[bytes, bool]]:
     """The introduction ``client_send_identify`` makes, in its order, as (frame,
     whether a descriptor goes with it): the two ``True`` ones are stdin and
     stdout."""
@@ -102,8 +127,10 @@ def identify(flags: int, term: str, cwd: str, pid: int,
         (frame(MSG_IDENTIFY_LONGFLAGS, struct.pack("=Q", flags), pid=pid), False),
         (frame(MSG_IDENTIFY_TERM, cstring(term), pid=pid), False),
         (frame(MSG_IDENTIFY_FEATURES, struct.pack("=i", 0), pid=pid), False),
-        (frame(MSG_IDENTIFY_TTYNAME, b"\0", pid=pid), False),
+        (frame(MSG_IDENTIFY_TTYNAME, cstring(ttyname), pid=pid), False),
         (frame(MSG_IDENTIFY_CWD, cstring(cwd), pid=pid), False),
+        *((frame(MSG_IDENTIFY_TERMINFO, c.replace(b"\0", b"") + b"\0", pid=pid), False)
+          for c in caps),
         (frame(MSG_IDENTIFY_STDIN, has_fd=True, pid=pid), True),
         (frame(MSG_IDENTIFY_STDOUT, has_fd=True, pid=pid), True),
         (frame(MSG_IDENTIFY_CLIENTPID, struct.pack("=i", pid), pid=pid), False),
@@ -114,13 +141,13 @@ def identify(flags: int, term: str, cwd: str, pid: int,
 
 
 class Messages:
-    """Splits what the server sends into message types; raises ``ImsgError`` on
+    """Splits what the server sends into (type, data); raises ``ImsgError`` on
     anything malformed or oversized."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[int]:
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         self._buf += data
         if len(self._buf) > MAX_INBOUND:
             raise ImsgError("the tmux server sent more than a control client takes")
@@ -134,8 +161,8 @@ class Messages:
                                 f"not {PROTOCOL_VERSION}")
             if len(self._buf) < size:
                 break
+            kinds.append((kind, bytes(self._buf[HEADER.size:size])))
             del self._buf[:size]
-            kinds.append(kind)
         return kinds
 
 
@@ -151,14 +178,17 @@ def open_socket_at(dir_fd: int, name: str) -> int:
     return fd
 
 
-class ControlLink:
-    """A control client made over a tmux server's socket.
+class ClientLink:
+    """A tmux client made over a tmux server's socket.
 
-    ``connect`` introduces it and sends its first command; ``control`` is then
-    the relay's end of the socket the server reads commands from and writes
-    control-mode output to (hand it to ``TmuxControl.start_on``). The link
-    itself stays open for the client's life; ``closed`` is done when the server
-    ends it (``MSG_EXIT``, ``MSG_SHUTDOWN``, a refused version, EOF).
+    ``connect`` introduces it and sends its first command. A control client
+    (``tty`` None) gets a socket pair: ``control`` is then the relay's end, the
+    one the server reads commands from and writes control-mode output to (hand
+    it to ``TmuxControl.start_on``). A terminal client is given ``tty``, a pty
+    slave, whose master the caller keeps, and the capabilities of ``term``
+    (``terminfo``); ``resize`` after changing its size.
+    The link itself stays open for the client's life; ``closed`` is done (with
+    why) when the server ends it (``MSG_EXITED``, a refused version, EOF).
     """
 
     def __init__(self, budget: Callable[[int], bool] | None = None) -> None:
@@ -166,16 +196,26 @@ class ControlLink:
         """Called with each read's size; False ends the link (a hostile server)."""
         self.control: socket.socket | None = None
         self.closed: asyncio.Future[str] | None = None
+        self.ready: asyncio.Future[None] | None = None
+        """Done when the server says the client is attached (``MSG_READY``;
+        never for a control client)."""
         self._link: socket.socket | None = None
         self._messages = Messages()
+        self._exiting = False
 
     async def connect(self, dir_fd: int, name: str, argv: Sequence[str], *, cwd: str,
-                      term: str = "tmux-256color", timeout: float = 10.0) -> None:
+                      term: str = "tmux-256color", tty: int | None = None,
+                      ttyname: str = "", timeout: float = 10.0) -> None:
         """Connect to the socket ``name`` in ``dir_fd`` as soon as the server
         listens there (at most ``timeout`` seconds), then attach with ``argv``."""
         loop = asyncio.get_running_loop()
         link = await self._connect(dir_fd, name, timeout)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours: socket.socket | None = None
+        if tty is None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            fd, flags = theirs.fileno(), CONTROL_FLAGS
+        else:
+            theirs, fd, flags = None, tty, TERMINAL_FLAGS
         try:
             pid = os.getpid()
             link.setblocking(True)
@@ -183,23 +223,37 @@ class ControlLink:
             # the introduction is a few hundred bytes into an empty socket: it
             # cannot block; each descriptor travels in a sendmsg of its own, as
             # tmux's imsg takes one per read
-            for data, with_fd in identify(CONTROL_FLAGS, term, cwd, pid):
+            caps = () if tty is None else capabilities(term)
+            for data, with_fd in identify(flags, term, cwd, pid, ttyname=ttyname, caps=caps):
                 if with_fd:
                     link.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           struct.pack("=i", theirs.fileno()))])
+                                           struct.pack("=i", fd))])
                 else:
                     link.sendall(data)
             link.sendall(command(argv, pid))
             link.setblocking(False)
         except BaseException:
             link.close()
-            ours.close()
+            if ours is not None:
+                ours.close()
             raise
         finally:
-            theirs.close()
+            if theirs is not None:
+                theirs.close()
         self._link, self.control = link, ours
         self.closed = loop.create_future()
+        self.ready = loop.create_future()
         loop.add_reader(link.fileno(), self._on_readable)
+
+    def resize(self) -> None:
+        """Tell the server the terminal's size changed (what a client does on
+        SIGWINCH): it reads the new size from the tty."""
+        self._send(MSG_RESIZE)
+
+    def _send(self, kind: int, data: bytes = b"") -> None:
+        if self._link is not None:
+            with contextlib.suppress(OSError):
+                self._link.send(frame(kind, data, pid=os.getpid()))
 
     async def _connect(self, dir_fd: int, name: str, timeout: float) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -244,19 +298,37 @@ class ControlLink:
             self._end("its tmux server sent too much")
             return
         try:
-            kinds = self._messages.feed(data)
+            messages = self._messages.feed(data)
         except ImsgError as exc:
             self._end(str(exc))
             return
-        for kind in kinds:
-            if kind == MSG_VERSION:
-                self._end("its tmux server speaks another protocol version")
-            elif kind == MSG_EXIT:
-                # as tmux's client does: say so, and the server answers MSG_EXITED
-                with contextlib.suppress(OSError):
-                    self._link.send(frame(MSG_EXITING, pid=os.getpid()))
-            elif kind in (MSG_EXITED, MSG_SHUTDOWN, MSG_DETACH, MSG_DETACHKILL):
-                self._end("its tmux server ended the control client")
+        for kind, body in messages:
+            if self._link is None:
+                return
+            self._on_message(kind, body)
+
+    def _on_message(self, kind: int, body: bytes) -> None:
+        if kind == MSG_VERSION:
+            self._end("its tmux server speaks another protocol version")
+        elif kind == MSG_READY:
+            if self.ready is not None and not self.ready.done():
+                self.ready.set_result(None)
+        elif kind in (MSG_EXIT, MSG_SHUTDOWN, MSG_DETACH, MSG_DETACHKILL, MSG_EXEC):
+            # as tmux's client does (without running MSG_EXEC's command): say so,
+            # and the server answers MSG_EXITED
+            if not self._exiting:
+                self._exiting = True
+                self._send(MSG_EXITING)
+        elif kind == MSG_EXITED:
+            self._end("its tmux server ended the client")
+        elif kind == MSG_SUSPEND:
+            self._send(MSG_WAKEUP)  # nothing to stop: carry on at once
+        elif kind == MSG_LOCK:
+            self._send(MSG_UNLOCK)  # tmux's client would run the lock command
+        elif kind in (MSG_READ_OPEN, MSG_WRITE_OPEN) and len(body) >= 4:
+            (stream,) = struct.unpack_from("=i", body)
+            answer = MSG_READ_DONE if kind == MSG_READ_OPEN else MSG_WRITE_READY
+            self._send(answer, struct.pack("=ii", stream, REFUSED))
 
     def _end(self, why: str) -> None:
         if self.closed is not None and not self.closed.done():
@@ -273,3 +345,6 @@ class ControlLink:
             self._link = None
         if self.closed is not None and not self.closed.done():
             self.closed.set_result("closed")
+
+
+ControlLink = ClientLink
