@@ -161,8 +161,11 @@ def run(ctx: Ctx) -> list[Figure]:
                 mates.append(m)
 
             def mates_up(relay: Relay = relay, n: int = n) -> bool:
-                p = relay.parts()  # each mate's client, beside any control clients
-                return len(p["replica tmux clients"]) == n + len(p["workers"])
+                p = relay.parts()
+                if p["workers"]:  # a tmux client process per mate, beside control clients
+                    return len(p["replica tmux clients"]) == n + len(p["workers"])
+                # direct: mates' clients are no processes; the relay says each joined
+                return relay.log.read_text(errors="replace").count(" joined session ") >= n
 
             wd.on_close(drainer.close)  # runs before the ptys close
             wait_for(mates_up, 120 + n, f"{n} mates attached")
