@@ -133,3 +133,32 @@ async def test_a_mate_gets_a_pty_master_of_a_client_inside(tmp_path: object) -> 
         await until(lambda: tmux(w.sock, "list-sessions", "-F", "#{session_name}") == "tether\n")
     finally:
         await h.close()
+
+
+async def test_mates_terminals_are_bounded_and_let_go(monkeypatch: object) -> None:
+    """A mate's pty is the relay's (the machine's /dev/pts): a session gets at
+    most MAX_PTYS of them at once, departed mates' included until the jail
+    closed their slave, and one is let go once tmux dropped its client."""
+    monkeypatch.setattr(replica_direct, "MAX_PTYS", 2)  # type: ignore[attr-defined]
+    w = Worker("direct")
+    h = w.handle
+    await h.start()
+    try:
+        seq = w.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1))
+        await w.applied(seq)
+        a = await h.attach(1, False, 80, 24, "xterm-256color")
+        b = await h.attach(2, False, 80, 24, "xterm-256color")
+        try:
+            await h.attach(3, False, 80, 24, "xterm-256color")
+            raise AssertionError("a third terminal was handed out")
+        except replica_direct.ReplicaError as exc:
+            assert "no more" in str(exc)
+        os.close(a)  # mate 1 leaves: its client is dropped, its slave closed
+        h.detached(1)
+        await until(lambda: "tether-mate-1" not in tmux(w.sock, "list-clients", "-F",
+                                                         "#{client_name}"))
+        c = await h.attach(4, False, 80, 24, "xterm-256color")
+        os.close(b)
+        os.close(c)
+    finally:
+        await h.close()

@@ -265,3 +265,29 @@ def test_terminal_capabilities_as_tmuxs_client_sends_them() -> None:
     for bad in ("no-such-terminal", "../../etc/passwd", "", "x" * 100):
         with pytest.raises(TerminfoError):
             capabilities(bad)
+
+
+async def test_a_server_flooding_messages_gets_a_closed_link(tmp_path: Path) -> None:
+    """Small messages, each asking for an answer, stop at MAX_MESSAGES: the
+    relay does not answer a server for ever."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(tmp_path / "tmux.sock"))
+    srv.listen()
+    srv.setblocking(False)
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    loop = asyncio.get_running_loop()
+    try:
+        link = ClientLink()
+        await link.connect(dir_fd, "tmux.sock", ["new-session"], cwd=str(tmp_path))
+        conn, _ = await loop.sock_accept(srv)
+        conn.setblocking(False)
+        flood = frame(tmux_imsg.MSG_SUSPEND) * (tmux_imsg.MAX_MESSAGES + 1)
+        await loop.sock_sendall(conn, flood)
+        assert link.closed is not None
+        assert "more messages" in await asyncio.wait_for(link.closed, 5)
+        if link.control is not None:
+            link.control.close()
+        conn.close()
+    finally:
+        os.close(dir_fd)
+        srv.close()

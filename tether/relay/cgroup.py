@@ -21,8 +21,6 @@ from dataclasses import dataclass
 
 from tether.core.errors import TetherError
 
-from . import proctree
-
 CGROUP_MEMORY = 512 * 1024 * 1024
 """Memory of a whole session (all its processes, page cache and kernel memory
 charged to it; no swap where the machine lets us say so), 512 MiB: RLIMIT_AS is
@@ -116,27 +114,35 @@ def _kill_tree(path: str) -> None:
         found = False
         for top, dirs, _files in os.walk(path):
             dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(top, d))]
-            procs = os.path.join(top, "cgroup.procs")
-            try:
-                listed = _read(procs).split()
-            except OSError:
-                continue
-            for pid in listed:
-                try:
-                    fd = os.pidfd_open(int(pid))
-                except (OSError, ValueError):
-                    continue
-                try:
-                    if pid in _read(procs).split():
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
-                        found = True
-                except OSError:
-                    pass
-                finally:
-                    os.close(fd)
+            found = _kill_listed(top) or found
         if not found:
             return
         time.sleep(0.02)
+
+
+def _kill_listed(path: str) -> bool:
+    """SIGKILL each process ``path``'s ``cgroup.procs`` lists, pinned by a pidfd
+    and signalled only if still listed; whether any was."""
+    procs = os.path.join(path, "cgroup.procs")
+    try:
+        listed = _read(procs).split()
+    except OSError:
+        return False
+    found = False
+    for pid in listed:
+        try:
+            fd = os.pidfd_open(int(pid))
+        except (OSError, ValueError):
+            continue
+        try:
+            if pid in _read(procs).split():
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                found = True
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return found
 
 
 def _remove_tree(path: str) -> None:
@@ -283,12 +289,17 @@ class SessionCgroup:
         return sorted(found)
 
     def kill(self) -> None:
+        """SIGKILL everything in it: ``cgroup.kill`` (v2), else each listed pid,
+        pinned by a pidfd and signalled only while still listed (a pid that
+        exited meanwhile may already be another process's)."""
         for h, path in self.dirs:
             if h.v2:
-                with contextlib.suppress(OSError):
+                try:
                     _write(os.path.join(path, "cgroup.kill"), "1")
-        for pid in self.pids():
-            proctree.kill(pid)
+                    continue
+                except OSError:  # before Linux 5.14
+                    pass
+            _kill_listed(path)
 
     def remove(self) -> None:
         """rmdir each of its directories; one still in use stays (until the

@@ -41,6 +41,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -102,6 +103,9 @@ MAX_HANDOFFS = 16
 """Connections to the hand-off socket open at once; more are closed."""
 HANDOFF_TIMEOUT = 5.0
 """Seconds a connection to the hand-off socket may stay silent."""
+MAX_PTYS = 64
+"""Mate ptys whose slave one session's jail may hold at once, departed mates'
+included (twice the default mate limit)."""
 ORPHAN_TIMEOUT = 5.0
 """Seconds a pane tty that came before tmux named its pane is kept."""
 MAX_ORPHANS = 16
@@ -199,6 +203,11 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         self._control = TokenBucket(CONTROL_RATE, 4 * CONTROL_RATE, time.monotonic())
         self._link: ControlLink | None = None
         self._mates: dict[int, ClientLink] = {}
+        self._ptys: dict[int, int] = {}
+        """A copy of each mate pty's master, kept until the jail closed the slave
+        too: the ptys are the relay's (the machine's /dev/pts), so a jail that
+        hoarded slaves of departed mates must not get more (``MAX_PTYS``)."""
+        self._departed: set[int] = set()
         self._dir_fd = -1
         """The session directory, opened before the jail: the relay reaches the
         jail's tmux socket through it, never by a path the jail could redirect."""
@@ -234,6 +243,9 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         except BaseException:
             if self._listen is None:
                 listen.close()
+            if self._dir_fd >= 0:
+                os.close(self._dir_fd)
+                self._dir_fd = -1
             if self._jail is not None and self.proc is not None:
                 await self._end_jail(self._jail)
             raise
@@ -260,10 +272,17 @@ class DirectReplica(ReplicaHandle, PaneOwner):
             t.closed.add_done_callback(lambda _: self._gone("its control client ended"))
             t.send("refresh-client -f no-output")
             await run_plan(self.mirror.setup(), t, self)
-        except Exception as exc:  # a tmux that fails (or lies) ends its own session
+        except BaseException as exc:  # a tmux that fails (or lies) ends its own session
             link.close()
-            if link.control is not None:
+            if t.owns_stream:
+                # its transport owns the socket: closing the socket under it would
+                # leave a stale reader on a number the next descriptor reuses
+                with contextlib.suppress(Exception):
+                    await t.close()
+            elif link.control is not None:
                 link.control.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             self._gone(f"its tmux did not start: {exc}")
             return
         if not self._ready.done():
@@ -405,11 +424,11 @@ class DirectReplica(ReplicaHandle, PaneOwner):
             return
         try:
             _raw_no_echo(fd)
-        except OSError:
+            self._loop.add_reader(fd, self._on_keys, pane)
+        except (OSError, RuntimeError):
             os.close(fd)
             return
         pane.fd = fd
-        self._loop.add_reader(fd, self._on_keys, pane)
         if pane.out:
             self._flush(pane)
 
@@ -604,6 +623,10 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         rows = max(1, min(rows, MAX_DIMENSION))
         # an unknown TERM (e.g. a terminal's own name) would stop tmux from attaching
         term = term if known_terminal(term) else "xterm-256color"
+        self._reap_ptys()
+        if len(self._ptys) >= MAX_PTYS:
+            raise ReplicaError(f"the replica holds {len(self._ptys)} mates' terminals; "
+                               "no more until it lets some go")
         # in turn with the host's events, as the worker took them: a client that
         # attached before the host's first structure was applied would type
         # into the replica's placeholder pane
@@ -640,9 +663,35 @@ class DirectReplica(ReplicaHandle, PaneOwner):
             raise
         finally:
             os.close(slave)
+        if self._dead:  # closed meanwhile
+            link.close()
+            os.close(master)
+            raise ReplicaError("replica is gone")
         self._mates[mate] = link
-        link.closed.add_done_callback(lambda _: self._mates.pop(mate, None))
+        self._ptys[mate] = os.dup(master)
+        self._departed.discard(mate)
+
+        def forget(_: object) -> None:
+            if self._mates.get(mate) is link:
+                del self._mates[mate]
+
+        link.closed.add_done_callback(forget)
         return master
+
+    def _reap_ptys(self) -> None:
+        """Let go of departed mates' ptys whose slave the jail closed (the master
+        then polls as hung up)."""
+        for mate in list(self._departed):
+            fd = self._ptys.get(mate)
+            if fd is None:
+                self._departed.discard(mate)
+                continue
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0)):
+                os.close(fd)
+                del self._ptys[mate]
+                self._departed.discard(mate)
 
     def resized(self, mate: int) -> None:
         """No client process gets SIGWINCH: say it over the client's link."""
@@ -656,6 +705,9 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         link = self._mates.pop(mate, None)
         if link is not None:
             link.close()
+        if mate in self._ptys:
+            self._departed.add(mate)
+            self._reap_ptys()
 
     # --- ending -------------------------------------------------------------------
 
@@ -688,6 +740,9 @@ class DirectReplica(ReplicaHandle, PaneOwner):
             self._link.close()
         for link in list(self._mates.values()):
             link.close()
+        for fd in self._ptys.values():
+            os.close(fd)
+        self._ptys.clear()
         if not self._jailed and self.proc is not None and self.proc.returncode is None:
             # a tmux -D server outlives its clients; a jail's ends with the jail
             with contextlib.suppress(ProcessLookupError):

@@ -67,6 +67,11 @@ class TmuxControl:
         assert self._proc.stdout is not None and self._proc.stdin is not None
         await self._attached(self._proc.stdout, self._proc.stdin)
 
+    @property
+    def owns_stream(self) -> bool:
+        """Whether its streams wrap the socket now (``close`` closes it then)."""
+        return self._stdin is not None
+
     async def start_on(self, sock: socket.socket, replies: int = 1) -> None:
         """Speak to a control client already started elsewhere (in a jail) with
         ``sock``'s peer as its stdin and stdout, whose first command (a list of

@@ -88,6 +88,14 @@ TERMINAL_FLAGS = CLIENT_UTF8 | CLIENT_STARTSERVER
 MAX_INBOUND = 64 * 1024
 """Bytes of server messages buffered before the link is judged broken; the
 server sends a control client only a handful of small ones."""
+MAX_MESSAGES = 1024
+"""Messages one link takes in its life (a client gets a handful: ready, flags,
+exit); more ends it, so a server cannot keep the relay answering."""
+HANDSHAKE_TIMEOUT = 1.0
+"""Seconds the introduction may take: it fits an empty socket's buffer many
+times over, so only a server that does not read ever waits."""
+MESSAGE_COST = 1024
+"""Bytes each message counts against the link's budget, whatever its size."""
 
 
 class ImsgError(TetherError):
@@ -152,17 +160,19 @@ class Messages:
         if len(self._buf) > MAX_INBOUND:
             raise ImsgError("the tmux server sent more than a control client takes")
         kinds = []
-        while len(self._buf) >= HEADER.size:
-            kind, size, _flags, peer, _pid = HEADER.unpack_from(self._buf)
+        at = 0
+        while len(self._buf) - at >= HEADER.size:
+            kind, size, _flags, peer, _pid = HEADER.unpack_from(self._buf, at)
             if size < HEADER.size or size > MAX_IMSGSIZE:
                 raise ImsgError(f"a tmux message claims {size} bytes")
             if kind != MSG_VERSION and (peer & 0xFF) != PROTOCOL_VERSION:
                 raise ImsgError(f"the tmux server speaks protocol {peer & 0xFF}, "
                                 f"not {PROTOCOL_VERSION}")
-            if len(self._buf) < size:
+            if len(self._buf) - at < size:
                 break
-            kinds.append((kind, bytes(self._buf[HEADER.size:size])))
-            del self._buf[:size]
+            kinds.append((kind, bytes(self._buf[at + HEADER.size:at + size])))
+            at += size
+        del self._buf[:at]
         return kinds
 
 
@@ -202,6 +212,7 @@ class ClientLink:
         self._link: socket.socket | None = None
         self._messages = Messages()
         self._exiting = False
+        self._received = 0
 
     async def connect(self, dir_fd: int, name: str, argv: Sequence[str], *, cwd: str,
                       term: str = "tmux-256color", tty: int | None = None,
@@ -212,18 +223,27 @@ class ClientLink:
         link = await self._connect(dir_fd, name, timeout)
         ours: socket.socket | None = None
         if tty is None:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            except BaseException:
+                link.close()
+                raise
             fd, flags = theirs.fileno(), CONTROL_FLAGS
         else:
             theirs, fd, flags = None, tty, TERMINAL_FLAGS
         try:
-            pid = os.getpid()
-            link.setblocking(True)
-            link.settimeout(timeout)
-            # the introduction is a few hundred bytes into an empty socket: it
-            # cannot block; each descriptor travels in a sendmsg of its own, as
-            # tmux's imsg takes one per read
+            # the relay's pid is none of the jail's business: tmux uses it only in
+            # the client's name when it has no tty name
+            pid = 0
             caps = () if tty is None else capabilities(term)
+            # a few KiB into an empty socket, a frame a send as tmux's client
+            # does (each descriptor in a sendmsg of its own: tmux's imsg takes one
+            # per read). Sent blocking, but bounded: a server that does not read
+            # stalls the relay at most HANDSHAKE_TIMEOUT. (One send for all the
+            # frames without a descriptor lost a mate's first keys in the e2e
+            # tests, for a reason not yet understood.)
+            link.setblocking(True)
+            link.settimeout(min(timeout, HANDSHAKE_TIMEOUT))
             for data, with_fd in identify(flags, term, cwd, pid, ttyname=ttyname, caps=caps):
                 if with_fd:
                     link.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -253,7 +273,7 @@ class ClientLink:
     def _send(self, kind: int, data: bytes = b"") -> None:
         if self._link is not None:
             with contextlib.suppress(OSError):
-                self._link.send(frame(kind, data, pid=os.getpid()))
+                self._link.send(frame(kind, data))
 
     async def _connect(self, dir_fd: int, name: str, timeout: float) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -301,6 +321,12 @@ class ClientLink:
             messages = self._messages.feed(data)
         except ImsgError as exc:
             self._end(str(exc))
+            return
+        self._received += len(messages)
+        if self._received > MAX_MESSAGES or (
+                self.budget is not None and messages
+                and not self.budget(MESSAGE_COST * len(messages))):  # fmt: skip
+            self._end("its tmux server sent more messages than a client takes")
             return
         for kind, body in messages:
             if self._link is None:
