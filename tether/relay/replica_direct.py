@@ -103,6 +103,9 @@ MAX_HANDOFFS = 16
 """Connections to the hand-off socket open at once; more are closed."""
 HANDOFF_TIMEOUT = 5.0
 """Seconds a connection to the hand-off socket may stay silent."""
+ADOPT_WAIT = 2.0
+"""Seconds a mate's attach waits for the replica's new panes' ttys to be the
+relay's (then it attaches anyway)."""
 MAX_PTYS = 64
 """Mate ptys whose slave one session's jail may hold at once, departed mates'
 included (twice the default mate limit)."""
@@ -135,7 +138,7 @@ def _pts_number(path: str) -> int | None:
 def _raw_no_echo(fd: int) -> None:
     """Raw, so the host's bytes reach tmux as written and its keys come back byte
     for byte; no echo, or a mate's keys would show as pane output."""
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)  # not TCSAFLUSH: keys already typed stay
     attrs = termios.tcgetattr(fd)
     attrs[3] &= ~termios.ECHO
     termios.tcsetattr(fd, termios.TCSANOW, attrs)
@@ -639,6 +642,11 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         if not turn.done():
             turn.cancel()
             raise ReplicaError("replica is gone" if self._dead else "replica is busy")
+        # and once the panes shown so far are the relay's (raw): a key tmux wrote
+        # into a pane still in its first, cooked mode would be changed (CR to LF)
+        deadline = self._loop.time() + ADOPT_WAIT
+        while self._waiting and not self._dead and self._loop.time() < deadline:
+            await asyncio.sleep(0.005)
         # the relay's own pty, its slave handed to the replica's server as the
         # client's terminal: tmux's client protocol, no client process
         master, slave = os.openpty()
