@@ -39,6 +39,11 @@ def _open_fds(pid: int) -> set[str]:
     return out
 
 
+async def _one_window(w: Worker) -> None:
+    """The host's first screen: one window, one pane (host pane 5)."""
+    await w.applied(w.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1)))
+
+
 async def _working(w: Worker) -> None:
     """The session still renders the host's bytes and reads back a mate's keys."""
     seq = w.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1))
@@ -119,8 +124,7 @@ async def test_a_mate_gets_a_pty_master_of_a_client_inside(tmp_path: object) -> 
     h = w.handle
     await h.start()
     try:
-        seq = w.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1))
-        await w.applied(seq)
+        await _one_window(w)
         fd = await h.attach(3, True, 100, 30, "xterm-256color")
         try:
             assert stat.S_ISCHR(os.fstat(fd).st_mode)
@@ -144,8 +148,7 @@ async def test_mates_terminals_are_bounded_and_let_go(monkeypatch: object) -> No
     h = w.handle
     await h.start()
     try:
-        seq = w.send(snapshot((Window(1, 0, "w", layout("80x24,0,0,5"), 5),), 1))
-        await w.applied(seq)
+        await _one_window(w)
         a = await h.attach(1, False, 80, 24, "xterm-256color")
         b = await h.attach(2, False, 80, 24, "xterm-256color")
         try:

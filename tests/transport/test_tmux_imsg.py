@@ -12,7 +12,7 @@ import socket
 import struct
 import subprocess
 import termios
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -146,44 +146,51 @@ async def test_the_server_ending_the_client_closes_the_link(
     await t.close()
 
 
-async def test_a_hostile_server_gets_a_closed_link(tmp_path: Path) -> None:
-    """Garbage, an oversized claim or a flood from the server ends the link
-    (and only it) with a reason."""
+@pytest.fixture
+def fake_server(tmp_path: Path) -> Iterator[tuple[socket.socket, int]]:
+    """A listening socket where the jail's tmux would be, and the directory's fd."""
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(tmp_path / "tmux.sock"))
     srv.listen()
     srv.setblocking(False)
     dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    yield srv, dir_fd
+    os.close(dir_fd)
+    srv.close()
+
+
+async def test_a_hostile_server_gets_a_closed_link(
+    tmp_path: Path, fake_server: tuple[socket.socket, int]
+) -> None:
+    """Garbage, an oversized claim or a flood from the server ends the link
+    (and only it) with a reason."""
+    srv, dir_fd = fake_server
     loop = asyncio.get_running_loop()
-    try:
-        for reply, why in [
-            (HEADER.pack(1, 2, 0, tmux_imsg.PROTOCOL_VERSION, 0), "claims"),
-            (HEADER.pack(1, HEADER.size, 0, 3, 0), "protocol"),
-            (frame(MSG_VERSION), "version"),
-            (b"", "link"),  # closed, or reset (what the relay sent was unread)
-        ]:
-            link = ControlLink()
-            await link.connect(dir_fd, "tmux.sock", ["new-session"], cwd=str(tmp_path))
-            conn, _ = await loop.sock_accept(srv)
-            if reply:
-                conn.sendall(reply)
-            else:
-                conn.close()
-            assert link.closed is not None
-            assert why in await asyncio.wait_for(link.closed, 5)
-            if link.control is not None:
-                link.control.close()
-            conn.close()
-        flood = ControlLink(budget=lambda n: False)
-        await flood.connect(dir_fd, "tmux.sock", ["new-session"], cwd=str(tmp_path))
+    for reply, why in [
+        (HEADER.pack(1, 2, 0, tmux_imsg.PROTOCOL_VERSION, 0), "claims"),
+        (HEADER.pack(1, HEADER.size, 0, 3, 0), "protocol"),
+        (frame(MSG_VERSION), "version"),
+        (b"", "link"),  # closed, or reset (what the relay sent was unread)
+    ]:
+        link = ControlLink()
+        await link.connect(dir_fd, "tmux.sock", ["new-session"], cwd=str(tmp_path))
         conn, _ = await loop.sock_accept(srv)
-        conn.sendall(frame(204))
-        assert flood.closed is not None
-        assert "too much" in await asyncio.wait_for(flood.closed, 5)
+        if reply:
+            conn.sendall(reply)
+        else:
+            conn.close()
+        assert link.closed is not None
+        assert why in await asyncio.wait_for(link.closed, 5)
+        if link.control is not None:
+            link.control.close()
         conn.close()
-    finally:
-        os.close(dir_fd)
-        srv.close()
+    flood = ControlLink(budget=lambda n: False)
+    await flood.connect(dir_fd, "tmux.sock", ["new-session"], cwd=str(tmp_path))
+    conn, _ = await loop.sock_accept(srv)
+    conn.sendall(frame(204))
+    assert flood.closed is not None
+    assert "too much" in await asyncio.wait_for(flood.closed, 5)
+    conn.close()
 
 
 async def test_no_server_is_a_clear_error(tmp_path: Path) -> None:
@@ -267,27 +274,21 @@ def test_terminal_capabilities_as_tmuxs_client_sends_them() -> None:
             capabilities(bad)
 
 
-async def test_a_server_flooding_messages_gets_a_closed_link(tmp_path: Path) -> None:
+async def test_a_server_flooding_messages_gets_a_closed_link(
+    tmp_path: Path, fake_server: tuple[socket.socket, int]
+) -> None:
     """Small messages, each asking for an answer, stop at MAX_MESSAGES: the
     relay does not answer a server for ever."""
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(str(tmp_path / "tmux.sock"))
-    srv.listen()
-    srv.setblocking(False)
-    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    srv, dir_fd = fake_server
     loop = asyncio.get_running_loop()
-    try:
-        link = ClientLink()
-        await link.connect(dir_fd, "tmux.sock", ["new-session"], cwd=str(tmp_path))
-        conn, _ = await loop.sock_accept(srv)
-        conn.setblocking(False)
-        flood = frame(tmux_imsg.MSG_SUSPEND) * (tmux_imsg.MAX_MESSAGES + 1)
-        await loop.sock_sendall(conn, flood)
-        assert link.closed is not None
-        assert "more messages" in await asyncio.wait_for(link.closed, 5)
-        if link.control is not None:
-            link.control.close()
-        conn.close()
-    finally:
-        os.close(dir_fd)
-        srv.close()
+    link = ClientLink()
+    await link.connect(dir_fd, "tmux.sock", ["new-session"], cwd=str(tmp_path))
+    conn, _ = await loop.sock_accept(srv)
+    conn.setblocking(False)
+    flood = frame(tmux_imsg.MSG_SUSPEND) * (tmux_imsg.MAX_MESSAGES + 1)
+    await loop.sock_sendall(conn, flood)
+    assert link.closed is not None
+    assert "more messages" in await asyncio.wait_for(link.closed, 5)
+    if link.control is not None:
+        link.control.close()
+    conn.close()
