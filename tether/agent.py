@@ -72,15 +72,20 @@ class Messages:
 
 async def _display_all(agent: HostAgent, text: str) -> None:
     with contextlib.suppress(Exception):
-        clients = await agent.tmux.run("list-clients -F '#{client_name} #{client_control_mode}'")
+        clients = await agent.tmux.run(
+            "list-clients -F '#{client_control_mode} #{status} #{client_name}'")
         for line in clients:
-            name, _, control = line.rpartition(" ")
+            control, status, name = [*line.split(" ", 2), "", ""][:3]
             if name and control != "1":
                 # one line (a newline would end the command in control mode),
                 # literal (no format), quoted: whatever the text came from
                 line = _CONTROL_CHARS.sub("?", text)
                 shown = quote("tether: " + line.replace("#", "##"))
-                agent.tmux.send(f"display-message -d 15000 -c {quote(name)} {shown}")
+                # with the status line off, tmux draws the message over the pane
+                # and freezes the client's screen while it shows: hold it only
+                # for the user's own display-time then
+                hold = "" if status == "off" else "-d 15000 "
+                agent.tmux.send(f"display-message {hold}-c {quote(name)} {shown}")
 
 
 async def amain(socket: str, session: str, conf: Path | None, authorized: str | None = None,

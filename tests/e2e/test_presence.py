@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tether.testing.env import tether
+from tether.testing.host import TMUX_CONF
 
 from .helpers import Host, Mate, RelayProcess, free_port, tmux, wait_for
 from .test_join import JoinMate, join_argv
@@ -179,3 +180,32 @@ def test_a_join_mate_who_detaches_leaves_the_list_at_once(host: Host, tmp_path: 
         assert list_mates(host).strip() == "no mates connected"
     finally:
         joiner.close()
+
+
+def test_a_host_without_a_status_line_gets_its_last_line_back_soon(
+    relay: RelayProcess, tmp_path: Path, mates: list[Mate]
+) -> None:
+    """With the status line off, tmux draws a message over the pane's last line
+    (and, on a terminal that answers no queries, stops drawing the pane's cells
+    until it goes): a mate's arrival shows for the user's display-time there,
+    not the 15 s it shows in a status line."""
+    host = Host(tmp_path / "host", relay.conf(), tmux_conf=TMUX_CONF + "set -g status off\n",
+                command=["cat"])
+    viewer = str(tmp_path / "viewer.sock")  # the host's own terminal: a local tmux
+    env = {k: v for k, v in host.env.items() if k != "TMUX"}
+    try:
+        subprocess.run(["tmux", "-S", viewer, "-f", "/dev/null", "new-session", "-d", "-x",
+                        "100", "-y", "30", f"tmux -S {shlex.quote(host.sock)} attach"],
+                       check=True, env=env)
+        wait_for(lambda: tmux(host.sock, "list-clients"), 20, "the host's terminal")
+        mate = Mate(tmp_path, host.ssh_rw, size=(100, 31))
+        mates.append(mate)
+
+        shown(host, " joined (ssh, read-write")  # and put on the screen, for 750 ms
+        mate.type("drawn-42", enter=False)
+        wait_for(lambda: "drawn-42" in tmux(viewer, "capture-pane", "-p")
+                 and "tether: mate" not in tmux(viewer, "capture-pane", "-p"), 6,
+                 "the message to go and the pane to show what the mate typed")
+    finally:
+        tmux(viewer, "kill-server", check=False)
+        host.close()

@@ -286,7 +286,7 @@ class FakeTmux:
         self.closed = None
 
     async def run(self, command: str) -> list[str]:
-        return ["/dev/pts/3 0", "control-client 1"]
+        return ["0 on /dev/pts/3", "1 on control client", "0 off /dev/pts/4 x"]
 
     def send(self, command: str) -> None:
         self.commands.append(command)
@@ -298,8 +298,11 @@ async def test_the_message_on_the_host_expands_nothing_and_runs_nothing() -> Non
 
     text = "mate 3 joined (web, read-only, 1.2.3.4'\nrun-shell 'x' #{pane_pid}; #(id))"
     await _display_all(Agent(), text)  # type: ignore[arg-type]
-    (command,) = Agent.tmux.commands  # the control client is not shown it
+    command, frozen = Agent.tmux.commands  # the control client is not shown it
     assert "\n" not in command
     assert command == ("display-message -d 15000 -c '/dev/pts/3' 'tether: mate 3 joined "
                        "(web, read-only, 1.2.3.4'\\''?run-shell '\\''x'\\'' ##{pane_pid}; "
                        "##(id))'")
+    # status off: tmux freezes that screen while the message shows, so only for
+    # the user's display-time
+    assert frozen.startswith("display-message -c '/dev/pts/4 x' 'tether: mate 3")
