@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 
+import pytest
 from test_replica import Worker, layout, snapshot, tmux, until
 
 from tether.core.messages import Input, Output, Window
@@ -165,3 +166,20 @@ async def test_mates_terminals_are_bounded_and_let_go(monkeypatch: object) -> No
         os.close(c)
     finally:
         await h.close()
+
+
+async def test_a_jail_that_cannot_start_ends_its_session_and_leaves_nothing() -> None:
+    """The jail starts behind the host's Welcome, so ``start`` cannot report its
+    failure: the replica is gone instead (the relay then ends the session and
+    the host's agent makes it again), and a mate is refused."""
+    got: list[object] = []
+    h = DirectReplica("unstartable", got.append, jail=["/nonexistent/tether-jail"])
+    before = set(os.listdir("/proc/self/fd"))
+    await h.start()
+    await asyncio.wait_for(asyncio.shield(h.closed), 5)
+    assert h.proc is None
+    with pytest.raises(replica_direct.ReplicaError):
+        await h.attach(1, False, 80, 24, "xterm-256color", timeout=2)
+    await h.close()
+    assert set(os.listdir("/proc/self/fd")) <= before  # nothing left open
+    assert not os.path.exists(h.dir)
