@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 
 from tether.core.host_endpoint import HostEndpoint
 from tether.mirror.capture import (  # re-exported: they lived here (bench uses them)
@@ -25,6 +26,7 @@ from tether.mirror.capture import (  # re-exported: they lived here (bench uses 
     parse_bindings,
     split_confirm,
 )
+from tether.transport.children import Child
 from tether.transport.link import Link
 from tether.transport.netwatch import NetWatch
 from tether.transport.reconnect import Connector
@@ -171,14 +173,7 @@ class HostAgent:
                 return
 
     async def _session_alive(self) -> bool:
-        proc = await asyncio.create_subprocess_exec(
-            "tmux",
-            "-S",
-            self.socket,
-            "has-session",
-            "-t",
-            self.session_name,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        proc = Child(subprocess.Popen(
+            ["tmux", "-S", self.socket, "has-session", "-t", self.session_name],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return await proc.wait() == 0

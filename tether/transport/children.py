@@ -10,8 +10,15 @@ Python 3.12 picks one by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def use_pidfd_watcher() -> bool:
@@ -28,3 +35,120 @@ def use_pidfd_watcher() -> bool:
         warnings.simplefilter("ignore", DeprecationWarning)
         asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
     return True
+
+
+class Child:
+    """A child process, started without asyncio's subprocess transport and
+    waited for through a pidfd (a thread where there are none).
+
+    asyncio's transport (3.11) reports a process's exit only after a task of
+    its own has set the process up, so a loop torn down (``asyncio.run``
+    ending, which cancels every task) just after a child started waited for
+    ever: an agent stopped while it reconnected did not exit. Here nothing is
+    left to a task: the process starts at once, and each wait is its own."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    def terminate(self) -> None:
+        self._popen.send_signal(signal.SIGTERM)  # not once reaped: no stale pid
+
+    def kill(self) -> None:
+        self._popen.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        if self._popen.poll() is not None:
+            return self._popen.returncode
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:  # no pidfds here
+            return await asyncio.to_thread(self._popen.wait)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
+
+        def exited() -> None:
+            if self._popen.poll() is not None and not done.done():
+                done.set_result(self._popen.returncode)
+
+        loop.add_reader(pidfd, exited)
+        try:
+            exited()  # it may have ended before the pidfd was open
+            return await done
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+
+
+class Piped:
+    """A child process and the streams of its standard input, output and error
+    (``stderr`` None when it was not asked for)."""
+
+    def __init__(self, proc: Child, stdin: asyncio.StreamWriter,
+                 stdout: asyncio.StreamReader, stderr: asyncio.StreamReader | None) -> None:
+        self.proc = proc
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+_reaping: set[asyncio.Task[int]] = set()
+
+
+def reap(proc: Child) -> None:
+    """Wait for ``proc`` in the background (it was told to end)."""
+    task = asyncio.get_running_loop().create_task(proc.wait())
+    _reaping.add(task)
+    task.add_done_callback(_reaping.discard)
+
+
+async def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None,
+                limit: int = 64 * 1024, stderr: bool = True) -> Piped:
+    """Start ``argv`` with pipes to its standard input, output and (if
+    ``stderr``; else /dev/null) error. Raises OSError if it cannot start."""
+    loop = asyncio.get_running_loop()
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe() if stderr else (-1, -1)
+    try:
+        popen = subprocess.Popen(
+            argv, stdin=in_r, stdout=out_w, stderr=err_w if stderr else subprocess.DEVNULL,
+            env=env, close_fds=True)
+    except BaseException:
+        for fd in (in_w, out_r, err_r):
+            if fd >= 0:
+                os.close(fd)
+        raise
+    finally:
+        for fd in (in_r, out_w, err_w):
+            if fd >= 0:
+                os.close(fd)
+    proc = Child(popen)
+    # each file owns its descriptor; a connect_*_pipe call owns its file from the
+    # call on (it closes it if cancelled), so none is closed twice
+    files = {"in": open(in_w, "wb", buffering=0), "out": open(out_r, "rb", buffering=0)}
+    if stderr:
+        files["err"] = open(err_r, "rb", buffering=0)
+    try:
+        out = asyncio.StreamReader(limit)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(out), files.pop("out"))
+        err = None
+        if stderr:
+            err = asyncio.StreamReader(limit)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(err),
+                                         files.pop("err"))
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, files.pop("in"))
+    except BaseException:
+        for f in files.values():
+            f.close()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(RuntimeError):  # the loop is closing: left to subprocess
+            reap(proc)
+        raise
+    return Piped(proc, asyncio.StreamWriter(transport, protocol, None, loop), out, err)

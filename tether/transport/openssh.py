@@ -28,6 +28,7 @@ from tether.core.errors import AuthError
 from tether.core.protocol import HOST_USER, SUBSYSTEM
 from tether.core.pubkeys import FINGERPRINT, check_public_key_lines
 
+from .children import Piped, reap, spawn
 from .link import LinkClosed, StreamLink
 
 if TYPE_CHECKING:
@@ -225,9 +226,9 @@ def _failure(addr: RelayAddress, err: _Stderr) -> Exception:
 class PipeLink(StreamLink):
     """Messages over an ``ssh`` process's standard input and output."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, err: _Stderr, description: str) -> None:
-        super().__init__(proc.stdout, proc.stdin, description)
-        self._proc = proc
+    def __init__(self, ssh: Piped, err: _Stderr, description: str) -> None:
+        super().__init__(ssh.stdout, ssh.stdin, description)
+        self._ssh = ssh
         self._err = err
 
     async def _eof_reason(self) -> str:
@@ -235,21 +236,15 @@ class PipeLink(StreamLink):
         return f"connection closed by peer ({self._err.reason()})"
 
     def _close(self) -> None:
-        _stop(self._proc)
+        _stop(self._ssh)
 
 
-def _stop(proc: asyncio.subprocess.Process) -> None:
+def _stop(ssh: Piped) -> None:
     """End ``ssh`` and reap it in the background."""
-    if proc.stdin is not None:
-        proc.stdin.close()
+    ssh.stdin.close()
     with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    task = asyncio.get_running_loop().create_task(proc.wait())
-    _reaping.add(task)
-    task.add_done_callback(_reaping.discard)
-
-
-_reaping: set[asyncio.Future[int]] = set()
+        ssh.proc.terminate()
+    reap(ssh.proc)
 
 
 async def connect_host(addr: RelayAddress, timeout: float = 6.0) -> PipeLink:
@@ -260,17 +255,12 @@ async def connect_host(addr: RelayAddress, timeout: float = 6.0) -> PipeLink:
     """
     argv = ssh_command(addr, timeout)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        ssh = await spawn(argv)
     except OSError as exc:
         raise LinkClosed(f"cannot run ssh: {exc}") from None
-    assert proc.stderr is not None
-    err = _Stderr(proc.stderr)
-    exited = asyncio.ensure_future(proc.wait())
+    assert ssh.stderr is not None
+    err = _Stderr(ssh.stderr)
+    exited = asyncio.ensure_future(ssh.proc.wait())
     logged_in = asyncio.ensure_future(err.authenticated.wait())
     try:
         done, _ = await asyncio.wait(
@@ -278,16 +268,16 @@ async def connect_host(addr: RelayAddress, timeout: float = 6.0) -> PipeLink:
         )
     except BaseException:
         exited.cancel()
-        _stop(proc)
+        _stop(ssh)
         raise
     finally:
         logged_in.cancel()
     if logged_in in done or err.authenticated.is_set():
         exited.cancel()
-        return PipeLink(proc, err, f"ssh {addr.host}:{addr.port}")
+        return PipeLink(ssh, err, f"ssh {addr.host}:{addr.port}")
     if exited not in done:
         exited.cancel()
-        _stop(proc)
+        _stop(ssh)
         raise LinkClosed(f"ssh: relay {addr.host}:{addr.port} did not answer within {timeout:g} s")
     await err.finished()
     raise _failure(addr, err)

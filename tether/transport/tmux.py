@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from tether.core.control import ControlParser, Notification, PaneOutput, Reply
 
+from .children import Child, spawn
 from .tmuxsync import TmuxError
 
 EventHandler = Callable[[PaneOutput | Notification], None]
@@ -39,7 +40,7 @@ class TmuxControl:
         self._on_event = on_event
         self._parser = ControlParser(muted)
         self._pending: deque[tuple[asyncio.Future[Reply], ReplyCallback | None]] = deque()
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Child | None = None
         self._stdout: asyncio.StreamReader | None = None
         self._stdin: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -52,20 +53,11 @@ class TmuxControl:
         """Start ``tmux -S SOCKET -C ARGS`` (e.g. ``attach -t NAME``)."""
         loop = asyncio.get_running_loop()
         self.closed = loop.create_future()
-        self._proc = await asyncio.create_subprocess_exec(
-            self.tmux,
-            "-S",
-            self.socket,
-            "-C",
-            *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            env=env or os.environ.copy(),
-            limit=4 * 1024 * 1024,
-        )
-        assert self._proc.stdout is not None and self._proc.stdin is not None
-        await self._attached(self._proc.stdout, self._proc.stdin)
+        # not asyncio's subprocess: see ``children.Child``
+        child = await spawn([self.tmux, "-S", self.socket, "-C", *args],
+                            env=env or os.environ.copy(), limit=4 * 1024 * 1024, stderr=False)
+        self._proc = child.proc
+        await self._attached(child.stdout, child.stdin)
 
     @property
     def owns_stream(self) -> bool:
@@ -181,16 +173,10 @@ class TmuxControl:
 
 async def tmux_cmd(socket: str, *args: str, tmux: str = "tmux", check: bool = True) -> str:
     """Run one plain tmux command against ``socket`` and return its stdout."""
-    proc = await asyncio.create_subprocess_exec(
-        tmux,
-        "-S",
-        socket,
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    if check and proc.returncode != 0:
+    p = await spawn([tmux, "-S", socket, *args])
+    p.stdin.close()
+    assert p.stderr is not None
+    out, err = await asyncio.gather(p.stdout.read(), p.stderr.read())
+    if await p.proc.wait() != 0 and check:
         raise TmuxError(err.decode(errors="replace").strip() or f"tmux {args[0]} failed")
     return out.decode(errors="replace")
