@@ -89,8 +89,11 @@ async def _display_all(agent: HostAgent, text: str) -> None:
 
 
 async def amain(socket: str, session: str, conf: Path | None, authorized: str | None = None,
-                warm: bool = True) -> int:
-    """Share ``session`` until it ends; ``warm``: leave a zygote behind once shared."""
+                warm: bool = True, start: _Start | None = None) -> int:
+    """Share ``session`` until it ends; ``warm``: leave a zygote behind once shared;
+    ``start``: start tmux first (a zygote's fork doing `tether new-session`)."""
+    # tmux starts (in a thread) while the relay is looked up and connected to
+    started = asyncio.ensure_future(start.session()) if start is not None else None
     cfg = config_mod.load(conf)
     messages = Messages(messages_path(socket))
     addr, relay, jail_problem = await _relay_address(cfg)
@@ -103,7 +106,7 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
     if session == "-":
         # `tether new-session` started us before tmux: the SSH handshake overlaps
         # tmux starting the session; no id means tmux failed
-        session = await _read_session_id()
+        session = await (started if started is not None else _read_session_id())
         if not session:
             discard_link(early)
             if relay is not None:
@@ -310,6 +313,46 @@ async def _start_zygote(agent: HostAgent) -> None:
         )
 
 
+class _Start:
+    """`tether new-session`'s own work, done by an agent the zygote forked: start
+    tmux at once (in a thread: meanwhile the agent sets up and connects to the
+    relay) and tell the CLI how it went."""
+
+    def __init__(self, reply: socket_mod.socket, sock: str, tmux_args: list[str],
+                 conf: Path | None, authorized: str | None) -> None:
+        import concurrent.futures
+        import threading
+
+        from tether.client.newsession import start_tmux
+
+        self.reply: socket_mod.socket | None = reply
+        self._done: concurrent.futures.Future[tuple[str | None, str]] = (
+            concurrent.futures.Future())
+        args = (sock, tmux_args, str(conf) if conf is not None else None, authorized,
+                str(state_dir()), dict(os.environ))
+
+        def run() -> None:
+            try:
+                self._done.set_result(start_tmux(*args))
+            except BaseException as exc:
+                self._done.set_result((None, f"tmux did not start: {exc}"))
+
+        threading.Thread(target=run, name="tmux-start", daemon=True).start()
+
+    async def session(self) -> str:
+        session, problem = await asyncio.wrap_future(self._done)
+        self.answer(session, problem)
+        return session or ""
+
+    def answer(self, session: str | None, problem: str) -> None:
+        """Once: the session id, or why there is none."""
+        if self.reply is not None:
+            from tether.zygote import answer
+
+            answer(self.reply, session, problem)
+            self.reply = None
+
+
 async def _read_session_id() -> str:
     """The session id `tether new-session` writes to our stdin once tmux made it."""
     loop = asyncio.get_running_loop()
@@ -324,14 +367,18 @@ async def _read_session_id() -> str:
     return line.decode(errors="replace").strip()
 
 
-def main(argv: list[str] | None = None, *, forked: bool = False) -> int:
-    """The agent's command line; ``forked``: by a zygote, which need not start another."""
+def main(argv: list[str] | None = None, *, forked: bool = False,
+         reply: socket_mod.socket | None = None) -> int:
+    """The agent's command line; ``forked``: by a zygote, which need not start
+    another; ``reply``: the CLI waiting to hear that tmux has the session (the
+    agent starts tmux with the arguments after ``--``)."""
     p = argparse.ArgumentParser(prog="tether-agent")
     p.add_argument("--socket", required=True)
     p.add_argument("--session", required=True, help="tmux session id, or - to read it from stdin")
     p.add_argument("--config", type=Path)
     p.add_argument("--authorized-keys")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("tmux_args", nargs="*", help="after --: tmux new-session's (with reply)")
     a = p.parse_args(argv)
     handler = logging.StreamHandler()
     handler.addFilter(RedactTokens())
@@ -341,7 +388,19 @@ def main(argv: list[str] | None = None, *, forked: bool = False) -> int:
         handlers=[handler],
     )
     use_pidfd_watcher()
-    return asyncio.run(amain(a.socket, a.session, a.config, a.authorized_keys, warm=not forked))
+    start = None
+    if reply is not None:
+        start = _Start(reply, a.socket, a.tmux_args, a.config, a.authorized_keys)
+    try:
+        return asyncio.run(amain(a.socket, a.session, a.config, a.authorized_keys,
+                                 warm=not forked, start=start))
+    except Exception as exc:  # before tmux started (the config): the CLI says why
+        if start is not None:
+            start.answer(None, str(exc) or type(exc).__name__)
+        raise
+    finally:
+        if start is not None:
+            start.answer(None, "the tether agent failed before tmux started; see its log")
 
 
 if __name__ == "__main__":

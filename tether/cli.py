@@ -9,11 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing costs the CLI's start-up ~5 ms
-    from pathlib import Path
-    from typing import IO
-
 USAGE = """\
 usage: tether [-S SOCKET] [-f CONFIG] [-a AUTHORIZED_KEYS] [-v] [COMMAND [ARGS...]]
 
@@ -62,6 +57,18 @@ With no tether-server-host, tether runs an embedded relay on 127.0.0.1.
 def _die(msg: str, code: int = 2) -> int:
     print(f"tether: {msg}", file=sys.stderr)
     return code
+
+
+def _leave(status: int) -> int:
+    """Exit now, without the interpreter's teardown (~2.5 ms, a tenth of a warm
+    start): nothing here needs it, no atexit handler and no buffered output but
+    stdout's and stderr's, flushed first."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return status  # the normal way, which reports it
+    os._exit(status)
 
 
 def _current_socket() -> str | None:
@@ -174,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         detached = "-d" in args[1:]
         rest = [a for a in args[1:] if a != "-d"]
         sock = opts.socket or _new_socket()
-        return new_session(sock, rest, detached, opts.conf, opts.verbose, opts.authorized)
+        status = new_session(sock, rest, detached, opts.conf, opts.verbose, opts.authorized)
+        return _leave(status) if argv is None else status
 
     sock = opts.socket or _current_socket()
     if sock is None:
@@ -182,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("show-messages", "showmsgs"):
         return show_messages(sock)
     if command in ("wait", "wait-for") and args[1:] == ["tether-ready"]:
-        return wait_ready(sock)
+        status = wait_ready(sock)
+        return _leave(status) if argv is None else status
     if command == "list-mates":
         return list_mates(sock) if len(args) == 1 else _die("usage: tether list-mates")
     if command == "kick-mate":
@@ -201,16 +210,12 @@ def new_session(
     verbose: bool,
     authorized: str | None = None,
 ) -> int:
-    from pathlib import Path
+    from tether.client.paths import state_path
 
-    from tether.client.paths import state_dir
-
-    state = state_dir()
+    state = state_path()
     env = dict(os.environ)
     env.pop("TMUX", None)
-    # start the agent first: its imports (~0.3 s) then overlap everything else
-    # here; it reads the session id from its stdin, and leaves quietly if none comes
-    log_path = state / f"agent-{Path(sock).name}.log"
+    log_path = os.path.join(state, f"agent-{os.path.basename(sock)}.log")
     agent_args = ["--socket", sock, "--session", "-"]
     if conf:
         agent_args += ["--config", conf]
@@ -218,140 +223,110 @@ def new_session(
         agent_args.append("-v")
     if authorized:
         agent_args += ["--authorized-keys", os.path.abspath(os.path.expanduser(authorized))]
-    agent_in = _start_agent(state, agent_args, env, log_path)
-    session, problem = _start_tmux(sock, tmux_args, conf, authorized, state, env)
+    # warm: the user's zygote forks an agent that starts tmux itself and says how
+    # it went; this process imports nothing more (``tether.zygote``)
+    from tether.zygote import request_session
+
+    with open(log_path, "ab") as logf:
+        answer = request_session(state, [*agent_args, "--", *tmux_args], env, logf.fileno())
+    if answer is None:
+        session, problem = _cold_start(sock, tmux_args, conf, authorized, state, env,
+                                       agent_args, log_path)
+    else:
+        session, problem = answer
     if session is None:
-        agent_in.close()
         return _die(problem)
-    try:
-        agent_in.write(f"{session}\n".encode())
-        agent_in.close()
-    except BrokenPipeError:
-        return _die(f"the tether agent did not start; see {log_path}")
     if detached:
         return 0
     os.execvpe("tmux", ["tmux", "-S", sock, "attach", "-t", session], env)
     return 0  # not reached
 
 
-def _start_tmux(
+def _cold_start(
     sock: str,
     tmux_args: list[str],
     conf: str | None,
     authorized: str | None,
-    state: Path,
+    state: str,
     env: dict[str, str],
+    agent_args: list[str],
+    log_path: str,
 ) -> tuple[str | None, str]:
-    """Check the config, then start the tmux session with it: ``(session id, "")``,
-    or ``(None, why it could not start)``."""
+    """No zygote: start the agent first, as a new process (its imports, ~0.3 s,
+    then overlap everything else here); it reads the session id from its stdin,
+    and leaves quietly if none comes."""
     import subprocess
-    from pathlib import Path
 
-    from tether.client import config as config_mod
+    from tether.client.newsession import start_tmux
 
+    read_end, write_end = os.pipe()
     try:
-        cfg = config_mod.load(Path(conf) if conf else None)
-    except config_mod.ConfigError as exc:
-        return None, str(exc)
-    for identity in cfg.identities:
-        if not os.path.isfile(identity):
-            return None, f"tether-identity {identity}: no such file"
-    authorized = authorized or cfg.authorized_keys
-    if authorized:
-        from tether.transport.openssh import load_public_keys
-
-        try:
-            load_public_keys(authorized)
-        except (OSError, ValueError) as exc:
-            return None, f"cannot use {authorized}: {exc}"
-    conf_file = state / f"tmux-{os.getpid()}.conf"
-    conf_file.write_text(config_mod.tmux_config(cfg))
-    proc = subprocess.run(
-        [
-            "tmux",
-            "-S",
-            sock,
-            "-f",
-            str(conf_file),
-            "new-session",
-            "-d",
-            "-P",
-            "-F",
-            "#{session_id}",
-            *tmux_args,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    conf_file.unlink(missing_ok=True)
-    if proc.returncode != 0:
-        return None, proc.stderr.strip() or "tmux could not start a session"
-    return proc.stdout.strip().splitlines()[-1], ""
+        with open(log_path, "ab") as logf:
+            subprocess.Popen(
+                [sys.executable, "-m", "tether", "_agent", *agent_args],
+                stdin=read_end,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                env=env,
+                close_fds=True,
+            )
+    finally:
+        os.close(read_end)
+    agent_in = os.fdopen(write_end, "wb")
+    session, problem = start_tmux(sock, tmux_args, conf, authorized, state, env)
+    if session is None:
+        agent_in.close()
+        return None, problem
+    try:
+        agent_in.write(f"{session}\n".encode())
+        agent_in.close()
+    except BrokenPipeError:
+        return None, f"the tether agent did not start; see {log_path}"
+    return session, ""
 
 
-def _start_agent(
-    state: Path, agent_args: list[str], env: dict[str, str], log_path: Path
-) -> IO[bytes]:
-    """Start the agent: forked by the user's zygote when one runs (no imports to
-    wait for, see ``tether.zygote``), else as a new process. Returns its stdin."""
-    import subprocess
-
-    from tether.zygote import request_agent
-
-    with open(log_path, "ab") as logf:
-        read_end, write_end = os.pipe()
-        try:
-            if request_agent(state, agent_args, env, read_end, logf.fileno()) is None:
-                # a fresh pipe: a zygote that answers late gets EOF and leaves
-                os.close(write_end)
-                os.close(read_end)
-                read_end, write_end = os.pipe()
-                subprocess.Popen(
-                    [sys.executable, "-m", "tether", "_agent", *agent_args],
-                    stdin=read_end,
-                    stdout=logf,
-                    stderr=logf,
-                    start_new_session=True,
-                    env=env,
-                    close_fds=True,
-                )
-        finally:
-            os.close(read_end)
-    return os.fdopen(write_end, "wb")
+def _tmux_output(argv: list[str]) -> tuple[int, str]:
+    """Run tmux, return its exit status and output (its stderr dropped). Not
+    ``subprocess``: its imports (locale, re, selectors, threading) cost the CLI
+    ~7 ms, as much as the interpreter's own start."""
+    r, w = os.pipe()
+    try:
+        pid = os.posix_spawnp("tmux", ["tmux", *argv], os.environ, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, w, 1),
+            (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+        ])
+    except OSError as exc:
+        os.close(r)
+        os.close(w)
+        return 127, str(exc)
+    os.close(w)
+    out = bytearray()
+    with open(r, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(65536):
+            out += chunk
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
 
 
-def _shared_state(sock: str) -> tuple[str, str] | None:
-    """``(ssh string, why the relay refused)`` as the agent published them (its
-    ``@tether_ssh`` and ``@tether_error``); None if the tmux server is gone."""
-    import subprocess
-
-    p = subprocess.run(
-        ["tmux", "-S", sock, "display", "-p", "#{@tether_ssh}|#{@tether_error}"],
-        capture_output=True,
-        text=True,
-    )
-    if p.returncode != 0:
-        return None
-    ssh, _, error = p.stdout.rstrip("\n").partition("|")
-    return ssh, error
+SHARED = "#{@tether_ssh}|#{@tether_error}"
+"""The agent's ``@tether_ssh`` (shared) and ``@tether_error`` (the relay refused)."""
+NOT_YET = "#{&&:#{==:#{@tether_ssh},},#{==:#{@tether_error},}}"
 
 
 def wait_ready(sock: str) -> int:
     """`wait tether-ready`: tmux's wait-for, which the agent also signals when the
     relay refuses the session, so a script fails with the reason instead of
-    waiting for ever; and at once when the session is already shared."""
-    import subprocess
+    waiting for ever; and at once when the session is already shared.
 
-    state = _shared_state(sock)
-    if state is not None and not any(state):
-        waited = subprocess.run(["tmux", "-S", sock, "wait-for", "tether-ready"])
-        if waited.returncode != 0:
-            return waited.returncode
-        state = _shared_state(sock)
-    if state is None:
+    One tmux client: it waits only while neither option is set (a signal that
+    came first leaves the channel woken, so none is missed), then prints both."""
+    code, out = _tmux_output(["-S", sock, "if", "-F", NOT_YET, "wait-for tether-ready", ";",
+                              "display", "-p", SHARED])
+    if code != 0:
         return _die("the session's tmux server is gone", 1)
-    ssh, error = state
+    ssh, _, error = out.rstrip("\n").partition("|")
     if ssh:
         return 0
     return _die(f"the session is not shared: {error}", 1)

@@ -12,44 +12,63 @@ directory and this tether install; both ends check with ``SO_PEERCRED`` that
 the other is the same user, so nobody else can start or impersonate it. It
 holds no session state and leaves as soon as no agent of it (nor the agent
 that started it) is alive, so an idle user runs no tether process. Whatever
-goes wrong, the CLI falls back to starting the agent as a new process.
+goes wrong before it answers, the CLI falls back to a cold start.
+
+A forked agent does the whole of `tether new-session`: it checks the config
+and starts tmux (``tether.client.newsession``) while its SSH connection to the
+relay is being made, and tells the CLI the session id on the request's socket.
+The CLI so imports nothing but this module: it returns as soon as tmux has
+the session.
 
 Wire format of a request (one ``SOCK_SEQPACKET`` message, NUL-separated
-UTF-8 fields): ``tether-zygote-1``, cwd, umask, the number of agent
-arguments, the arguments, then ``KEY=VALUE`` environment entries; with it, two
-file descriptors: the agent's stdin and its log. The reply is the agent's pid
-in ASCII, or nothing if it could not be started.
+UTF-8 fields): ``tether-zygote-2``, cwd, umask, the number of agent
+arguments, the arguments (the agent's, ``--``, then tmux's), then
+``KEY=VALUE`` environment entries; with it, one file descriptor: the agent's
+log. The reply, from the forked agent: ``ok``, NUL, the session id; or
+``error``, NUL, why (the CLI says it and fails). From the zygote itself:
+``busy`` (too many agents: the CLI starts cold). Nothing (EOF) means the
+agent died before it answered.
 """
 
 from __future__ import annotations
 
-import array
-import gc
 import os
-import select
-import socket
-import struct
 import sys
-from pathlib import Path
+
+# The CLI's side uses the C socket module alone: ``socket`` imports enum and
+# selectors, ~4 ms of the CLI's start. The zygote's side imports what it needs.
+from _socket import (
+    AF_UNIX,
+    SCM_RIGHTS,
+    SO_PEERCRED,
+    SOCK_SEQPACKET,
+    SOL_SOCKET,
+)
+from _socket import socket as _csocket
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
+    from pathlib import Path
     from typing import Any
 
-MAGIC = "tether-zygote-1"
+MAGIC = "tether-zygote-2"
 MAX_REQUEST = 256 * 1024
 """Largest request: the agent's arguments and environment."""
 MAX_AGENTS = 256
 """Agents one zygote keeps track of; beyond, the CLI starts its own."""
 CONNECT_TIMEOUT = 2.0
+ANSWER_TIMEOUT = 30.0
+"""Seconds the CLI waits for the agent to say how tmux's start went."""
+MAX_ANSWER = 64 * 1024
+BUSY = b"busy"
 
-def address(state: Path) -> bytes:
+def address(state: str | Path) -> bytes:
     """The zygote's abstract socket name for this user, state directory and install."""
     import tether
 
-    key = "\0".join(
-        (str(state.resolve()), sys.executable, os.path.dirname(tether.__file__), tether.__version__)
-    )
+    key = "\0".join((os.path.realpath(state), sys.executable, os.path.dirname(tether.__file__),
+                     tether.__version__))
     digest = _sha256(key.encode()).hexdigest()[:24]
     return f"\0tether-zygote-{os.getuid()}-{digest}".encode()
 
@@ -66,36 +85,60 @@ def _sha256(data: bytes) -> Any:
     return sha256(data)
 
 
-def _peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+def _peer_uid(sock: _csocket) -> int:
+    creds = sock.getsockopt(SOL_SOCKET, SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+    return int.from_bytes(creds[4:8], sys.byteorder, signed=True)
 
 
 # --- the CLI's side ----------------------------------------------------------------
 
 
-def request_agent(
-    state: Path, argv: list[str], env: dict[str, str], stdin_fd: int, log_fd: int
-) -> int | None:
-    """Ask a running zygote to fork an agent; its pid, or None (start one yourself)."""
+def request_session(
+    state: str | Path, argv: list[str], env: dict[str, str], log_fd: int
+) -> tuple[str | None, str] | None:
+    """Ask a running zygote for an agent that starts the session: ``(session id,
+    "")``, ``(None, why not)``, or None when no zygote serves (start cold)."""
     fields = [MAGIC, os.getcwd(), str(_umask()), str(len(argv)), *argv]
     fields += [f"{k}={v}" for k, v in env.items() if "\0" not in k + v and "=" not in k]
     payload = "\0".join(fields).encode("utf-8", "surrogateescape")
     if len(payload) > MAX_REQUEST:
         return None
+    s = _csocket(AF_UNIX, SOCK_SEQPACKET)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        try:
             s.settimeout(CONNECT_TIMEOUT)
             s.connect(address(state))
             if _peer_uid(s) != os.getuid():
                 return None  # someone else holds the name: never hand them our fds
-            fds = array.array("i", [stdin_fd, log_fd])
-            s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-            reply = s.recv(32)
-    except OSError:
+            s.sendmsg([payload], [(SOL_SOCKET, SCM_RIGHTS, log_fd.to_bytes(4, sys.byteorder))])
+        except OSError:
+            return None  # not sent: nothing started
+        try:
+            s.settimeout(ANSWER_TIMEOUT)
+            reply = s.recv(MAX_ANSWER)
+        except OSError as exc:
+            return None, f"the tether agent did not answer: {exc}"
+    finally:
+        s.close()
+    if reply == BUSY:
         return None
-    return int(reply) if reply.isdigit() else None
+    kind, _, text = reply.decode("utf-8", "replace").partition("\0")
+    if kind == "ok" and text:
+        return text, ""
+    if kind == "error":
+        return None, text
+    return None, "the tether agent died before tmux started; see its log"
+
+
+def answer(conn: socket.socket, session: str | None, problem: str) -> None:
+    """The forked agent's reply to the CLI (``request_session``)."""
+    reply = f"ok\0{session}" if session else f"error\0{problem}"
+    try:
+        conn.send(reply.encode("utf-8", "replace")[:MAX_ANSWER])
+    except OSError:
+        pass  # the CLI is gone (interrupted): the session goes on
+    finally:
+        conn.close()
 
 
 def _umask() -> int:
@@ -110,7 +153,7 @@ def _umask() -> int:
 class _Request:
     def __init__(self, data: bytes, fds: list[int]) -> None:
         fields = data.decode("utf-8", "surrogateescape").split("\0")
-        if len(fds) != 2 or len(fields) < 4 or fields[0] != MAGIC:
+        if len(fds) != 1 or len(fields) < 4 or fields[0] != MAGIC:
             raise ValueError("not a tether zygote request")
         self.cwd = fields[1]
         self.umask = int(fields[2], 10) & 0o777
@@ -119,12 +162,16 @@ class _Request:
             raise ValueError("bad argument count")
         self.argv = fields[4 : 4 + n]
         self.env = dict(f.split("=", 1) for f in fields[4 + n :] if "=" in f)
-        self.stdin_fd, self.log_fd = fds
+        (self.log_fd,) = fds
 
 
 def _receive(conn: socket.socket) -> _Request:
+    import array
+    import socket
+
     fd_size = array.array("i").itemsize
     data, ancdata, flags, _ = conn.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(2 * fd_size))
+    # room for two: a request with more than one is refused, not cut (MSG_CTRUNC)
     fds: list[int] = []
     for level, kind, blob in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -141,17 +188,19 @@ def _receive(conn: socket.socket) -> _Request:
         raise
 
 
-def _become_agent(req: _Request, keep: list[int]) -> None:
-    """In the forked child: take the request's stdio, cwd and env, run the agent, exit."""
+def _become_agent(req: _Request, keep: list[int], conn: socket.socket) -> None:
+    """In the forked child: take the request's log, cwd and env, run the agent
+    (which answers the CLI on ``conn``), exit."""
     code = 1
     try:
         for fd in keep:
             os.close(fd)
         os.setsid()
-        os.dup2(req.stdin_fd, 0)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
         os.dup2(req.log_fd, 1)
         os.dup2(req.log_fd, 2)
-        os.close(req.stdin_fd)
         os.close(req.log_fd)
         os.umask(req.umask)
         os.chdir(req.cwd)
@@ -159,7 +208,7 @@ def _become_agent(req: _Request, keep: list[int]) -> None:
         os.environ.update(req.env)
         from tether.agent import main
 
-        code = main(req.argv, forked=True)
+        code = main(req.argv, forked=True, reply=conn)
     except SystemExit as exc:
         if isinstance(exc.code, int):
             code = exc.code
@@ -189,8 +238,12 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def serve(state: Path, watch: int | None) -> int:
+def serve(state: str | Path, watch: int | None) -> int:
     """Listen until no agent of ours is alive; 0 also when another zygote already runs."""
+    import gc
+    import select
+    import socket
+
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         listener.bind(address(state))
@@ -232,6 +285,8 @@ def serve(state: Path, watch: int | None) -> int:
 
 
 def _accept(listener: socket.socket, alive: dict[int, int]) -> None:
+    import contextlib
+
     conn, _ = listener.accept()
     with conn:
         try:
@@ -244,18 +299,19 @@ def _accept(listener: socket.socket, alive: dict[int, int]) -> None:
             return
         try:
             if len(alive) >= MAX_AGENTS:
+                conn.send(BUSY)
                 return
             pid = os.fork()
             if pid == 0:
-                _become_agent(req, [listener.fileno(), conn.fileno(), *alive])
+                _become_agent(req, [listener.fileno(), *alive], conn)
             fd = _pidfd(pid)
             if fd is not None:
                 alive[fd] = pid
-            conn.send(str(pid).encode())
         except OSError as exc:
             print(f"tether zygote: cannot start an agent: {exc}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                conn.send(BUSY)  # nothing started: the CLI starts cold
         finally:
-            os.close(req.stdin_fd)
             os.close(req.log_fd)
 
 
@@ -265,6 +321,6 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="tether _zygote")
     p.add_argument("--watch", type=int, help="live at least as long as this process")
     a = p.parse_args(argv)
-    from tether.client.paths import state_dir
+    from tether.client.paths import state_path
 
-    return serve(state_dir(), a.watch)
+    return serve(state_path(), a.watch)
