@@ -92,10 +92,11 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
                 warm: bool = True, start: _Start | None = None) -> int:
     """Share ``session`` until it ends; ``warm``: leave a zygote behind once shared;
     ``start``: start tmux first (a zygote's fork doing `tether new-session`)."""
-    # tmux starts (in a thread) while the relay is looked up and connected to
-    started = asyncio.ensure_future(start.session()) if start is not None else None
     cfg = config_mod.load(conf)
     messages = Messages(messages_path(socket))
+    started = None
+    if start is not None and not cfg.server_host:  # an embedded relay takes longer
+        started = asyncio.ensure_future(start.session())
     addr, relay, jail_problem = await _relay_address(cfg)
     authorized = authorized or (
         os.path.expanduser(cfg.authorized_keys) if cfg.authorized_keys else None
@@ -103,6 +104,10 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
     mate_keys = tuple(load_public_keys(authorized)) if authorized else ()
     connector = Connector(addr)
     early = asyncio.create_task(connector.connect())
+    if start is not None and started is None:
+        # tmux starts, in a thread, while ssh connects: the handshake is the
+        # longer of the two, so ssh goes first
+        started = asyncio.ensure_future(start.session())
     if session == "-":
         # `tether new-session` started us before tmux: the SSH handshake overlaps
         # tmux starting the session; no id means tmux failed
@@ -315,8 +320,8 @@ async def _start_zygote(agent: HostAgent) -> None:
 
 class _Start:
     """`tether new-session`'s own work, done by an agent the zygote forked: start
-    tmux at once (in a thread: meanwhile the agent sets up and connects to the
-    relay) and tell the CLI how it went."""
+    tmux (in a thread: meanwhile the agent connects to the relay) and tell the
+    CLI how it went."""
 
     def __init__(self, reply: socket_mod.socket, sock: str, tmux_args: list[str],
                  conf: Path | None, authorized: str | None) -> None:
@@ -337,9 +342,10 @@ class _Start:
             except BaseException as exc:
                 self._done.set_result((None, f"tmux did not start: {exc}"))
 
-        threading.Thread(target=run, name="tmux-start", daemon=True).start()
+        self._thread = threading.Thread(target=run, name="tmux-start", daemon=True)
 
     async def session(self) -> str:
+        self._thread.start()
         session, problem = await asyncio.wrap_future(self._done)
         self.answer(session, problem)
         return session or ""
