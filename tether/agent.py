@@ -33,6 +33,8 @@ from tether.transport.openssh import RelayAddress, load_public_keys
 from tether.transport.reconnect import Connector
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tether.relay.server import Relay
 
 log = logging.getLogger("tether.agent")
@@ -323,14 +325,14 @@ class _Start:
     tmux (in a thread: meanwhile the agent connects to the relay) and tell the
     CLI how it went."""
 
-    def __init__(self, reply: socket_mod.socket, sock: str, tmux_args: list[str],
-                 conf: Path | None, authorized: str | None) -> None:
+    def __init__(self, reply: Callable[[str | None, str], None], sock: str,
+                 tmux_args: list[str], conf: Path | None, authorized: str | None) -> None:
         import concurrent.futures
         import threading
 
         from tether.client.newsession import start_tmux
 
-        self.reply: socket_mod.socket | None = reply
+        self.reply: Callable[[str | None, str], None] | None = reply
         self._done: concurrent.futures.Future[tuple[str | None, str]] = (
             concurrent.futures.Future())
         args = (sock, tmux_args, str(conf) if conf is not None else None, authorized,
@@ -353,10 +355,8 @@ class _Start:
     def answer(self, session: str | None, problem: str) -> None:
         """Once: the session id, or why there is none."""
         if self.reply is not None:
-            from tether.zygote import answer
-
-            answer(self.reply, session, problem)
-            self.reply = None
+            reply, self.reply = self.reply, None
+            reply(session, problem)
 
 
 async def _read_session_id() -> str:
@@ -374,7 +374,7 @@ async def _read_session_id() -> str:
 
 
 def main(argv: list[str] | None = None, *, forked: bool = False,
-         reply: socket_mod.socket | None = None) -> int:
+         reply: Callable[[str | None, str], None] | None = None) -> int:
     """The agent's command line; ``forked``: by a zygote, which need not start
     another; ``reply``: the CLI waiting to hear that tmux has the session (the
     agent starts tmux with the arguments after ``--``)."""

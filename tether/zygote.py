@@ -208,7 +208,7 @@ def _become_agent(req: _Request, keep: list[int], conn: socket.socket) -> None:
         os.environ.update(req.env)
         from tether.agent import main
 
-        code = main(req.argv, forked=True, reply=conn)
+        code = main(req.argv, forked=True, reply=lambda sid, why: answer(conn, sid, why))
     except SystemExit as exc:
         if isinstance(exc.code, int):
             code = exc.code
