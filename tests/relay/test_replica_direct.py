@@ -17,7 +17,7 @@ import pytest
 from test_replica import Worker, layout, snapshot, tmux, until
 
 from tether.core.messages import Input, Output, Window
-from tether.relay import replica_direct
+from tether.relay import mate_clients, replica_direct
 from tether.relay.replica_direct import HANDOFF, MAX_HANDOFFS, DirectReplica
 
 
@@ -144,7 +144,7 @@ async def test_mates_terminals_are_bounded_and_let_go(monkeypatch: object) -> No
     """A mate's pty is the relay's (the machine's /dev/pts): a session gets at
     most MAX_PTYS of them at once, departed mates' included until the jail
     closed their slave, and one is let go once tmux dropped its client."""
-    monkeypatch.setattr(replica_direct, "MAX_PTYS", 2)  # type: ignore[attr-defined]
+    monkeypatch.setattr(mate_clients, "MAX_PTYS", 2)
     w = Worker("direct")
     h = w.handle
     await h.start()

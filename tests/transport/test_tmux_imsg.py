@@ -27,7 +27,6 @@ from tether.transport.tmux_imsg import (
     MSG_EXIT,
     MSG_VERSION,
     ClientLink,
-    ControlLink,
     ImsgError,
     Messages,
     command,
@@ -111,7 +110,7 @@ async def test_a_control_client_with_no_process(
     client is a UTF-8 control client, and a server with exit-unattached ends
     once the link closes (how a replica's jail ends with its relay)."""
     proc, dir_fd = server
-    link = ControlLink()
+    link = ClientLink()
     await link.connect(dir_fd, "tmux.sock",
                        ["set", "-g", "exit-empty", "on", ";",
                         "set", "-g", "exit-unattached", "on", ";",
@@ -134,7 +133,7 @@ async def test_the_server_ending_the_client_closes_the_link(
     server: tuple[subprocess.Popen[bytes], int], tmp_path: Path
 ) -> None:
     _, dir_fd = server
-    link = ControlLink()
+    link = ClientLink()
     await link.connect(dir_fd, "tmux.sock", ["new-session", "-s", "t", "cat"],
                        cwd=str(tmp_path))
     assert link.control is not None and link.closed is not None
@@ -172,7 +171,7 @@ async def test_a_hostile_server_gets_a_closed_link(
         (frame(MSG_VERSION), "version"),
         (b"", "link"),  # closed, or reset (what the relay sent was unread)
     ]:
-        link = ControlLink()
+        link = ClientLink()
         await link.connect(dir_fd, "tmux.sock", ["new-session"], cwd=str(tmp_path))
         conn, _ = await loop.sock_accept(srv)
         if reply:
@@ -184,7 +183,7 @@ async def test_a_hostile_server_gets_a_closed_link(
         if link.control is not None:
             link.control.close()
         conn.close()
-    flood = ControlLink(budget=lambda n: False)
+    flood = ClientLink(budget=lambda n: False)
     await flood.connect(dir_fd, "tmux.sock", ["new-session"], cwd=str(tmp_path))
     conn, _ = await loop.sock_accept(srv)
     conn.sendall(frame(204))
@@ -197,7 +196,7 @@ async def test_no_server_is_a_clear_error(tmp_path: Path) -> None:
     dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
     try:
         with pytest.raises(ImsgError, match="no tmux server"):
-            await ControlLink().connect(dir_fd, "tmux.sock", ["new-session"],
+            await ClientLink().connect(dir_fd, "tmux.sock", ["new-session"],
                                         cwd=str(tmp_path), timeout=0.2)
     finally:
         os.close(dir_fd)
@@ -211,7 +210,7 @@ async def test_a_terminal_client_with_no_process(
     draws on it, learns its size changes from ``resize``, and cannot suspend
     or lock it into running anything."""
     _, dir_fd = server
-    ctl = ControlLink()
+    ctl = ClientLink()
     await ctl.connect(dir_fd, "tmux.sock", ["new-session", "-s", "t", "-x", "80", "-y", "24",
                                             "cat"], cwd=str(tmp_path))
     assert ctl.control is not None

@@ -38,13 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
-import select
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import termios
@@ -56,8 +53,8 @@ from typing import Any
 
 from tether.core.codec import decompress
 from tether.core.control import Notification, PaneOutput, quote
-from tether.core.errors import RemoteProtocolError, TetherError
-from tether.core.limits import MAX_DATA, MAX_DIMENSION
+from tether.core.errors import RemoteProtocolError
+from tether.core.limits import MAX_DATA
 from tether.core.messages import (
     Ack,
     Bindings,
@@ -80,17 +77,14 @@ from tether.mirror.keys import Mark, PaneKeys
 from tether.mirror.plan import PaneOwner, Plan
 from tether.mirror.run_async import run_plan
 from tether.transport.tmux import TmuxControl, TmuxError
-from tether.transport.tmux_imsg import ClientLink, ControlLink
+from tether.transport.tmux_imsg import ClientLink
 
 from . import pane_helper
+from .mate_clients import MateClients
 from .replica import ReplicaError, ReplicaHandle
-from .worker import known_terminal
 
 log = logging.getLogger("tether.relay")
 
-MATE_CLIENT = "tether-mate-"
-"""Prefix of a mate's tmux client's name (its ``ttyname``, then ``client_name``):
-unique per mate, and never a pane's tty name (tmux would refuse it as nested)."""
 ACK_LAG = 256 * 1024
 """Bytes queued for the replica's panes before acks stop: the relay's acks (and
 so the host's backlog) follow what tmux took, as the worker's did."""
@@ -106,9 +100,6 @@ HANDOFF_TIMEOUT = 5.0
 ADOPT_WAIT = 2.0
 """Seconds a mate's attach waits for the replica's new panes' ttys to be the
 relay's (then it attaches anyway)."""
-MAX_PTYS = 64
-"""Mate ptys whose slave one session's jail may hold at once, departed mates'
-included (twice the default mate limit)."""
 ORPHAN_TIMEOUT = 5.0
 """Seconds a pane tty that came before tmux named its pane is kept."""
 MAX_ORPHANS = 16
@@ -204,13 +195,8 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         self._ready: asyncio.Future[None] = self._loop.create_future()
         """Done once the replica's tmux is set up: mates may attach."""
         self._control = TokenBucket(CONTROL_RATE, 4 * CONTROL_RATE, time.monotonic())
-        self._link: ControlLink | None = None
-        self._mates: dict[int, ClientLink] = {}
-        self._ptys: dict[int, int] = {}
-        """A copy of each mate pty's master, kept until the jail closed the slave
-        too: the ptys are the relay's (the machine's /dev/pts), so a jail that
-        hoarded slaves of departed mates must not get more (``MAX_PTYS``)."""
-        self._departed: set[int] = set()
+        self._link: ClientLink | None = None
+        self.mates = MateClients(self._budget)
         self._dir_fd = -1
         """The session directory, opened before the jail: the relay reaches the
         jail's tmux socket through it, never by a path the jail could redirect."""
@@ -269,7 +255,7 @@ class DirectReplica(ReplicaHandle, PaneOwner):
             return
         t = TmuxControl(self.sock, self._on_tmux)
         t.budget = self._budget
-        link = self._link = ControlLink(self._budget)
+        link = self._link = ClientLink(self._budget)
         try:
             # the same control client ``tmux -C new-session`` would make
             await link.connect(self._dir_fd, os.path.basename(self.sock),
@@ -625,20 +611,14 @@ class DirectReplica(ReplicaHandle, PaneOwner):
     async def attach(
         self, mate: int, readonly: bool, cols: int, rows: int, term: str, timeout: float = 10
     ) -> int:
-        """A pty master connected to a new tmux client of the replica."""
+        """A pty master connected to a new tmux client of the replica
+        (``mate_clients``), once the replica is where the host's events say."""
         if not self._ready.done():
             await asyncio.wait([self._ready, self.closed], timeout=timeout,
                                return_when=asyncio.FIRST_COMPLETED)
         if self._dead or self.tmux is None or not self._ready.done():
             raise ReplicaError("replica is gone")
-        cols = max(1, min(cols, MAX_DIMENSION))
-        rows = max(1, min(rows, MAX_DIMENSION))
-        # an unknown TERM (e.g. a terminal's own name) would stop tmux from attaching
-        term = term if known_terminal(term) else "xterm-256color"
-        self._reap_ptys()
-        if len(self._ptys) >= MAX_PTYS:
-            raise ReplicaError(f"the replica holds {len(self._ptys)} mates' terminals; "
-                               "no more until it lets some go")
+        self.mates.check_room()
         # in turn with the host's events, as the worker took them: a client that
         # attached before the host's first structure was applied would type
         # into the replica's placeholder pane
@@ -656,75 +636,16 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         deadline = self._loop.time() + ADOPT_WAIT
         while self._waiting and not self._dead and self._loop.time() < deadline:
             await asyncio.sleep(0.005)
-        # the relay's own pty, its slave handed to the replica's server as the
-        # client's terminal: tmux's client protocol, no client process
-        master, slave = os.openpty()
-        link = ClientLink(self._budget)
-        try:
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-            await link.connect(self._dir_fd, os.path.basename(self.sock),
-                               ["attach-session", "-t", SESSION, *(["-r"] if readonly else [])],
-                               cwd=os.path.realpath(self.dir), term=term, tty=slave,
-                               ttyname=f"{MATE_CLIENT}{mate}", timeout=timeout)
-            assert link.ready is not None and link.closed is not None
-            await asyncio.wait([link.ready, link.closed, self.closed], timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
-            if not link.ready.done():
-                why = link.closed.result() if link.closed.done() else "no answer"
-                raise ReplicaError(f"cannot start a client of the replica: {why}")
-        except BaseException as exc:
-            link.close()
-            os.close(master)
-            if isinstance(exc, TetherError | OSError):
-                raise ReplicaError(f"cannot start a client of the replica: {exc}") from None
-            raise
-        finally:
-            os.close(slave)
-        if self._dead:  # closed meanwhile
-            link.close()
-            os.close(master)
-            raise ReplicaError("replica is gone")
-        self._mates[mate] = link
-        self._ptys[mate] = os.dup(master)
-        self._departed.discard(mate)
-
-        def forget(_: object) -> None:
-            if self._mates.get(mate) is link:
-                del self._mates[mate]
-
-        link.closed.add_done_callback(forget)
-        return master
-
-    def _reap_ptys(self) -> None:
-        """Let go of departed mates' ptys whose slave the jail closed (the master
-        then polls as hung up)."""
-        for mate in list(self._departed):
-            fd = self._ptys.get(mate)
-            if fd is None:
-                self._departed.discard(mate)
-                continue
-            p = select.poll()
-            p.register(fd, select.POLLIN)
-            if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0)):
-                os.close(fd)
-                del self._ptys[mate]
-                self._departed.discard(mate)
+        return await self.mates.attach(
+            mate, readonly, cols, rows, term, dir_fd=self._dir_fd,
+            sock_name=os.path.basename(self.sock), cwd=os.path.realpath(self.dir),
+            gone=self.closed, timeout=timeout)
 
     def resized(self, mate: int) -> None:
-        """No client process gets SIGWINCH: say it over the client's link."""
-        link = self._mates.get(mate)
-        if link is not None:
-            link.resize()
+        self.mates.resized(mate)
 
     def detached(self, mate: int) -> None:
-        """The server drops the client when its tty hangs up; the link goes too,
-        whatever a compromised server does."""
-        link = self._mates.pop(mate, None)
-        if link is not None:
-            link.close()
-        if mate in self._ptys:
-            self._departed.add(mate)
-            self._reap_ptys()
+        self.mates.detached(mate)
 
     # --- ending -------------------------------------------------------------------
 
@@ -755,11 +676,7 @@ class DirectReplica(ReplicaHandle, PaneOwner):
                 await self.tmux.close()
         if self._link is not None:
             self._link.close()
-        for link in list(self._mates.values()):
-            link.close()
-        for fd in self._ptys.values():
-            os.close(fd)
-        self._ptys.clear()
+        self.mates.close()
         if not self._jailed and self.proc is not None and self.proc.returncode is None:
             # a tmux -D server outlives its clients; a jail's ends with the jail
             with contextlib.suppress(ProcessLookupError):

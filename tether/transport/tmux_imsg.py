@@ -16,7 +16,7 @@ answered at once with ``MSG_WAKEUP``).
 
 The protocol is tmux's private one (``tmux-protocol.h``, OpenBSD ``imsg``
 framing), versioned by ``PROTOCOL_VERSION``: a server of another version
-answers ``MSG_VERSION`` and closes, which ``ControlLink`` reports as an error.
+answers ``MSG_VERSION`` and closes, which ``ClientLink`` reports as an error.
 What the server sends back is data from a peer that may be hostile (a jailed
 replica): messages are bounded in size and only their type is read.
 """
@@ -373,4 +373,3 @@ class ClientLink:
             self.closed.set_result("closed")
 
 
-ControlLink = ClientLink
