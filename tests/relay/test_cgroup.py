@@ -137,16 +137,23 @@ def test_memory_beyond_the_session_limit_is_stopped() -> None:
     assert out and out[-1] < 96, out
 
 
-def test_a_new_relay_ends_what_a_dead_relay_left() -> None:
+@pytest.mark.parametrize("reused", [False, True])
+def test_a_new_relay_ends_what_a_dead_relay_left(reused: bool) -> None:
     """A jail that outlived a SIGKILLed root relay (a compromised one may ignore
     the end of its link) is killed by the next relay's start: cgroup v2's
-    cgroup.kill on the dead relay's cgroup (v2), or each process it lists (v1)."""
+    cgroup.kill on the dead relay's cgroup (v2), or each process it lists (v1).
+    The dead relay is told by its pid and start time: also when its pid now
+    runs something else (``reused``: this test's own pid, started at another
+    time), and for a former relay's ``tether-relay-<pid>``."""
     base = os.path.dirname(HIERARCHIES[0].path)
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    stale = Path(base, f"tether-relay-{gone.pid}")
-    if Path(f"/proc/{gone.pid}").exists():
-        pytest.skip("the dead relay's pid was reused at once")
+    if reused:
+        stale = Path(base, f"tether-relay-{os.getpid()}-1")
+    else:
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        stale = Path(base, f"tether-relay-{gone.pid}")
+        if Path(f"/proc/{gone.pid}").exists():
+            pytest.skip("the dead relay's pid was reused at once")
     (stale / "leftover").mkdir(parents=True)
     left = subprocess.Popen(["sleep", "60"])
     try:
@@ -159,5 +166,26 @@ def test_a_new_relay_ends_what_a_dead_relay_left() -> None:
         left.kill()
         left.wait()
         for d in (stale / "leftover", stale):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def test_a_live_relay_s_cgroup_is_left_alone() -> None:
+    """Another relay running beside (its pid and start time match) keeps its
+    sessions' cgroups when this one starts."""
+    base = os.path.dirname(HIERARCHIES[0].path)
+    other = subprocess.Popen(["sleep", "60"])  # stands for the other relay
+    try:
+        start = Path(f"/proc/{other.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        mine = Path(base, f"tether-relay-{other.pid}-{start}")
+        (mine / "session").mkdir(parents=True)
+        (mine / "session" / "cgroup.procs").write_text(str(other.pid))
+        subprocess.run([sys.executable, "-c", "from tether.relay import cgroup; "
+                        "assert cgroup.relay_cgroups()[0]"], check=True, timeout=60)
+        assert other.poll() is None and mine.exists()
+    finally:
+        other.kill()
+        other.wait()
+        for d in (mine / "session", mine):
             with contextlib.suppress(OSError):
                 d.rmdir()

@@ -3,8 +3,8 @@ processes and CPU of the session as a whole, where rlimits bound only each
 process.
 
 cgroup v2, or the v1 memory, pids and cpu hierarchies, under one
-``tether-relay-<pid>`` cgroup per relay process (removed at exit; those of dead
-relays when next found empty). The relay (root) makes, fills and removes them;
+``tether-relay-<pid>-<start time>`` cgroup per relay process (removed at exit;
+those of dead relays by the next relay that starts). The relay (root) makes, fills and removes them;
 nothing of them is inside the jail, which sees only its own cgroup namespace.
 """
 
@@ -86,17 +86,37 @@ def _v1_mounts() -> dict[str, tuple[str, str]]:
     return mounts
 
 
+def _start_time(pid: int | str) -> str | None:
+    """When ``pid`` started (clock ticks since boot), or None if none runs: with
+    the pid it names one process, whatever pids are reused since."""
+    try:
+        stat = _read(f"/proc/{pid}/stat")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None  # field 22 of proc(5)
+
+
+def _relay_gone(name: str) -> bool:
+    """Whether the relay that made ``tether-relay-<pid>-<start>`` (or a former
+    relay's ``tether-relay-<pid>``) no longer runs."""
+    pid, _, start = name[len("tether-relay-") :].partition("-")
+    if not pid.isdigit() or not (start.isdigit() or not start):
+        return False  # not ours
+    now = _start_time(pid)
+    return now is None or (bool(start) and now != start)
+
+
 def _make_parent(base: str) -> str:
-    """``tether-relay-<pid>`` in ``base``, removed at exit; stale ones of relays
-    that died without cleaning up are emptied (a jail that outlived its relay,
-    as a compromised one may) and removed."""
+    """``tether-relay-<pid>-<start time>`` in ``base``, removed at exit; stale ones
+    of relays that died without cleaning up are emptied (a jail that outlived
+    its relay, as a compromised one may) and removed."""
     with contextlib.suppress(OSError):
         for entry in os.listdir(base):
-            if entry.startswith("tether-relay-") and entry[13:].isdigit():
-                if not os.path.exists(f"/proc/{entry[13:]}"):
-                    _kill_tree(os.path.join(base, entry))
-                    _remove_tree(os.path.join(base, entry))
-    parent = os.path.join(base, f"tether-relay-{os.getpid()}")
+            if entry.startswith("tether-relay-") and _relay_gone(entry):
+                _kill_tree(os.path.join(base, entry))
+                _remove_tree(os.path.join(base, entry))
+    parent = os.path.join(base, f"tether-relay-{os.getpid()}-{_start_time('self')}")
     os.mkdir(parent, 0o755)
     atexit.register(_remove_tree, parent)
     return parent
