@@ -183,3 +183,39 @@ async def test_a_jail_that_cannot_start_ends_its_session_and_leaves_nothing() ->
     await h.close()
     assert set(os.listdir("/proc/self/fd")) <= before  # nothing left open
     assert not os.path.exists(h.dir)
+
+
+TORN_DOWN = """
+import asyncio, shutil
+from tether.relay.replica_direct import DirectReplica
+from tether.transport.children import use_pidfd_watcher
+
+made = []
+
+async def main(turns):
+    r = DirectReplica("torn", lambda m: None, jail=None)
+    made.append(r)
+    await r.start()  # its tmux spawns in the boot task, behind this
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+use_pidfd_watcher()
+for turns in range(10):
+    asyncio.run(main(turns))  # cancels the boot wherever it is
+for r in made:
+    if r.proc is not None and r.proc.returncode is None:
+        r.proc.kill()
+    shutil.rmtree(r.dir, ignore_errors=True)
+print("ended")
+"""
+
+
+def test_a_relay_stopped_while_a_jail_spawns_still_ends() -> None:
+    """asyncio's subprocess transport left a loop torn down during the spawn
+    waiting for ever: a relay stopped while it made a session never exited."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", TORN_DOWN], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ended", out.stderr[-2000:]

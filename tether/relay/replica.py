@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from tether.core.errors import TetherError
 from tether.core.messages import HostPresence, MateAttach, Message, MessageDecoder
+from tether.transport.children import Child
 
 from .jail import Jail, jail_command, jail_directory
 
@@ -91,7 +92,7 @@ class ReplicaHandle:
             self.dir = tempfile.mkdtemp(prefix="tether-replica-")
             os.chmod(self.dir, 0o700)
             self._prefix = list(jail or [])
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | Child | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._fdsock: socket.socket | None = None
         self._attach_waiters: dict[int, asyncio.Future[int]] = {}

@@ -76,6 +76,7 @@ from tether.mirror.apply import PANE_ARGV, SESSION, Mirror
 from tether.mirror.keys import Mark, PaneKeys
 from tether.mirror.plan import PaneOwner, Plan
 from tether.mirror.run_async import run_plan
+from tether.transport.children import Child
 from tether.transport.tmux import TmuxControl, TmuxError
 from tether.transport.tmux_imsg import ClientLink
 
@@ -233,15 +234,17 @@ class DirectReplica(ReplicaHandle, PaneOwner):
         cmd = [*self._prefix, "tmux", "-S", self.sock, "-f", "/dev/null", "-D"]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                "TERM": "tmux-256color", "HOME": self.dir}  # fmt: skip
-        # nothing of the relay's, not even its log
-        self.proc = await asyncio.create_subprocess_exec(
-            *cmd,
+        # nothing of the relay's, not even its log; not asyncio's subprocess
+        # transport, which left a loop torn down during a spawn waiting for ever
+        # (``transport.children.Child``)
+        self.proc = Child(subprocess.Popen(
+            cmd,
             pass_fds=self._jail.pass_fds if self._jail else (),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,
-        )
+        ))
         if self._jail is not None:
             await asyncio.to_thread(self._jail.started, self.proc.pid)
         self._tasks.append(asyncio.create_task(self._watch_proc()))
