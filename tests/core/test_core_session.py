@@ -33,6 +33,9 @@ from tether.core.messages import (
 )
 from tether.core.relay_endpoint import HelloGate, RelayHostEndpoint
 from tether.core.session import (
+    ACK_BURST,
+    ACK_EVERY,
+    ACK_IDLE,
     AWAY_GRACE,
     AWAY_TEXT,
     BACK_TEXT,
@@ -98,6 +101,44 @@ def test_acks_are_coalesced_every_ack_every() -> None:
     w.run(0.5)
     acks = w.sent("b>a", Ack)
     assert 1 <= len(acks) <= 3 and acks[-1].seq == 21
+
+
+def test_a_keystroke_and_its_echo_carry_the_acks_a_typing_mate_needs() -> None:
+    """Each ack sent alone cost a packet each way (the ack, then the peer's QUIC
+    ACK of it). The host's input ack rides with the key's echo; the relay holds
+    its ack of a few events until the next key (or ACK_IDLE), and acks a burst
+    within ACK_EVERY."""
+    w = started()
+    w.run(ACK_IDLE + 0.1)
+    assert w.relay is not None
+    acks, input_acks = len(w.sent("b>a", Ack)), len(w.sent("a>b", InputAck))
+    for _ in range(10):  # a mate typing 10 keys a second, each echoed at once
+        keys = w.received_keys
+        w.type()
+        while w.received_keys == keys:
+            w.run(0.001)
+        w.output()
+        w.run(0.1)
+    # the echo's batch held the key's ack: no input ack waited for its own timer
+    up = [m for link in w.links for d, m in link.delivered if d == "a>b"]
+    for i, m in enumerate(up):
+        if isinstance(m, InputAck):
+            assert isinstance(up[i + 1], Event), up[i - 1 : i + 2]
+    assert len(w.sent("a>b", InputAck)) - input_acks == 10
+    # the relay's ack of each echo went with the next key, the last one alone
+    down = [m for link in w.links for d, m in link.delivered if d == "b>a"]
+    new_acks = len(w.sent("b>a", Ack)) - acks
+    assert new_acks == 9, new_acks
+    for i, m in enumerate(down):
+        if isinstance(m, Ack) and m.seq > 1 and i + 1 < len(down):
+            assert isinstance(down[i - 1], Input), down[i - 1 : i + 1]
+    w.run(ACK_IDLE)
+    assert len(w.sent("b>a", Ack)) - acks == 10 and w.host.log.backlog_events == 0
+    # a burst is acked within ACK_EVERY of its arrival (10 ms away), as before
+    before = len(w.sent("b>a", Ack))
+    w.output(ACK_BURST)
+    w.run(0.01 + ACK_EVERY + 0.01)
+    assert ACK_EVERY + 0.02 < ACK_IDLE and len(w.sent("b>a", Ack)) > before
 
 
 def test_mate_input_reaches_host_once_in_order_and_is_acked() -> None:

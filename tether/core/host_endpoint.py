@@ -268,7 +268,12 @@ class HostEndpoint(Machine):
         out = self._take_outbox()
         if events and self.state is State.CONNECTED and self.quiet_since is None:
             # while quiet the log waits here, where it can still jump to a snapshot
-            out += [Outgoing(ev) for ev in self.log.to_send(limit_bytes=limit_bytes)]
+            sending = self.log.to_send(limit_bytes=limit_bytes)
+            if sending and self._input_ack is not None:
+                # a key's echo: its ack goes in the same packet, not in one of its own
+                out.append(Outgoing(self._input_ack, Channel.ACK))
+                self._input_ack = self._ack_at = None
+            out += [Outgoing(ev) for ev in sending]
         return out
 
     # --- receiving ----------------------------------------------------------------------

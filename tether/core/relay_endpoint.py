@@ -42,7 +42,9 @@ from .messages import (
 from .ratelimit import TokenBucket
 from .replog import LogReceiver
 from .session import (
+    ACK_BURST,
     ACK_EVERY,
+    ACK_IDLE,
     AWAY_CHECK,
     AWAY_GRACE,
     AWAY_TEXT,
@@ -195,6 +197,8 @@ class RelayHostEndpoint(Machine):
         self.inputs = InputSender(1)
         self.size = (0, 0)
         self.acked = 0
+        self._ack_sent = 0
+        """The last ``acked`` sent: ``ACK_BURST`` counts from it."""
         self.conn = 0
         """The current host link's number; a superseded link's news is ignored."""
         self.away_since: float | None = None
@@ -295,10 +299,18 @@ class RelayHostEndpoint(Machine):
     # --- the other side of the session: replica acks, mate input, size ----------------
 
     def applied(self, seq: int, now: float) -> None:
-        """The replica applied events up to ``seq``: ack the host, one per ACK_EVERY."""
+        """The replica applied events up to ``seq``: ack the host, one per
+        ACK_EVERY while events flow, else within ACK_IDLE or with the next input."""
         self.acked = seq
-        if self._ack_at is None:
-            self._ack_at = now + ACK_EVERY
+        due = now + (ACK_EVERY if seq - self._ack_sent >= ACK_BURST else ACK_IDLE)
+        if self._ack_at is None or due < self._ack_at:
+            self._ack_at = due
+
+    def _send_ack(self) -> None:
+        self._ack_at = None
+        if self.connected:
+            self._send(Ack(self.acked), Channel.ACK)
+            self._ack_sent = self.acked
 
     def send_input(
         self, pane: int, keys: bytes = b"", binding: Binding | None = None, now: float = 0.0
@@ -311,6 +323,8 @@ class RelayHostEndpoint(Machine):
                 self._silence_at = min(self._silence_at, self._silence_due(self.heard))
         if self.connected:
             self._send(msg)
+            if self._ack_at is not None:
+                self._send_ack()  # in the same packet
         return msg
 
     def request_snapshot(self) -> None:
@@ -407,9 +421,7 @@ class RelayHostEndpoint(Machine):
     def handle_timer(self, now: float) -> None:
         """Fire what is due: the coalesced ack, the silence check, expiry."""
         if self._ack_at is not None and now >= self._ack_at:
-            self._ack_at = None
-            if self.connected:
-                self._send(Ack(self.acked), Channel.ACK)
+            self._send_ack()
         if self._silence_at is not None and now >= self._silence_at:
             self._check_silence(now)
         if self._away_at is not None and now >= self._away_at:

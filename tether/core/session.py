@@ -65,6 +65,14 @@ HANDSHAKE_TIMEOUT = 20.0
 """How long the host waits for ``Welcome`` (host.py ``_handshake``)."""
 ACK_EVERY = 0.03
 """Acks are coalesced on both ends (host.py and server.py ``ACK_EVERY``)."""
+ACK_IDLE = 0.25
+"""How long the relay may hold its ack of a few events (fewer than
+``ACK_BURST``): a mate typing sends the next key sooner, and the ack rides in
+its packet. Each ack sent alone cost a packet each way (the ack, then the
+peer's QUIC ACK of it), two of the seven a keystroke took."""
+ACK_BURST = 8
+"""Events unacked at which the relay acks within ``ACK_EVERY`` again: a
+host's backlog (``MAX_BACKLOG_BYTES``) follows a flood closely."""
 RTT_WEIGHT = 0.2
 """Weight of a new RTT sample in the smoothed RTT (host.py ``_handle``)."""
 SEND_CHUNK = 256 * 1024
