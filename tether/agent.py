@@ -327,28 +327,17 @@ class _Start:
 
     def __init__(self, reply: Callable[[str | None, str], None], sock: str,
                  tmux_args: list[str], conf: Path | None, authorized: str | None) -> None:
-        import concurrent.futures
-        import threading
-
-        from tether.client.newsession import start_tmux
-
         self.reply: Callable[[str | None, str], None] | None = reply
-        self._done: concurrent.futures.Future[tuple[str | None, str]] = (
-            concurrent.futures.Future())
-        args = (sock, tmux_args, str(conf) if conf is not None else None, authorized,
-                str(state_dir()), dict(os.environ))
-
-        def run() -> None:
-            try:
-                self._done.set_result(start_tmux(*args))
-            except BaseException as exc:
-                self._done.set_result((None, f"tmux did not start: {exc}"))
-
-        self._thread = threading.Thread(target=run, name="tmux-start", daemon=True)
+        self._args = (sock, tmux_args, str(conf) if conf is not None else None, authorized,
+                      str(state_dir()), dict(os.environ))
 
     async def session(self) -> str:
-        self._thread.start()
-        session, problem = await asyncio.wrap_future(self._done)
+        from tether.client.newsession import start_tmux
+
+        try:
+            session, problem = await asyncio.to_thread(start_tmux, *self._args)
+        except Exception as exc:
+            session, problem = None, f"tmux did not start: {exc}"
         self.answer(session, problem)
         return session or ""
 

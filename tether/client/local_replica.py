@@ -71,7 +71,7 @@ from tether.mirror.capture import capture_cmds, pane_image
 from tether.mirror.keys import Mark, PaneKeys
 from tether.mirror.plan import PaneOwner, Plan
 from tether.mirror.run_async import run_plan
-from tether.transport.children import spawn
+from tether.transport.children import run
 from tether.transport.tmux import TmuxControl, TmuxError, tmux_cmd
 
 from .local_echo import LocalEcho
@@ -191,12 +191,10 @@ class LocalReplica(PaneOwner):
         self._started = True
         try:
             # not asyncio's subprocess transport (``transport.children``)
-            p = await spawn(["tmux", "-S", self._sock, *config, "new-session", "-d", "-s",
-                             SESSION, "-x", str(cols), "-y", str(rows), *PANE_ARGV], env=env)
-            p.stdin.close()
-            assert p.stderr is not None
-            _, err = await asyncio.gather(p.stdout.read(), p.stderr.read())
-            if await p.proc.wait() != 0:
+            code, _, err = await run(["tmux", "-S", self._sock, *config, "new-session", "-d",
+                                      "-s", SESSION, "-x", str(cols), "-y", str(rows),
+                                      *PANE_ARGV], env=env)
+            if code != 0:
                 text = err.decode(errors="replace").strip()
                 raise TmuxError(f"cannot start the local tmux server: {text}"[:500])
             self.tmux = TmuxControl(self._sock, self._on_tmux)

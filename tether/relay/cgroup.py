@@ -4,8 +4,9 @@ process.
 
 cgroup v2, or the v1 memory, pids and cpu hierarchies, under one
 ``tether-relay-<pid>-<start time>`` cgroup per relay process (removed at exit;
-those of dead relays by the next relay that starts). The relay (root) makes, fills and removes them;
-nothing of them is inside the jail, which sees only its own cgroup namespace.
+those of dead relays by the next relay that starts). The relay (root) makes,
+fills and removes them; nothing of them is inside the jail, which sees only its
+own cgroup namespace.
 """
 
 from __future__ import annotations

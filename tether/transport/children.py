@@ -152,3 +152,13 @@ async def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None,
             reap(proc)
         raise
     return Piped(proc, asyncio.StreamWriter(transport, protocol, None, loop), out, err)
+
+
+async def run(argv: Sequence[str], *, env: dict[str, str] | None = None
+              ) -> tuple[int, bytes, bytes]:
+    """Run ``argv`` to its end: its exit status, output and error output."""
+    p = await spawn(argv, env=env)
+    p.stdin.close()
+    assert p.stderr is not None
+    out, err = await asyncio.gather(p.stdout.read(), p.stderr.read())
+    return await p.proc.wait(), out, err

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from tether.core.control import ControlParser, Notification, PaneOutput, Reply
 
-from .children import Child, spawn
+from .children import Child, run, spawn
 from .tmuxsync import TmuxError
 
 EventHandler = Callable[[PaneOutput | Notification], None]
@@ -173,10 +173,7 @@ class TmuxControl:
 
 async def tmux_cmd(socket: str, *args: str, tmux: str = "tmux", check: bool = True) -> str:
     """Run one plain tmux command against ``socket`` and return its stdout."""
-    p = await spawn([tmux, "-S", socket, *args])
-    p.stdin.close()
-    assert p.stderr is not None
-    out, err = await asyncio.gather(p.stdout.read(), p.stderr.read())
-    if await p.proc.wait() != 0 and check:
+    code, out, err = await run([tmux, "-S", socket, *args])
+    if code != 0 and check:
         raise TmuxError(err.decode(errors="replace").strip() or f"tmux {args[0]} failed")
     return out.decode(errors="replace")
