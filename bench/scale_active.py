@@ -714,7 +714,8 @@ class _Bench:
                           extra={"cpu_ms_per_s": {k: round(v, 2) for k, v in rates.items()}}))
         out.append(Figure(BENCH, "  busiest relay-side process", "ms/s", [hot],
                           note=f"pid {hottest} ({hot_part}): {hot / 10:.0f}% of one core; "
-                          "the relay serves every session on one asyncio thread"))
+                          "every session is served on the relay's one asyncio thread "
+                          "(SSH too, unless --ssh-procs)"))
         gen_hot = {k: max((rate([x]) for x in self.groups[k]), default=0.0)
                    for k in gens if k != "mate ssh"}
         other = busy - relay_total - sum(gens.values())

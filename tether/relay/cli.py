@@ -136,6 +136,15 @@ def _parser() -> argparse.ArgumentParser:
         "~5 MiB and two process hops per keystroke more; kept for comparison)",
     )
     p.add_argument(
+        "--ssh-procs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve SSH connections in N processes of their own: their encryption and "
+        "mates' terminals use other cores, while sessions, tokens and QUIC stay in the "
+        "relay's process (default 0: one process does everything)",
+    )
+    p.add_argument(
         "--no-quic",
         action="store_true",
         help="replicate over the SSH channel only (for networks that block UDP)",
@@ -266,6 +275,7 @@ def _config(a: argparse.Namespace, keys: Path) -> RelayConfig | None:
         quic_port=-1 if a.no_quic else a.quic_port,
         jail=not a.no_jail,
         replica=a.replica,
+        ssh_procs=max(0, a.ssh_procs),
         authorized_keys=authorized,
         max_mates=a.max_mates,
         max_sessions_per_key=a.max_sessions_per_key,

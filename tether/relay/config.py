@@ -31,6 +31,10 @@ class RelayConfig:
     """How replicas are fed: ``direct`` from the relay's own process
     (``relay/replica_direct.py``), or ``worker``, a Python process per session
     (``relay/worker.py``), kept to measure one against the other."""
+    ssh_procs: int = 0
+    """SSH front processes (``relay.fronts``): SSH connections, their encryption and
+    mates' terminals are served there, sessions and QUIC stay in the relay's own
+    process. 0: everything in one process."""
     quic_port: int | None = None
     """UDP port for QUIC; None: the SSH port's number; -1: no QUIC."""
     authorized_keys: list[str] | None = None

@@ -95,6 +95,18 @@ class Terminal(Protocol):
         """End the mate's connection."""
 
 
+class MatePump(Protocol):
+    """What moves a mate's bytes: ``Pump`` here, or one in an SSH front process."""
+
+    kicked: bool
+
+    async def run(self) -> None:
+        """Until the mate leaves, its tmux client ends or ``kick``."""
+
+    def kick(self) -> None:
+        """The host disconnects the mate."""
+
+
 class Mates:
     def __init__(self, registry: Registry, config: RelayConfig) -> None:
         self.registry = registry
@@ -199,7 +211,9 @@ class Mates:
             if not session.ended and mate.id in session.mates:
                 session.resize()
 
-        pump = Pump(term, mate, self.config.mate_input_rate, on_resize)
+        remote = getattr(term, "pump", None)  # its pump runs in an SSH front process
+        pump: MatePump = (remote(mate, on_resize) if remote is not None
+                          else Pump(term, mate, self.config.mate_input_rate, on_resize))
         mate.kick = pump.kick
         show = getattr(term, "show_mates", None)  # a browser's page lists the mates
         if show is not None:

@@ -52,6 +52,8 @@ __all__ = [
 if TYPE_CHECKING:
     from tether.transport import web
 
+    from .fronts import FrontPool
+
 log = logging.getLogger("tether.relay")
 
 WEB_PAGE_DIR = Path(__file__).parent / "web"
@@ -74,6 +76,7 @@ class Relay:
             else None
         )
         self._acceptor: object | None = None
+        self._fronts: FrontPool | None = None
         self._quic_server: object | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.quic_port: int | None = None
@@ -158,6 +161,8 @@ class Relay:
             self._reaper.cancel()
         if self._acceptor is not None:
             await ssh.wait_closed(self._acceptor)  # type: ignore[arg-type]
+        if self._fronts is not None:
+            await self._fronts.close()
         if self._quic_server is not None:
             self._quic_server.close()  # type: ignore[attr-defined]
         if self._web is not None:
@@ -182,6 +187,15 @@ class Relay:
             log.warning("%s", warning)
 
     async def _start_ssh(self) -> None:
+        if self.config.ssh_procs > 0:
+            from .fronts import FrontPool
+
+            self._fronts = FrontPool(
+                self.config, self.config.ssh_procs, self.hosts.handle, self.mates.handle,
+                self.joins.handle_ssh, self.registry.mate_keys_for,
+            )
+            self.port = await self._fronts.start()
+            return
         allowed = self._host_keys_allowed
         acceptor = await ssh.start_ssh_server(
             self.config.bind,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -75,7 +76,11 @@ class RelayProcess:
             keys.restore(workdir / "keys")
         argv = tether_cmd("relay", "-k", str(workdir / "keys"), "-b", bind)
         argv += ["-h", public] if public else []
-        argv += ["-p", str(self.port), "-l", str(self.log), *(["-v"] if verbose else []), *extra]
+        # TETHER_TEST_RELAY_ARGS: more flags for every test's relay, e.g. the
+        # whole suite's mates through SSH front processes ("--ssh-procs 2")
+        more = shlex.split(os.environ.get("TETHER_TEST_RELAY_ARGS", ""))
+        argv += ["-p", str(self.port), "-l", str(self.log), *(["-v"] if verbose else []),
+                 *more, *extra]
         self.proc = subprocess.Popen(
             [*prefix, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=env,
@@ -129,7 +134,8 @@ class RelayProcess:
         return "\n".join(lines) + "\n"
 
     def parts(self) -> dict[str, list[int]]:
-        """The relay's processes by role: the relay, jail wrappers (bwrap) if the
+        """The relay's processes by role: the relay, its SSH front processes
+        (``--ssh-procs``), jail wrappers (bwrap) if the
         workers are jailed, replica workers, replica tmux servers and their pane
         processes, replica tmux clients (the workers' control clients and mates')."""
         procs = processes()
@@ -153,11 +159,13 @@ class RelayProcess:
                 panes += [d.pid for d in under if d.pid not in ids]
             else:
                 clients.append(p.pid)
-        known = {self.pid, *servers, *clients, *panes, *(p.pid for p in workers)}
+        fronts = [p.pid for p in below if any("tether.relay.front" in a for a in p.argv)]
+        known = {self.pid, *servers, *clients, *panes, *(p.pid for p in workers), *fronts}
         jail = [p.pid for p in below if _base(p.argv[0]) == "bwrap"]
         other = [p.pid for p in below if p.pid not in known and p.pid not in jail]
         return {
             "relay": [self.pid],
+            "ssh fronts": fronts,
             "jail (bwrap)": jail,
             "workers": [p.pid for p in workers],
             "replica tmux servers": servers,

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,8 @@ JoinHandler = Callable[[SSHLink, str, str], Awaitable[None]]
 KeyCheck = Callable[[asyncssh.SSHKey], bool]
 MateKeys = Callable[[str], set[bytes] | None]
 """token -> the public keys its session requires of mates (None: no key needed)."""
+FetchMateKeys = Callable[[str], Awaitable[set[bytes] | None]]
+"""The same, asked of another process (an SSH front process's)."""
 
 
 class _RelaySSHServer(BoundedServer):
@@ -223,23 +226,42 @@ class _RelaySSHServer(BoundedServer):
         mate_keys: MateKeys | None,
         admission: Admission,
         idle_timeout: float,
+        fetch_mate_keys: FetchMateKeys | None = None,
     ) -> None:
         super().__init__(admission, idle_timeout)
         self._key_check = key_check
         self._mate_keys = mate_keys
+        self._fetch = fetch_mate_keys
+        self._fetched: tuple[str, set[bytes] | None] = ("", None)
 
-    def begin_auth(self, username: str) -> bool:
+    def begin_auth(self, username: str) -> bool | Awaitable[bool]:
         # Mates need no key unless the host listed some: the token is the credential.
         if username == HOST_USER:
             return True
+        if self._fetch is not None:  # asyncssh awaits it
+            return self._fetch_keys(username)
         return bool(self._mate_keys and self._mate_keys(username))
+
+    async def _fetch_keys(self, username: str) -> bool:
+        """Ask the relay's own process what the session of ``username`` requires
+        (a front process holds no sessions); kept for ``validate_public_key``."""
+        assert self._fetch is not None
+        keys = await self._fetch(username)
+        self._fetched = (username, keys)
+        return bool(keys)
+
+    def _keys_for(self, username: str) -> set[bytes] | None:
+        if self._fetch is not None:
+            name, keys = self._fetched
+            return keys if name == username else None
+        return self._mate_keys(username) if self._mate_keys else None
 
     def public_key_auth_supported(self) -> bool:
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         if username != HOST_USER:
-            allowed = self._mate_keys(username) if self._mate_keys else None
+            allowed = self._keys_for(username)
             ok = bool(allowed) and key.public_data in allowed  # type: ignore[operator]
             if ok and self.conn is not None:
                 # asyncssh validates the key again just before checking its
@@ -280,27 +302,97 @@ async def start_ssh_server(
     """
     check_asyncssh()
     admission = Admission(max_per_address, max_connections)
-
-    async def handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
-        await _session(process, on_host, on_mate, on_join)
-
     return await asyncssh.create_server(
         lambda: _RelaySSHServer(key_check, mate_keys, admission, idle_timeout),
         bind or None,
         port,
-        server_host_keys=list(host_keys),
-        process_factory=handle,
-        encoding=None,
-        line_editor=False,
-        allow_scp=False,
-        agent_forwarding=False,
-        x11_forwarding=False,
-        allow_pty=True,
-        keepalive_interval=15,
-        keepalive_count_max=4,
-        login_timeout=login_timeout,
+        **_options(host_keys, on_host, on_mate, on_join, login_timeout),
         reuse_address=True,
     )
+
+
+def _options(
+    host_keys: Sequence[asyncssh.SSHKey],
+    on_host: HostHandler,
+    on_mate: MateHandler,
+    on_join: JoinHandler | None,
+    login_timeout: float,
+) -> dict[str, object]:
+    """The server's options: what it serves and the SSH features it refuses."""
+
+    async def handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
+        await _session(process, on_host, on_mate, on_join)
+
+    return {
+        "server_host_keys": list(host_keys),
+        "process_factory": handle,
+        "encoding": None,
+        "line_editor": False,
+        "allow_scp": False,
+        "agent_forwarding": False,
+        "x11_forwarding": False,
+        "allow_pty": True,
+        "keepalive_interval": 15,
+        "keepalive_count_max": 4,
+        "login_timeout": login_timeout,
+    }
+
+
+async def serve_connection(
+    sock: socket.socket,
+    host_keys: Sequence[asyncssh.SSHKey],
+    on_host: HostHandler,
+    on_mate: MateHandler,
+    admission: Admission,
+    key_check: KeyCheck | None = None,
+    fetch_mate_keys: FetchMateKeys | None = None,
+    on_join: JoinHandler | None = None,
+    *,
+    idle_timeout: float = SESSION_IDLE_TIMEOUT,
+    login_timeout: float = 30.0,
+) -> None:
+    """Serve one connection another process accepted (and counted: ``admission``
+    admits or refuses it as that process decided). Returns once it logged in;
+    raises if it did not."""
+    check_asyncssh()
+    await asyncssh.run_server(
+        sock,
+        server_factory=lambda: _RelaySSHServer(
+            key_check, None, admission, idle_timeout, fetch_mate_keys),
+        **_options(host_keys, on_host, on_mate, on_join, login_timeout),
+    )
+
+
+async def splice(link: SSHLink, sock: socket.socket) -> None:
+    """Bytes both ways between an SSH channel and a local stream socket, until
+    the socket's far end closes (the SSH side's end is passed on as EOF).
+
+    An SSH front process hands a host's or a join client's channel to the
+    relay's own process like this: the frames are read and bounded there."""
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+
+    async def up() -> None:
+        with contextlib.suppress(*SSHLink.ERRORS):
+            while data := await link._reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        with contextlib.suppress(OSError):
+            writer.write_eof()
+
+    upward = asyncio.create_task(up())
+    try:
+        with contextlib.suppress(*SSHLink.ERRORS):
+            while data := await reader.read(65536):
+                if link._unsent() + len(data) > MAX_UNSENT:
+                    log.warning("%s: has not taken %d bytes sent to it; disconnected",
+                                link.description, link._unsent())
+                    link._abort()
+                    return
+                link._writer.write(data)
+                await link._writer.drain()
+    finally:
+        upward.cancel()
+        writer.close()
 
 
 async def _session(

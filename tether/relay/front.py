@@ -1,0 +1,269 @@
+"""An SSH front process: the relay's SSH connections, on a core of their own.
+
+The relay's own process accepts each connection and counts it (``fronts``);
+a front speaks SSH on it: the handshake, the encryption of every packet and,
+for a mate, the bytes between its terminal and its tmux client's pty, whose
+master the relay passes over (``attached``). Hosts' and join clients'
+channels are spliced to a socket whose other end the relay reads as a link.
+So what a mate types and sees costs the relay's process nothing, and sessions
+stay whole in it. The front holds no session and no token: it asks.
+
+Run by the relay only: ``python3 -m tether.relay.front FD``, FD one end of an
+``fdchannel`` socket pair. It ends when the relay's end closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from tether.transport import fdchannel, ssh
+from tether.transport.ssh_bounds import Admission
+
+from .mates import Pump
+from .session import Mate
+
+log = logging.getLogger("tether.relay")
+
+KEYS_WAIT = 10.0
+"""How long a mate's login waits for the relay to say which keys its session
+requires; past it the mate is asked for none it could prove (refused if the
+session requires keys)."""
+
+
+class Given(Admission):
+    """One connection the relay's process admitted (or refused, ``refusal``);
+    ``release`` tells it once that the connection is gone."""
+
+    def __init__(self, front: Front, conn: int, refusal: str) -> None:
+        super().__init__(0, 0)
+        self._front = front
+        self._conn = conn
+        self._refusal = refusal
+        self._released = False
+
+    def admit(self, key: str) -> str | None:
+        return self._refusal or None
+
+    def release(self, key: str = "") -> None:
+        if not self._released:
+            self._released = True
+            self._front.send(["closed", self._conn])
+
+
+class MateState:
+    """A mate's connection here, from its token to the relay's last word."""
+
+    def __init__(self, term: ssh.MateTerminal) -> None:
+        self.term = term
+        self.inbox: asyncio.Queue[tuple[list[Any], int | None]] = asyncio.Queue()
+        self.pump: Pump | None = None
+        self.pumping: asyncio.Task[None] | None = None
+
+
+class Front:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._chan: fdchannel.FdChannel | None = None
+        self._configured = asyncio.Event()
+        self._gone = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._keys: dict[int, asyncio.Future[set[bytes] | None]] = {}
+        self._mates: dict[int, MateState] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.host_keys: list[Any] = []
+        self.key_check: ssh.KeyCheck | None = None
+        self.input_rate = 256 * 1024.0
+        self.idle_timeout = ssh.SESSION_IDLE_TIMEOUT
+        self.login_timeout = 30.0
+
+    async def run(self) -> None:
+        self._chan = fdchannel.FdChannel(self._sock, self._on_message, self._gone.set)
+        await self._gone.wait()
+        for t in list(self._tasks):
+            t.cancel()
+
+    def send(self, msg: list[Any], fd: int | None = None) -> None:
+        if self._chan is not None:
+            self._chan.send(msg, fd)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- from the relay's process ----------------------------------------------------
+
+    def _on_message(self, msg: list[Any], fd: int | None) -> None:
+        kind = msg[0]
+        if kind == "config":
+            self._configure(msg[1])
+        elif kind == "conn" and fd is not None:
+            self._spawn(self._serve(msg[1], socket.socket(fileno=fd), msg[2]))
+            fd = None
+        elif kind == "keys":
+            waiter = self._keys.pop(msg[1], None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result({bytes(k) for k in msg[2]} if msg[2] else None)
+        elif kind in ("write", "attached", "kick", "exit"):
+            state = self._mates.get(msg[1])
+            if state is not None:
+                state.inbox.put_nowait((msg, fd))
+                fd = None
+        else:
+            log.error("front %d: unknown message %r from the relay", os.getpid(), kind)
+        if fd is not None:
+            os.close(fd)
+
+    def _configure(self, c: dict[str, Any]) -> None:
+        self.host_keys = ssh.load_or_create_host_keys(Path(c["keys_dir"]))
+        if c.get("authorized_keys") is not None:
+            allowed = ssh.parse_public_keys(c["authorized_keys"], limit=100000)
+            self.key_check = lambda key: key.public_data in allowed
+        self.input_rate = float(c["mate_input_rate"])
+        self.idle_timeout = float(c.get("idle_timeout", self.idle_timeout))
+        self.login_timeout = float(c.get("login_timeout", self.login_timeout))
+        self._configured.set()
+
+    async def _serve(self, conn: int, sock: socket.socket, refusal: str) -> None:
+        await self._configured.wait()
+        given = Given(self, conn, refusal)
+        try:
+            await ssh.serve_connection(
+                sock, self.host_keys, self._on_host, self._on_mate, given,
+                key_check=self.key_check, fetch_mate_keys=self._mate_keys,
+                on_join=self._on_join, idle_timeout=self.idle_timeout,
+                login_timeout=self.login_timeout,
+            )
+        except Exception as exc:  # a peer's failed login is its own business
+            log.debug("ssh connection %d ended before login: %s", conn, exc)
+            sock.close()
+            given.release()
+
+    async def _mate_keys(self, token: str) -> set[bytes] | None:
+        req = next(self._ids)
+        waiter: asyncio.Future[set[bytes] | None] = asyncio.get_running_loop().create_future()
+        self._keys[req] = waiter
+        self.send(["mate_keys", req, token])
+        try:
+            return await asyncio.wait_for(waiter, KEYS_WAIT)
+        except TimeoutError:
+            return None
+        finally:
+            self._keys.pop(req, None)
+
+    # --- a host's or a join client's channel: spliced to the relay's process ------------
+
+    async def _on_host(self, link: ssh.SSHLink, host_key: str, peer: str) -> None:
+        await self._splice(link, ["host", host_key, peer, link.description])
+
+    async def _on_join(self, link: ssh.SSHLink, token: str, peer: str) -> None:
+        await self._splice(link, ["join", token, peer, link.description, link.fingerprint])
+
+    async def _splice(self, link: ssh.SSHLink, msg: list[Any]) -> None:
+        here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.send(msg, there.fileno())
+        finally:
+            there.close()
+        await ssh.splice(link, here)
+
+    # --- a mate: its pty's master comes from the relay's process -------------------------
+
+    async def _on_mate(self, term: ssh.MateTerminal) -> None:
+        req = next(self._ids)
+        state = self._mates[req] = MateState(term)
+        self.send(["mate", req, term.username, term.term, term.cols, term.rows, term.peer,
+                   term.fingerprint])
+        try:
+            while True:
+                (kind, *args), fd = await state.inbox.get()
+                if kind == "attached" and fd is not None and state.pumping is None:
+                    self._pump(req, state, args, fd)
+                    continue
+                if fd is not None:
+                    os.close(fd)
+                if kind == "kick" and state.pump is not None:
+                    state.pump.kick()
+                elif kind in ("write", "exit"):
+                    await self._stop(state)  # its last screen before the relay's words
+                    if kind == "write":
+                        term.write(bytes(args[1]))
+                    else:
+                        await term.drain()
+                        term.exit(int(args[1]))
+                        return
+        finally:
+            await self._stop(state)
+            del self._mates[req]
+
+    def _pump(self, req: int, state: MateState, args: list[Any], fd: int) -> None:
+        mate_id, readonly, cols, rows = args[1:5]
+        mate = Mate(int(mate_id), bool(readonly), int(cols), int(rows), fd)
+        os.set_blocking(fd, False)
+
+        def on_resize() -> None:
+            self.send(["resized", req, mate.cols, mate.rows])
+
+        pump = state.pump = Pump(state.term, mate, self.input_rate, on_resize)
+
+        async def run() -> None:
+            try:
+                await pump.run()
+            finally:
+                os.close(fd)
+                self.send(["left", req])
+
+        state.pumping = asyncio.get_running_loop().create_task(run())
+
+    @staticmethod
+    async def _stop(state: MateState) -> None:
+        if state.pumping is not None and not state.pumping.done():
+            assert state.pump is not None
+            state.pump.kick()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state.pumping
+
+
+def _logging(c: dict[str, Any]) -> None:
+    from tether.core.tokens import RedactTokens
+
+    handler: logging.Handler = (logging.FileHandler(c["log_file"]) if c.get("log_file")
+                                else logging.StreamHandler(sys.stderr))
+    handler.addFilter(RedactTokens())
+    logging.basicConfig(level=int(c.get("log_level", logging.WARNING)), handlers=[handler],
+                        format="%(asctime)s %(name)s[front %(process)d] %(levelname)s %(message)s")
+
+
+async def _main(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    front = Front(sock)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: front._gone.set())
+    await front.run()
+
+
+def main(argv: list[str]) -> int:
+    import json
+
+    if len(argv) != 2:
+        print("usage: python3 -m tether.relay.front FD LOGCONFIG (run by tether relay)",
+              file=sys.stderr)
+        return 2
+    _logging(json.loads(argv[1]))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(int(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,401 @@
+"""SSH front processes (``tether relay --ssh-procs N``), seen from the relay.
+
+The relay's process listens, accepts and counts each SSH connection (the
+per-address and total bounds stay exact), then hands it to the front process
+with the fewest. A front (``relay.front``) speaks SSH on it and asks back:
+which keys a token's session requires of mates; a mate's tmux client (the
+relay attaches it and passes the pty's master, ``RemoteTerminal``); or it
+passes the relay a socket spliced to a host's or a join client's channel,
+read here as a link like any other. Tokens, sessions, limits and back-off
+stay in this process; a mate's keystrokes and screen, and every SSH packet's
+cryptography, leave it.
+
+A front that dies takes its connections with it (their mates leave, as on a
+lost connection) and is started again; sessions are untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tether.transport import fdchannel
+from tether.transport.children import Child, reap
+from tether.transport.link import StreamLink
+from tether.transport.ssh_bounds import MAX_CONNECTIONS, Admission, address_key
+
+from .config import RelayConfig
+from .mates import MatePump, clamp_size
+from .session import Mate
+
+log = logging.getLogger("tether.relay")
+
+RESTART_FIRST = 0.5
+RESTART_MOST = 30.0
+"""A front that died is started again after half a second, doubling while
+they keep dying young, up to this."""
+YOUNG = 10.0
+"""A front that lived less than this counts as dying young."""
+MAX_WRITE = 32 * 1024
+"""A mate's text from the relay goes to its front in pieces of this size."""
+
+LinkHandler = Callable[[StreamLink, str, str], Awaitable[None]]
+MateHandler = Callable[[Any], Awaitable[None]]
+
+
+class SplicedLink(StreamLink):
+    """A host's or a join client's SSH channel, read through the front that holds
+    its connection: the same frames, over a local socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 description: str, fingerprint: str = "") -> None:
+        super().__init__(reader, writer, description)
+        self.fingerprint = fingerprint
+
+    def _close(self) -> None:
+        self._writer.close()
+
+
+class RemotePump:
+    """A mate's pump that runs in its front: here only its start, end and sizes."""
+
+    def __init__(self, term: RemoteTerminal, mate: Mate, on_resize: Callable[[], None]) -> None:
+        self.term = term
+        self.mate = mate
+        self.on_resize = on_resize
+        self.kicked = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def run(self) -> None:
+        front, m = self.term.front, self.mate
+        if not front.alive:
+            return
+        front.send(["attached", self.term.req, m.id, m.readonly, m.cols, m.rows], m.fd)
+        await self.done
+
+    def kick(self) -> None:
+        self.kicked = True
+        self.term.front.send(["kick", self.term.req])
+        self.finish()
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def resized(self, cols: int, rows: int) -> None:
+        self.mate.cols, self.mate.rows = clamp_size(cols, rows)
+        self.on_resize()
+
+
+class RemoteTerminal:
+    """A mate's terminal in a front process, as ``mates.Mates`` sees a terminal."""
+
+    kind = "ssh"
+
+    def __init__(self, front: FrontProcess, req: int, username: str, term: str, cols: int,
+                 rows: int, peer: str, fingerprint: str) -> None:
+        self.front = front
+        self.req = req
+        self.username = username
+        self.term = term
+        self.cols = cols
+        self.rows = rows
+        self.peer = peer
+        self.fingerprint = fingerprint
+        self._pump: RemotePump | None = None
+
+    async def read(self) -> bytes | tuple[int, int]:
+        return b""  # the front reads it: the pump runs there
+
+    def write(self, data: bytes) -> None:
+        for i in range(0, len(data), MAX_WRITE):
+            self.front.send(["write", self.req, data[i:i + MAX_WRITE]])
+
+    async def drain(self) -> None:
+        """The front drains before it ends the connection (``exit``)."""
+
+    def exit(self, status: int = 0) -> None:
+        self.front.send(["exit", self.req, status])
+        self.front.terminals.pop(self.req, None)
+
+    def pump(self, mate: Mate, on_resize: Callable[[], None]) -> MatePump:
+        self._pump = RemotePump(self, mate, on_resize)
+        return self._pump
+
+    def left(self) -> None:
+        if self._pump is not None:
+            self._pump.finish()
+
+    def resized(self, cols: int, rows: int) -> None:
+        if self._pump is not None:
+            self._pump.resized(cols, rows)
+
+
+class FrontProcess:
+    """One front: its process, the channel to it, and what it holds."""
+
+    def __init__(self, pool: FrontPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.chan: fdchannel.FdChannel | None = None
+        self.proc: Child | None = None
+        self.started = 0.0
+        self.conns: dict[int, str] = {}
+        """Connections it serves: their number and address key (for admission)."""
+        self.terminals: dict[int, RemoteTerminal] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def alive(self) -> bool:
+        return self.chan is not None and not self.chan.closed
+
+    def start(self) -> None:
+        here, there = fdchannel.pair()
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "tether.relay.front", str(there.fileno()),
+                 json.dumps(self.pool.log_config())],
+                pass_fds=[there.fileno()], stdin=subprocess.DEVNULL,
+            )
+        finally:
+            there.close()
+        self.proc = Child(popen)
+        self.started = time.monotonic()
+        self.chan = fdchannel.FdChannel(here, self._on_message, self._closed)
+        self.chan.send(["config", self.pool.front_config()])
+        log.info("ssh front %d started (pid %d)", self.index, popen.pid)
+
+    def send(self, msg: list[Any], fd: int | None = None) -> None:
+        if self.chan is not None:
+            self.chan.send(msg, fd)
+
+    def stop(self) -> None:
+        if self.chan is not None:
+            self.chan.close()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _closed(self) -> None:
+        """The front is gone (or is being stopped): what it served is gone with it."""
+        for key in self.conns.values():
+            self.pool.admission.release(key)
+        self.conns.clear()
+        for term in list(self.terminals.values()):
+            term.left()
+        self.terminals.clear()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            reap(self.proc)
+            self.proc = None
+        self.pool.front_closed(self)
+
+    # --- what the front asks ---------------------------------------------------------
+
+    def _on_message(self, msg: list[Any], fd: int | None) -> None:
+        try:
+            self._handle(msg, fd)
+        except (IndexError, TypeError, ValueError, KeyError) as exc:
+            log.error("ssh front %d: bad message %r: %s; restarting it", self.index,
+                      msg[0], exc)
+            self.stop()
+
+    def _handle(self, msg: list[Any], fd: int | None) -> None:
+        kind, args = msg[0], msg[1:]
+        if kind in ("host", "join"):
+            if fd is None:
+                raise ValueError("no socket")
+            self._spawn(self._link(kind, args, socket.socket(fileno=fd)))
+            return
+        if fd is not None:
+            os.close(fd)
+        if kind == "closed":
+            key = self.conns.pop(int(args[0]), None)
+            if key is not None:
+                self.pool.admission.release(key)
+        elif kind == "mate_keys":
+            keys = self.pool.mate_keys(str(args[1]))
+            self.send(["keys", int(args[0]), sorted(keys) if keys else []])
+        elif kind == "mate":
+            req, token, term, cols, rows, peer, fingerprint = args
+            t = RemoteTerminal(self, int(req), str(token), str(term), int(cols), int(rows),
+                               str(peer), str(fingerprint))
+            self.terminals[t.req] = t
+            self._spawn(self._mate(t))
+        elif kind == "left":
+            t = self.terminals.get(int(args[0]))
+            if t is not None:
+                t.left()
+        elif kind == "resized":
+            t = self.terminals.get(int(args[0]))
+            if t is not None:
+                t.resized(int(args[1]), int(args[2]))
+        else:
+            raise ValueError(f"unknown message {kind!r}")
+
+    async def _mate(self, t: RemoteTerminal) -> None:
+        try:
+            await self.pool.on_mate(t)
+        finally:
+            if self.terminals.get(t.req) is t:  # it never got its exit
+                t.exit(0)
+
+    async def _link(self, kind: str, args: list[Any], sock: socket.socket) -> None:
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        if kind == "host":
+            host_key, peer, description = (str(a) for a in args)
+            link = SplicedLink(reader, writer, description)
+            try:
+                await self.pool.on_host(link, host_key, peer)
+            finally:
+                link.close()
+        else:
+            token, peer, description, fingerprint = (str(a) for a in args)
+            link = SplicedLink(reader, writer, description, fingerprint)
+            try:
+                await self.pool.on_join(link, token, peer)
+            finally:
+                link.close()
+
+
+class FrontPool:
+    """Listens for SSH, and hands each connection to a front process."""
+
+    def __init__(self, config: RelayConfig, count: int, on_host: LinkHandler,
+                 on_mate: MateHandler, on_join: LinkHandler,
+                 mate_keys: Callable[[str], set[bytes] | None]) -> None:
+        self.config = config
+        self.on_host = on_host
+        self.on_mate = on_mate
+        self.on_join = on_join
+        self.mate_keys = mate_keys
+        self.admission = Admission(config.max_connections_per_address, MAX_CONNECTIONS)
+        self.fronts = [FrontProcess(self, i) for i in range(count)]
+        self._listeners: list[socket.socket] = []
+        self._conn_ids = 0
+        self._closing = False
+        self._restarts: dict[int, asyncio.TimerHandle] = {}
+        self._backoff: dict[int, float] = {}
+        self.port = 0
+
+    def front_config(self) -> dict[str, Any]:
+        c = self.config
+        return {"keys_dir": str(c.keys_dir), "authorized_keys": c.authorized_keys,
+                "mate_input_rate": c.mate_input_rate}
+
+    @staticmethod
+    def log_config() -> dict[str, Any]:
+        root = logging.getLogger()
+        files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+        level = logging.getLogger("tether.relay").getEffectiveLevel()
+        return {"log_file": files[0].baseFilename if files else "", "log_level": level}
+
+    async def start(self) -> int:
+        """Listen on the configured address (its port, when 0, chosen now) and
+        start the fronts; returns the port."""
+        c = self.config
+        infos = socket.getaddrinfo(c.bind or None, c.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        port = c.port
+        loop = asyncio.get_running_loop()
+        try:
+            for family, kind, proto, _, addr in infos:
+                sock = socket.socket(family, kind, proto)
+                self._listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((addr[0], port, *addr[2:]))
+                port = sock.getsockname()[1]
+                sock.listen(128)
+                sock.setblocking(False)
+        except OSError:
+            for sock in self._listeners:
+                sock.close()
+            self._listeners.clear()
+            raise
+        for sock in self._listeners:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        for front in self.fronts:
+            front.start()
+        self.port = port
+        return port
+
+    async def close(self) -> None:
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        for sock in self._listeners:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        for handle in self._restarts.values():
+            handle.cancel()
+        procs = [f.proc for f in self.fronts if f.proc is not None]
+        for front in self.fronts:
+            front.stop()  # the front ends when its channel closes
+            for task in list(front.tasks):
+                task.cancel()
+        for proc in procs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5)
+            if proc.returncode is None:
+                proc.kill()
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                conn, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, say: the next turn may do
+                log.warning("ssh: cannot accept a connection: %s", exc)
+                return
+            with conn:
+                self._hand_over(conn, str(addr[0]))
+
+    def _hand_over(self, conn: socket.socket, address: str) -> None:
+        alive = [f for f in self.fronts if f.alive]
+        if not alive:
+            log.warning("ssh: no front process to serve %s; connection closed", address)
+            return
+        key = address_key(address)
+        refusal = self.admission.admit(key) or ""
+        if refusal:
+            log.warning("ssh %s: refused: %s", address, refusal)
+        front = min(alive, key=lambda f: len(f.conns))
+        self._conn_ids += 1
+        if not refusal:
+            front.conns[self._conn_ids] = key
+        front.send(["conn", self._conn_ids, refusal], conn.fileno())
+
+    def front_closed(self, front: FrontProcess) -> None:
+        if self._closing:
+            return
+        lived = time.monotonic() - front.started
+        wait = self._backoff.get(front.index, RESTART_FIRST)
+        wait = min(wait * 2, RESTART_MOST) if lived < YOUNG else RESTART_FIRST
+        self._backoff[front.index] = wait
+        log.error("ssh front %d ended after %.1f s; starting it again in %.1f s",
+                  front.index, lived, wait)
+        self._restarts[front.index] = asyncio.get_running_loop().call_later(
+            wait, self._restart, front)
+
+    def _restart(self, front: FrontProcess) -> None:
+        self._restarts.pop(front.index, None)
+        if not self._closing:
+            try:
+                front.start()
+            except OSError as exc:
+                log.error("ssh front %d: cannot start: %s", front.index, exc)
+                self.front_closed(front)
