@@ -105,7 +105,14 @@ class Front:
     def _on_message(self, msg: list[Any], fd: int | None) -> None:
         kind = msg[0]
         if kind == "config":
-            self._configure(msg[1])
+            try:
+                self._configure(msg[1])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("front %d: cannot start: %s", os.getpid(), exc)
+                if self._chan is not None:
+                    self._chan.close()
+                return
+            self.send(["ready"])
         elif kind == "conn" and fd is not None:
             self._spawn(self._serve(msg[1], socket.socket(fileno=fd), msg[2]))
             fd = None

@@ -45,6 +45,9 @@ RESTART_MOST = 30.0
 they keep dying young, up to this."""
 YOUNG = 10.0
 """A front that lived less than this counts as dying young."""
+START_WAIT = 30.0
+"""How long the relay's start waits for its fronts to serve (a loaded machine
+starts an interpreter with asyncssh in well under a second)."""
 MAX_WRITE = 32 * 1024
 """A mate's text from the relay goes to its front in pieces of this size."""
 
@@ -153,6 +156,8 @@ class FrontProcess:
         """Connections it serves: their number and address key (for admission)."""
         self.terminals: dict[int, RemoteTerminal] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.ready: asyncio.Future[None] | None = None
+        """Done once the front has loaded the host keys and serves."""
 
     @property
     def alive(self) -> bool:
@@ -169,7 +174,10 @@ class FrontProcess:
         finally:
             there.close()
         self.proc = Child(popen)
+        self.pool.children.add(self.proc)
+        reap(self.proc, self.pool.children.discard)
         self.started = time.monotonic()
+        self.ready = asyncio.get_running_loop().create_future()
         self.chan = fdchannel.FdChannel(here, self._on_message, self._closed)
         self.chan.send(["config", self.pool.front_config()])
         log.info("ssh front %d started (pid %d)", self.index, popen.pid)
@@ -189,6 +197,9 @@ class FrontProcess:
 
     def _closed(self) -> None:
         """The front is gone (or is being stopped): what it served is gone with it."""
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_exception(RuntimeError(f"ssh front {self.index} ended at start"))
+            self.ready.exception()  # retrieved: only the relay's start awaits it
         for key in self.conns.values():
             self.pool.admission.release(key)
         self.conns.clear()
@@ -198,7 +209,6 @@ class FrontProcess:
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.terminate()
-            reap(self.proc)
             self.proc = None
         self.pool.front_closed(self)
 
@@ -221,7 +231,10 @@ class FrontProcess:
             return
         if fd is not None:
             os.close(fd)
-        if kind == "closed":
+        if kind == "ready":
+            if self.ready is not None and not self.ready.done():
+                self.ready.set_result(None)
+        elif kind == "closed":
             key = self.conns.pop(int(args[0]), None)
             if key is not None:
                 self.pool.admission.release(key)
@@ -287,6 +300,8 @@ class FrontPool:
         self._conn_ids = 0
         self._closing = False
         self._restarts: dict[int, asyncio.TimerHandle] = {}
+        self.children: set[Child] = set()
+        """Front processes not yet reaped (``close`` waits for them)."""
         self._backoff: dict[int, float] = {}
         self.port = 0
 
@@ -330,6 +345,14 @@ class FrontPool:
             loop.add_reader(sock.fileno(), self._accept, sock)
         for front in self.fronts:
             front.start()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(f.ready for f in self.fronts if f.ready is not None)),
+                START_WAIT)
+        except (RuntimeError, TimeoutError):
+            await self.close()
+            raise RuntimeError("the SSH front processes (--ssh-procs) did not start; "
+                               "their errors are in the log") from None
         self.port = port
         return port
 
@@ -341,12 +364,11 @@ class FrontPool:
             sock.close()
         for handle in self._restarts.values():
             handle.cancel()
-        procs = [f.proc for f in self.fronts if f.proc is not None]
         for front in self.fronts:
             front.stop()  # the front ends when its channel closes
             for task in list(front.tasks):
                 task.cancel()
-        for proc in procs:
+        for proc in list(self.children):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5)
             if proc.returncode is None:

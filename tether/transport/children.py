@@ -18,7 +18,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 
 def use_pidfd_watcher() -> bool:
@@ -99,11 +99,14 @@ class Piped:
 _reaping: set[asyncio.Task[int]] = set()
 
 
-def reap(proc: Child) -> None:
-    """Wait for ``proc`` in the background (it was told to end)."""
+def reap(proc: Child, then: Callable[[Child], None] | None = None) -> None:
+    """Wait for ``proc`` in the background (it was told to end, or will be);
+    ``then(proc)`` once it has."""
     task = asyncio.get_running_loop().create_task(proc.wait())
     _reaping.add(task)
     task.add_done_callback(_reaping.discard)
+    if then is not None:
+        task.add_done_callback(lambda _: then(proc))
 
 
 async def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None,
