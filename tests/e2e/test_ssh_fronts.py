@@ -175,3 +175,26 @@ def test_a_session_that_requires_keys_checks_them_through_the_front(
         wait_for(lambda: "keyed-9" in host.screen(), 10, "the keyed mate's keys")
     finally:
         host.close()
+
+
+def test_a_connection_flood_leaves_attached_mates_alone(
+    relay: RelayProcess, host: Host, mates: list[Mate], tmp_path: Path
+) -> None:
+    mate = attach(mates, tmp_path, host.ssh_rw, "steady")
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(300):  # past the per-address bound (32): the rest refused
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", relay.port))
+            flood.append(s)
+        mate.type("echo during-flood-$((4*4))")
+        wait_for(lambda: "during-flood-16" in host.screen(), 20,
+                 "the attached mate's keys during the flood")
+        assert len(fronts(relay)) == 2 and mate.alive()
+    finally:
+        for s in flood:
+            s.close()
+    # the flood's places are given back: a new mate gets in
+    again = attach(mates, tmp_path, host.ssh_rw, "after-flood")
+    again.wait_text("during-flood-16")

@@ -393,9 +393,12 @@ class FrontPool:
             return
         key = address_key(address)
         refusal = self.admission.admit(key) or ""
+        front = min(alive, key=lambda f: len(f.conns))
         if refusal:
             log.warning("ssh %s: refused: %s", address, refusal)
-        front = min(alive, key=lambda f: len(f.conns))
+            if front.chan is None or front.chan.backlog:
+                return  # a flood: closed unanswered, not queued for a busy front
+
         self._conn_ids += 1
         if not refusal:
             front.conns[self._conn_ids] = key

@@ -25,9 +25,11 @@ log = logging.getLogger("tether.relay")
 MAX_MESSAGE = 64 * 1024
 """Largest message either side sends: control messages, and a mate's few lines
 of text (refusals and notices)."""
-MAX_QUEUED = 4096
+MAX_QUEUED = 16384
 """Messages queued while the peer's socket is full, past which the channel
-is closed: the peer process has stopped reading."""
+is closed: the peer process has stopped reading. Above what the relay sends
+a front when it is merely busy: a connection each (4096 at most at once),
+a mate's attach, its few lines of text."""
 
 Handler = Callable[[list[Any], int | None], None]
 """(message, descriptor or None): the receiver owns the descriptor."""
@@ -54,6 +56,11 @@ class FdChannel:
         self._queue: collections.deque[tuple[bytes, int | None]] = collections.deque()
         self.closed = False
         self._loop.add_reader(sock.fileno(), self._readable)
+
+    @property
+    def backlog(self) -> int:
+        """Messages waiting for the peer to read (it is busy, or stuck)."""
+        return len(self._queue)
 
     def send(self, msg: list[Any], fd: int | None = None) -> None:
         """Queue ``msg`` (and a copy of ``fd``: the caller keeps its own)."""
