@@ -359,7 +359,8 @@ class FrontPool:
     async def close(self) -> None:
         self._closing = True
         loop = asyncio.get_running_loop()
-        for sock in self._listeners:
+        listeners, self._listeners = self._listeners, []
+        for sock in listeners:
             loop.remove_reader(sock.fileno())
             sock.close()
         for handle in self._restarts.values():
