@@ -1,16 +1,25 @@
-"""The relay's SSH front processes at start: a front that cannot serve stops the
-relay's start with a clear error instead of a relay that answers no one."""
+"""The relay's SSH front processes: a front that cannot serve stops the relay's
+start with a clear error (not a relay that answers no one); the relay answers
+what a front asks, and a front that breaks the channel's rules is ended and
+started again with what it served released."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from tether.relay.config import RelayConfig
 from tether.relay.fronts import FrontPool
 from tether.testing.procs import descendants
+from tether.transport import fdchannel, ssh
+from tether.transport.fdchannel import FdChannel
 
 
 async def _never(*args: Any) -> None:
@@ -29,19 +38,11 @@ async def test_fronts_that_cannot_load_the_host_keys_stop_the_start(tmp_path: Pa
     pool = _pool(keys)
     with pytest.raises(RuntimeError, match="did not start"):
         await pool.start()
-    import os
-
     assert not [p for p in descendants(os.getpid()) if "tether.relay.front" in p.cmdline]
 
 
 async def test_fronts_serve_and_end_with_the_pool(tmp_path: Path) -> None:
-    import asyncio
-    import os
-    import socket
-
     pool = _pool(tmp_path / "keys")
-    from tether.transport import ssh
-
     ssh.load_or_create_host_keys(tmp_path / "keys")  # the relay makes them first
     port = await pool.start()
     try:
@@ -61,3 +62,66 @@ async def test_fronts_serve_and_end_with_the_pool(tmp_path: Path) -> None:
     assert not [p for p in descendants(os.getpid()) if "tether.relay.front" in p.cmdline]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+class FakeFront:
+    """The far end of a front's channel, played by the test: no process."""
+
+    def __init__(self, pool: FrontPool) -> None:
+        self.front = pool.fronts[0]
+        here, self.sock = fdchannel.pair()
+        self.front.chan = FdChannel(here, self.front._on_message, self.front._closed)
+        self.front.started = time.monotonic()
+
+    def send(self, *msg: Any) -> None:
+        self.sock.send(msgpack.packb(list(msg), use_bin_type=True))
+
+    async def recv(self) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), 5)
+        return list(msgpack.unpackb(data, raw=False))
+
+
+async def test_a_front_asks_and_the_relay_answers_then_a_bad_message_ends_it(
+    tmp_path: Path,
+) -> None:
+    seen: list[Any] = []
+
+    async def on_mate(term: Any) -> None:
+        seen.append((term.username, term.term, term.cols, term.rows, term.peer))
+        term.write(b"x" * 40000)  # past one message: sent in pieces
+        term.exit(1)
+
+    config = RelayConfig(keys_dir=tmp_path, bind="127.0.0.1", port=0)
+    pool = FrontPool(config, 1, _never, on_mate, _never,
+                     lambda token: {b"key-blob"} if token == "needs-key" else None)
+    fake = FakeFront(pool)
+    fake.sock.setblocking(False)
+    try:
+        fake.send("mate_keys", 7, "needs-key")
+        assert await fake.recv() == ["keys", 7, [b"key-blob"]]
+        fake.send("mate_keys", 8, "free")
+        assert await fake.recv() == ["keys", 8, []]
+        fake.send("mate", 3, "tok", "xterm", 80, 24, "192.0.2.1:4000", "")
+        first, second, last = await fake.recv(), await fake.recv(), await fake.recv()
+        assert seen == [("tok", "xterm", 80, 24, "192.0.2.1:4000")]
+        assert [first[:2], second[:2], last] == [["write", 3], ["write", 3], ["exit", 3, 1]]
+        assert len(first[2]) + len(second[2]) == 40000
+        # a connection it serves is counted; a bad message ends the front, and
+        # what it served is released
+        assert pool.admission.admit("192.0.2.9") is None
+        pool.fronts[0].conns[1] = "192.0.2.9"
+        fake.send("closed", 999)  # not one of its connections: ignored
+        await asyncio.sleep(0.05)
+        assert pool.admission.count == 1 and fake.front.alive
+        fake.send("mate", "not", "enough")
+        for _ in range(200):
+            if not fake.front.alive:
+                break
+            await asyncio.sleep(0.01)
+        assert not fake.front.alive
+        assert pool.admission.count == 0
+        assert pool._restarts, "a front that broke the rules is started again"
+    finally:
+        await pool.close()
+        fake.sock.close()
