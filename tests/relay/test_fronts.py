@@ -99,7 +99,8 @@ async def test_a_front_asks_and_the_relay_answers_then_a_bad_message_ends_it(
     fake.sock.setblocking(False)
     try:
         fake.send("mate_keys", 7, "needs-key")
-        assert await fake.recv() == ["keys", 7, [b"key-blob"]]
+        # digests, not blobs: 256 RSA keys would not fit one message
+        assert await fake.recv() == ["keys", 7, [ssh.key_digest(b"key-blob")]]
         fake.send("mate_keys", 8, "free")
         assert await fake.recv() == ["keys", 8, []]
         fake.send("mate", 3, "tok", "xterm", 80, 24, "192.0.2.1:4000", "")
@@ -125,3 +126,84 @@ async def test_a_front_asks_and_the_relay_answers_then_a_bad_message_ends_it(
     finally:
         await pool.close()
         fake.sock.close()
+
+
+async def test_a_mate_of_a_dead_front_never_reaches_its_successor(tmp_path: Path) -> None:
+    """A restarted front numbers its mates from 1 again: the relay's answer to a
+    mate of the dead one (held back by a wrong token's wait, say) must not go
+    to the new mate with the same number."""
+    release = asyncio.Event()
+
+    async def on_mate(term: Any) -> None:
+        await release.wait()
+        term.write(b"Invalid or expired session token.\r\n")
+        term.exit(1)
+
+    config = RelayConfig(keys_dir=tmp_path, bind="127.0.0.1", port=0)
+    pool = FrontPool(config, 1, _never, on_mate, _never, lambda token: None)
+    old = FakeFront(pool)
+    old.sock.setblocking(False)
+    old.send("mate", 1, "wrong-token", "xterm", 80, 24, "192.0.2.1:4000", "")
+    await asyncio.sleep(0.05)
+    old.sock.close()  # the front dies with its mate's answer still to come
+    for _ in range(200):
+        if not pool.fronts[0].alive:
+            break
+        await asyncio.sleep(0.01)
+    for handle in pool._restarts.values():
+        handle.cancel()
+    new = FakeFront(pool)  # its successor, on the same slot
+    new.sock.setblocking(False)
+    try:
+        release.set()
+        await asyncio.sleep(0.1)
+        with pytest.raises(BlockingIOError):
+            new.sock.recv(65536)  # nothing for the successor's mate 1
+        assert new.front.alive
+    finally:
+        await pool.close()
+        new.sock.close()
+
+
+async def test_a_session_of_many_keys_is_answered_in_one_message(tmp_path: Path) -> None:
+    keys = {bytes([i]) * 550 for i in range(256)}  # 256 RSA-4096-sized public keys
+    config = RelayConfig(keys_dir=tmp_path, bind="127.0.0.1", port=0)
+    pool = FrontPool(config, 1, _never, _never, _never, lambda token: keys)
+    fake = FakeFront(pool)
+    fake.sock.setblocking(False)
+    try:
+        fake.send("mate_keys", 1, "tok")
+        kind, req, digests = await fake.recv()
+        assert (kind, req, len(digests)) == ("keys", 1, 256)
+        assert set(digests) == {ssh.key_digest(k) for k in keys}
+        assert fake.front.alive
+    finally:
+        await pool.close()
+        fake.sock.close()
+
+
+async def test_a_front_whose_relay_does_not_answer_refuses_the_key_login(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tether.relay import front as front_mod
+    from tether.transport.ssh import _RelaySSHServer
+    from tether.transport.ssh_bounds import Admission
+
+    monkeypatch.setattr(front_mod, "KEYS_WAIT", 0.05)
+    mine, silent = fdchannel.pair()
+    f = front_mod.Front(mine)
+    f._chan = FdChannel(mine, f._on_message, lambda: None)
+    try:
+        server = _RelaySSHServer(None, None, Admission(1, 1), 30.0, f._mate_keys)
+        assert await server.begin_auth("some-token") is True  # a key is asked for
+        key = asyncssh_key()
+        assert server.validate_public_key("some-token", key) is False
+    finally:
+        f._chan.close()
+        silent.close()
+
+
+def asyncssh_key() -> Any:
+    from tether.transport.sshlib import asyncssh
+
+    return asyncssh.generate_private_key("ssh-ed25519").convert_to_public()

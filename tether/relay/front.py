@@ -35,8 +35,10 @@ log = logging.getLogger("tether.relay")
 
 KEYS_WAIT = 10.0
 """How long a mate's login waits for the relay to say which keys its session
-requires; past it the mate is asked for none it could prove (refused if the
-session requires keys)."""
+requires; past it the login is refused (asked for a key none can be)."""
+RESIZE_EVERY = 0.05
+"""A mate's window changes reach the relay at most this often, the last size
+always: dragging a corner sends tens a second, one message each."""
 
 
 class Given(Admission):
@@ -116,7 +118,7 @@ class Front:
         elif kind == "conn" and fd is not None:
             self._spawn(self._serve(msg[1], socket.socket(fileno=fd), msg[2]))
             fd = None
-        elif kind == "keys":
+        elif kind == "keys":  # digests (``ssh.key_digest``); none: no key asked
             waiter = self._keys.pop(msg[1], None)
             if waiter is not None and not waiter.done():
                 waiter.set_result({bytes(k) for k in msg[2]} if msg[2] else None)
@@ -163,7 +165,9 @@ class Front:
         try:
             return await asyncio.wait_for(waiter, KEYS_WAIT)
         except TimeoutError:
-            return None
+            log.warning("the relay did not say which keys a mate needs within %g s; "
+                        "the login is refused", KEYS_WAIT)
+            return set()  # a key is required and none can be it: fails closed
         finally:
             self._keys.pop(req, None)
 
@@ -217,8 +221,23 @@ class Front:
         mate = Mate(int(mate_id), bool(readonly), int(cols), int(rows), fd)
         os.set_blocking(fd, False)
 
-        def on_resize() -> None:
+        loop = asyncio.get_running_loop()
+        pending: list[asyncio.TimerHandle] = []
+        last = [0.0]
+
+        def send_size() -> None:
+            pending.clear()
+            last[0] = loop.time()
             self.send(["resized", req, mate.cols, mate.rows])
+
+        def on_resize() -> None:
+            if pending:
+                return  # the size sent then is the latest
+            wait = last[0] + RESIZE_EVERY - loop.time()
+            if wait <= 0:
+                send_size()
+            else:
+                pending.append(loop.call_later(wait, send_size))
 
         pump = state.pump = Pump(state.term, mate, self.input_rate, on_resize)
 
@@ -226,6 +245,8 @@ class Front:
             try:
                 await pump.run()
             finally:
+                for handle in pending:
+                    handle.cancel()
                 os.close(fd)
                 self.send(["left", req])
 

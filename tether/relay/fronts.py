@@ -31,6 +31,7 @@ from typing import Any
 from tether.transport import fdchannel
 from tether.transport.children import Child, reap
 from tether.transport.link import StreamLink
+from tether.transport.ssh import key_digest
 from tether.transport.ssh_bounds import MAX_CONNECTIONS, Admission, address_key
 
 from .config import RelayConfig
@@ -67,6 +68,12 @@ class SplicedLink(StreamLink):
     def _close(self) -> None:
         self._writer.close()
 
+    def _abort(self) -> None:
+        """Drop what the front has not taken (it stopped reading) and close now."""
+        transport = self._writer.transport
+        if transport is not None:
+            transport.abort()
+
 
 class RemotePump:
     """A mate's pump that runs in its front: here only its start, end and sizes."""
@@ -79,15 +86,15 @@ class RemotePump:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def run(self) -> None:
-        front, m = self.term.front, self.mate
-        if not front.alive:
+        m = self.mate
+        if self.term.chan.closed:  # its front died meanwhile: the mate is gone
             return
-        front.send(["attached", self.term.req, m.id, m.readonly, m.cols, m.rows], m.fd)
+        self.term.send(["attached", self.term.req, m.id, m.readonly, m.cols, m.rows], m.fd)
         await self.done
 
     def kick(self) -> None:
         self.kicked = True
-        self.term.front.send(["kick", self.term.req])
+        self.term.send(["kick", self.term.req])
         self.finish()
 
     def finish(self) -> None:
@@ -104,9 +111,13 @@ class RemoteTerminal:
 
     kind = "ssh"
 
-    def __init__(self, front: FrontProcess, req: int, username: str, term: str, cols: int,
-                 rows: int, peer: str, fingerprint: str) -> None:
+    def __init__(self, front: FrontProcess, chan: fdchannel.FdChannel, req: int,
+                 username: str, term: str, cols: int, rows: int, peer: str,
+                 fingerprint: str) -> None:
         self.front = front
+        self.chan = chan
+        """The channel the mate came by: a restarted front numbers its mates
+        afresh, so nothing for this one may reach its successor."""
         self.req = req
         self.username = username
         self.term = term
@@ -119,16 +130,20 @@ class RemoteTerminal:
     async def read(self) -> bytes | tuple[int, int]:
         return b""  # the front reads it: the pump runs there
 
+    def send(self, msg: list[Any], fd: int | None = None) -> None:
+        self.chan.send(msg, fd)
+
     def write(self, data: bytes) -> None:
         for i in range(0, len(data), MAX_WRITE):
-            self.front.send(["write", self.req, data[i:i + MAX_WRITE]])
+            self.send(["write", self.req, data[i:i + MAX_WRITE]])
 
     async def drain(self) -> None:
         """The front drains before it ends the connection (``exit``)."""
 
     def exit(self, status: int = 0) -> None:
-        self.front.send(["exit", self.req, status])
-        self.front.terminals.pop(self.req, None)
+        self.send(["exit", self.req, status])
+        if self.front.terminals.get(self.req) is self:
+            del self.front.terminals[self.req]
 
     def pump(self, mate: Mate, on_resize: Callable[[], None]) -> MatePump:
         self._pump = RemotePump(self, mate, on_resize)
@@ -171,6 +186,9 @@ class FrontProcess:
                  json.dumps(self.pool.log_config())],
                 pass_fds=[there.fileno()], stdin=subprocess.DEVNULL,
             )
+        except OSError:
+            here.close()
+            raise
         finally:
             there.close()
         self.proc = Child(popen)
@@ -239,12 +257,14 @@ class FrontProcess:
             if key is not None:
                 self.pool.admission.release(key)
         elif kind == "mate_keys":
-            keys = self.pool.mate_keys(str(args[1]))
-            self.send(["keys", int(args[0]), sorted(keys) if keys else []])
+            # digests: a host may list 256 keys, past one message as blobs
+            keys = self.pool.mate_keys(str(args[1])) or ()
+            self.send(["keys", int(args[0]), sorted(key_digest(k) for k in keys)])
         elif kind == "mate":
             req, token, term, cols, rows, peer, fingerprint = args
-            t = RemoteTerminal(self, int(req), str(token), str(term), int(cols), int(rows),
-                               str(peer), str(fingerprint))
+            assert self.chan is not None
+            t = RemoteTerminal(self, self.chan, int(req), str(token), str(term), int(cols),
+                               int(rows), str(peer), str(fingerprint))
             self.terminals[t.req] = t
             self._spawn(self._mate(t))
         elif kind == "left":
@@ -401,9 +421,15 @@ class FrontPool:
                 return  # a flood: closed unanswered, not queued for a busy front
 
         self._conn_ids += 1
+        try:
+            front.send(["conn", self._conn_ids, refusal], conn.fileno())
+        except OSError as exc:  # out of descriptors to queue it with
+            log.warning("ssh %s: cannot hand the connection over: %s", address, exc)
+            if not refusal:
+                self.admission.release(key)
+            return
         if not refusal:
             front.conns[self._conn_ids] = key
-        front.send(["conn", self._conn_ids, refusal], conn.fileno())
 
     def front_closed(self, front: FrontProcess) -> None:
         if self._closing:

@@ -97,6 +97,8 @@ class FdChannel:
             data, fd = self._queue[0]
             if not self._send(data, fd):
                 return
+            if self.closed:  # the send failed: close() let the queue go
+                return
             self._queue.popleft()
             if fd is not None:
                 os.close(fd)

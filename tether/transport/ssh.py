@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -84,6 +85,12 @@ def load_or_create_host_keys(keys_dir: Path) -> list[asyncssh.SSHKey]:
             (keys_dir / (name + ".pub")).write_bytes(key.export_public_key())
         keys.append(key)
     return keys
+
+
+def key_digest(public_data: bytes) -> bytes:
+    """A public key blob's SHA-256: how a front process learns a session's mate
+    keys (256 RSA keys as blobs would not fit one of its messages)."""
+    return hashlib.sha256(public_data).digest()
 
 
 def key_option_name(key: asyncssh.SSHKey) -> str:
@@ -254,25 +261,28 @@ class _RelaySSHServer(BoundedServer):
 
     async def _fetch_keys(self, username: str) -> bool:
         """Ask the relay's own process what the session of ``username`` requires
-        (a front process holds no sessions); kept for ``validate_public_key``."""
+        (a front process holds no sessions): the keys' digests, kept for
+        ``validate_public_key``. An empty set (no answer in time) requires a
+        key that none can be: the login fails closed."""
         assert self._fetch is not None
         keys = await self._fetch(username)
         self._fetched = (username, keys)
-        return bool(keys)
+        return keys is not None
 
-    def _keys_for(self, username: str) -> set[bytes] | None:
+    def _allowed(self, username: str, key: asyncssh.SSHKey) -> bool:
         if self._fetch is not None:
-            name, keys = self._fetched
-            return keys if name == username else None
-        return self._mate_keys(username) if self._mate_keys else None
+            name, digests = self._fetched
+            return name == username and bool(digests) and (
+                key_digest(key.public_data) in digests)  # type: ignore[operator]
+        allowed = self._mate_keys(username) if self._mate_keys else None
+        return bool(allowed) and key.public_data in allowed  # type: ignore[operator]
 
     def public_key_auth_supported(self) -> bool:
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         if username != HOST_USER:
-            allowed = self._keys_for(username)
-            ok = bool(allowed) and key.public_data in allowed  # type: ignore[operator]
+            ok = self._allowed(username, key)
             if ok and self.conn is not None:
                 # asyncssh validates the key again just before checking its
                 # signature: the last one set is the key the mate proved
@@ -375,6 +385,12 @@ async def serve_connection(
     )
 
 
+SPLICE_STALL = 60.0
+"""How long a spliced channel's peer may leave its window shut with bytes
+waiting: past it the connection is dropped (its reader is gone, and the
+relay's end would otherwise wait on it for ever)."""
+
+
 async def splice(link: SSHLink, sock: socket.socket) -> None:
     """Bytes both ways between an SSH channel and a local stream socket, until
     the socket's far end closes (the SSH side's end is passed on as EOF).
@@ -401,7 +417,13 @@ async def splice(link: SSHLink, sock: socket.socket) -> None:
                     link._abort()
                     return
                 link._writer.write(data)
-                await link._writer.drain()
+                try:  # paced by the peer's window, as the relay's own link was
+                    await asyncio.wait_for(link._writer.drain(), SPLICE_STALL)
+                except TimeoutError:
+                    log.warning("%s: took nothing sent to it for %g s; disconnected",
+                                link.description, SPLICE_STALL)
+                    link._abort()
+                    return
     finally:
         upward.cancel()
         writer.close()
