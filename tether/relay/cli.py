@@ -295,7 +295,8 @@ def _announce(a: argparse.Namespace, relay: Relay, keys: Path) -> None:
     """Say where the relay listens and the lines hosts put in ~/.tether.conf."""
     host = a.host or (a.bind if a.bind not in ("0.0.0.0", "::") else "THIS-HOST")
     quic_note = f", QUIC on UDP {relay.quic_port}" if relay.quic_port else ", no QUIC"
-    print(f"tether relay listening on {a.bind}:{relay.port}{quic_note} (keys in {keys})")
+    fronts = f", SSH served by {a.ssh_procs} front processes" if a.ssh_procs > 0 else ""
+    print(f"tether relay listening on {a.bind}:{relay.port}{quic_note}{fronts} (keys in {keys})")
     if relay.web_port is not None:
         bind = a.web_bind if a.web_bind is not None else a.bind
         tls = "HTTPS" if a.web_cert else "plain HTTP"
