@@ -57,7 +57,11 @@ class Host:
         if start:
             self.start()
             if ready:
-                self.wait_ready()
+                try:
+                    self.wait_ready()
+                except BaseException:
+                    self.close()  # a failed start leaves no tmux server or agent behind
+                    raise
 
     def start(self) -> None:
         self.started_at = time.perf_counter()
