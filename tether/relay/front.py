@@ -64,11 +64,44 @@ class Given(Admission):
 class MateState:
     """A mate's connection here, from its token to the relay's last word."""
 
-    def __init__(self, term: ssh.MateTerminal) -> None:
+    def __init__(self, req: int, term: ssh.MateTerminal, front: Front) -> None:
+        self.req = req
         self.term = term
+        self.front = front
         self.inbox: asyncio.Queue[tuple[list[Any], int | None]] = asyncio.Queue()
+        self.mate: Mate | None = None
         self.pump: Pump | None = None
         self.pumping: asyncio.Task[None] | None = None
+        self._resize: asyncio.TimerHandle | None = None
+        self._resized_at = 0.0
+
+    def resized(self) -> None:
+        """The mate's window changed: tell the relay, at most every ``RESIZE_EVERY``."""
+        if self._resize is not None:
+            return  # the size sent then is the latest
+        loop = asyncio.get_running_loop()
+        wait = self._resized_at + RESIZE_EVERY - loop.time()
+        if wait <= 0:
+            self._send_size()
+        else:
+            self._resize = loop.call_later(wait, self._send_size)
+
+    def _send_size(self) -> None:
+        self._resize = None
+        self._resized_at = asyncio.get_running_loop().time()
+        if self.mate is not None:
+            self.front.send(["resized", self.req, self.mate.cols, self.mate.rows])
+
+    async def stop(self) -> None:
+        """End the pump, if it runs, and wait until it has."""
+        if self._resize is not None:
+            self._resize.cancel()
+            self._resize = None
+        if self.pumping is not None and not self.pumping.done():
+            assert self.pump is not None
+            self.pump.kick()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.pumping
 
 
 class Front:
@@ -191,21 +224,21 @@ class Front:
 
     async def _on_mate(self, term: ssh.MateTerminal) -> None:
         req = next(self._ids)
-        state = self._mates[req] = MateState(term)
+        state = self._mates[req] = MateState(req, term, self)
         self.send(["mate", req, term.username, term.term, term.cols, term.rows, term.peer,
                    term.fingerprint])
         try:
             while True:
                 (kind, *args), fd = await state.inbox.get()
                 if kind == "attached" and fd is not None and state.pumping is None:
-                    self._pump(req, state, args, fd)
+                    self._pump(state, args, fd)
                     continue
                 if fd is not None:
                     os.close(fd)
                 if kind == "kick" and state.pump is not None:
                     state.pump.kick()
                 elif kind in ("write", "exit"):
-                    await self._stop(state)  # its last screen before the relay's words
+                    await state.stop()  # its last screen before the relay's words
                     if kind == "write":
                         term.write(bytes(args[1]))
                     else:
@@ -213,52 +246,23 @@ class Front:
                         term.exit(int(args[1]))
                         return
         finally:
-            await self._stop(state)
+            await state.stop()
             del self._mates[req]
 
-    def _pump(self, req: int, state: MateState, args: list[Any], fd: int) -> None:
+    def _pump(self, state: MateState, args: list[Any], fd: int) -> None:
         mate_id, readonly, cols, rows = args[1:5]
-        mate = Mate(int(mate_id), bool(readonly), int(cols), int(rows), fd)
+        mate = state.mate = Mate(int(mate_id), bool(readonly), int(cols), int(rows), fd)
         os.set_blocking(fd, False)
-
-        loop = asyncio.get_running_loop()
-        pending: list[asyncio.TimerHandle] = []
-        last = [0.0]
-
-        def send_size() -> None:
-            pending.clear()
-            last[0] = loop.time()
-            self.send(["resized", req, mate.cols, mate.rows])
-
-        def on_resize() -> None:
-            if pending:
-                return  # the size sent then is the latest
-            wait = last[0] + RESIZE_EVERY - loop.time()
-            if wait <= 0:
-                send_size()
-            else:
-                pending.append(loop.call_later(wait, send_size))
-
-        pump = state.pump = Pump(state.term, mate, self.input_rate, on_resize)
+        pump = state.pump = Pump(state.term, mate, self.input_rate, state.resized)
 
         async def run() -> None:
             try:
                 await pump.run()
             finally:
-                for handle in pending:
-                    handle.cancel()
                 os.close(fd)
-                self.send(["left", req])
+                self.send(["left", state.req])
 
         state.pumping = asyncio.get_running_loop().create_task(run())
-
-    @staticmethod
-    async def _stop(state: MateState) -> None:
-        if state.pumping is not None and not state.pumping.done():
-            assert state.pump is not None
-            state.pump.kick()
-            with contextlib.suppress(asyncio.CancelledError):
-                await state.pumping
 
 
 def _logging(c: dict[str, Any]) -> None:

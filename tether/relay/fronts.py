@@ -286,21 +286,16 @@ class FrontProcess:
                 t.exit(0)
 
     async def _link(self, kind: str, args: list[Any], sock: socket.socket) -> None:
+        # a host: its key's fingerprint, peer, description; a join client: its
+        # token, peer, description and the fingerprint of the key it proved
+        who, peer, description, *proved = (str(a) for a in args)
+        handler = self.pool.on_host if kind == "host" else self.pool.on_join
         reader, writer = await asyncio.open_unix_connection(sock=sock)
-        if kind == "host":
-            host_key, peer, description = (str(a) for a in args)
-            link = SplicedLink(reader, writer, description)
-            try:
-                await self.pool.on_host(link, host_key, peer)
-            finally:
-                link.close()
-        else:
-            token, peer, description, fingerprint = (str(a) for a in args)
-            link = SplicedLink(reader, writer, description, fingerprint)
-            try:
-                await self.pool.on_join(link, token, peer)
-            finally:
-                link.close()
+        link = SplicedLink(reader, writer, description, *proved[:1])
+        try:
+            await handler(link, who, peer)
+        finally:
+            link.close()
 
 
 class FrontPool:

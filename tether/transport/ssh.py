@@ -230,7 +230,8 @@ KeyCheck = Callable[[asyncssh.SSHKey], bool]
 MateKeys = Callable[[str], set[bytes] | None]
 """token -> the public keys its session requires of mates (None: no key needed)."""
 FetchMateKeys = Callable[[str], Awaitable[set[bytes] | None]]
-"""The same, asked of another process (an SSH front process's)."""
+"""The same as digests (``key_digest``), asked of the relay's process by an SSH
+front process; an empty set: keys required and none known (fails closed)."""
 
 
 class _RelaySSHServer(BoundedServer):
