@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import msgpack
 import pytest
 
 from tether.relay.config import RelayConfig
-from tether.relay.fronts import FrontPool
+from tether.relay.fronts import FrontPool, Handlers
 from tether.testing.procs import descendants
 from tether.transport import fdchannel, ssh
 from tether.transport.fdchannel import FdChannel
@@ -28,7 +27,7 @@ async def _never(*args: Any) -> None:
 
 def _pool(keys: Path) -> FrontPool:
     config = RelayConfig(keys_dir=keys, bind="127.0.0.1", port=0)
-    return FrontPool(config, 2, _never, _never, _never, lambda token: None)
+    return FrontPool(config, 2, Handlers(_never, _never, _never, lambda token: None))
 
 
 async def test_fronts_that_cannot_load_the_host_keys_stop_the_start(tmp_path: Path) -> None:
@@ -70,8 +69,7 @@ class FakeFront:
     def __init__(self, pool: FrontPool) -> None:
         self.front = pool.fronts[0]
         here, self.sock = fdchannel.pair()
-        self.front.chan = FdChannel(here, self.front._on_message, self.front._closed)
-        self.front.started = time.monotonic()
+        self.front.listen(here)
 
     def send(self, *msg: Any) -> None:
         self.sock.send(msgpack.packb(list(msg), use_bin_type=True))
@@ -93,8 +91,8 @@ async def test_a_front_asks_and_the_relay_answers_then_a_bad_message_ends_it(
         term.exit(1)
 
     config = RelayConfig(keys_dir=tmp_path, bind="127.0.0.1", port=0)
-    pool = FrontPool(config, 1, _never, on_mate, _never,
-                     lambda token: {b"key-blob"} if token == "needs-key" else None)
+    pool = FrontPool(config, 1, Handlers(
+        _never, on_mate, _never, lambda token: {b"key-blob"} if token == "needs-key" else None))
     fake = FakeFront(pool)
     fake.sock.setblocking(False)
     try:
@@ -140,7 +138,7 @@ async def test_a_mate_of_a_dead_front_never_reaches_its_successor(tmp_path: Path
         term.exit(1)
 
     config = RelayConfig(keys_dir=tmp_path, bind="127.0.0.1", port=0)
-    pool = FrontPool(config, 1, _never, on_mate, _never, lambda token: None)
+    pool = FrontPool(config, 1, Handlers(_never, on_mate, _never, lambda token: None))
     old = FakeFront(pool)
     old.sock.setblocking(False)
     old.send("mate", 1, "wrong-token", "xterm", 80, 24, "192.0.2.1:4000", "")
@@ -168,7 +166,7 @@ async def test_a_mate_of_a_dead_front_never_reaches_its_successor(tmp_path: Path
 async def test_a_session_of_many_keys_is_answered_in_one_message(tmp_path: Path) -> None:
     keys = {bytes([i]) * 550 for i in range(256)}  # 256 RSA-4096-sized public keys
     config = RelayConfig(keys_dir=tmp_path, bind="127.0.0.1", port=0)
-    pool = FrontPool(config, 1, _never, _never, _never, lambda token: keys)
+    pool = FrontPool(config, 1, Handlers(_never, _never, _never, lambda token: keys))
     fake = FakeFront(pool)
     fake.sock.setblocking(False)
     try:

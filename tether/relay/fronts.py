@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from tether.transport import fdchannel
 from tether.transport.children import Child, reap
@@ -53,6 +53,8 @@ MAX_WRITE = 32 * 1024
 """A mate's text from the relay goes to its front in pieces of this size."""
 
 LinkHandler = Callable[[StreamLink, str, str], Awaitable[None]]
+HostHandler = Callable[[StreamLink, str, str, str], Awaitable[None]]
+"""(link, host key fingerprint, peer, why it is refused: empty if it is not)"""
 MateHandler = Callable[[Any], Awaitable[None]]
 
 
@@ -64,6 +66,20 @@ class SplicedLink(StreamLink):
                  description: str, fingerprint: str = "") -> None:
         super().__init__(reader, writer, description)
         self.fingerprint = fingerprint
+
+    @classmethod
+    async def open(cls, sock: socket.socket, description: str, fingerprint: str = "",
+                   prefix: bytes = b"") -> SplicedLink:
+        """The link over ``sock``, whose first bytes (``prefix``) were read already
+        (by the relay, to route a host by its Hello)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**16)
+        if prefix:
+            reader.feed_data(prefix)  # before the transport can add what follows
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.create_unix_connection(lambda: protocol, sock=sock)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        return cls(reader, writer, description, fingerprint)
 
     def _close(self) -> None:
         self._writer.close()
@@ -87,7 +103,7 @@ class RemotePump:
 
     async def run(self) -> None:
         m = self.mate
-        if self.term.chan.closed:  # its front died meanwhile: the mate is gone
+        if self.term.front.closed:  # its front died meanwhile: the mate is gone
             return
         self.term.send(["attached", self.term.req, m.id, m.readonly, m.cols, m.rows], m.fd)
         await self.done
@@ -111,13 +127,11 @@ class RemoteTerminal:
 
     kind = "ssh"
 
-    def __init__(self, front: FrontProcess, chan: fdchannel.FdChannel, req: int,
-                 username: str, term: str, cols: int, rows: int, peer: str,
-                 fingerprint: str) -> None:
+    def __init__(self, front: FrontRequests, req: int, username: str, term: str,
+                 cols: int, rows: int, peer: str, fingerprint: str) -> None:
         self.front = front
-        self.chan = chan
-        """The channel the mate came by: a restarted front numbers its mates
-        afresh, so nothing for this one may reach its successor."""
+        """The front the mate came by, as it was then: a restarted front numbers
+        its mates afresh, so nothing for this one may reach its successor."""
         self.req = req
         self.username = username
         self.term = term
@@ -131,7 +145,7 @@ class RemoteTerminal:
         return b""  # the front reads it: the pump runs there
 
     def send(self, msg: list[Any], fd: int | None = None) -> None:
-        self.chan.send(msg, fd)
+        self.front.send(msg, fd)
 
     def write(self, data: bytes) -> None:
         for i in range(0, len(data), MAX_WRITE):
@@ -158,112 +172,74 @@ class RemoteTerminal:
             self._pump.resized(cols, rows)
 
 
-class FrontProcess:
-    """One front: its process, the channel to it, and what it holds."""
+class Handlers:
+    """What answers a front's questions: the process that holds the sessions."""
 
-    def __init__(self, pool: FrontPool, index: int) -> None:
-        self.pool = pool
-        self.index = index
-        self.chan: fdchannel.FdChannel | None = None
-        self.proc: Child | None = None
-        self.started = 0.0
-        self.conns: dict[int, str] = {}
-        """Connections it serves: their number and address key (for admission)."""
+    def __init__(self, on_host: HostHandler, on_mate: MateHandler, on_join: LinkHandler,
+                 mate_keys: Callable[[str], set[bytes] | None]) -> None:
+        self.on_host = on_host
+        self.on_mate = on_mate
+        self.on_join = on_join
+        self.mate_keys = mate_keys
+
+
+class FrontRequests:
+    """One front's questions about sessions, answered where the sessions are: the
+    relay's process, or (``--session-procs``) a session process, to which the
+    relay routes them. One per front process started: a restarted front gets a
+    new one, so nothing meant for its predecessor's mates reaches it."""
+
+    def __init__(self, label: str, send: Callable[[list[Any], int | None], None],
+                 handlers: Handlers) -> None:
+        self.label = label
+        self._send = send
+        self.handlers = handlers
+        self.closed = False
         self.terminals: dict[int, RemoteTerminal] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.ready: asyncio.Future[None] | None = None
-        """Done once the front has loaded the host keys and serves."""
-
-    @property
-    def alive(self) -> bool:
-        return self.chan is not None and not self.chan.closed
-
-    def start(self) -> None:
-        here, there = fdchannel.pair()
-        try:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "tether.relay.front", str(there.fileno()),
-                 json.dumps(self.pool.log_config())],
-                pass_fds=[there.fileno()], stdin=subprocess.DEVNULL,
-            )
-        except OSError:
-            here.close()
-            raise
-        finally:
-            there.close()
-        self.proc = Child(popen)
-        self.pool.children.add(self.proc)
-        reap(self.proc, self.pool.children.discard)
-        self.started = time.monotonic()
-        self.ready = asyncio.get_running_loop().create_future()
-        self.chan = fdchannel.FdChannel(here, self._on_message, self._closed)
-        self.chan.send(["config", self.pool.front_config()])
-        log.info("ssh front %d started (pid %d)", self.index, popen.pid)
 
     def send(self, msg: list[Any], fd: int | None = None) -> None:
-        if self.chan is not None:
-            self.chan.send(msg, fd)
+        if not self.closed:
+            self._send(msg, fd)
 
-    def stop(self) -> None:
-        if self.chan is not None:
-            self.chan.close()
+    def close(self) -> None:
+        """The front is gone: its mates have left."""
+        self.closed = True
+        for term in list(self.terminals.values()):
+            term.left()
+        self.terminals.clear()
+
+    def cancel(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _closed(self) -> None:
-        """The front is gone (or is being stopped): what it served is gone with it."""
-        if self.ready is not None and not self.ready.done():
-            self.ready.set_exception(RuntimeError(f"ssh front {self.index} ended at start"))
-            self.ready.exception()  # retrieved: only the relay's start awaits it
-        for key in self.conns.values():
-            self.pool.admission.release(key)
-        self.conns.clear()
-        for term in list(self.terminals.values()):
-            term.left()
-        self.terminals.clear()
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()
-            self.proc = None
-        self.pool.front_closed(self)
-
-    # --- what the front asks ---------------------------------------------------------
-
-    def _on_message(self, msg: list[Any], fd: int | None) -> None:
-        try:
-            self._handle(msg, fd)
-        except (IndexError, TypeError, ValueError, KeyError) as exc:
-            log.error("ssh front %d: bad message %r: %s; restarting it", self.index,
-                      msg[0], exc)
-            self.stop()
-
-    def _handle(self, msg: list[Any], fd: int | None) -> None:
-        kind, args = msg[0], msg[1:]
-        if kind in ("host", "join"):
+    def handle(self, kind: str, args: list[Any], fd: int | None) -> None:
+        """One question; raises (IndexError, TypeError, ValueError, KeyError) on a
+        malformed one, whose sender is then restarted. Owns ``fd``."""
+        if kind in ("host", "join", "hello"):
             if fd is None:
                 raise ValueError("no socket")
-            self._spawn(self._link(kind, args, socket.socket(fileno=fd)))
+            sock = socket.socket(fileno=fd)
+            if kind == "hello":  # routed by the relay, which read the first bytes
+                prefix, refusal, *rest = args
+                self._spawn(self._link("host", rest, sock, bytes(prefix), str(refusal)))
+            else:
+                self._spawn(self._link(kind, args, sock))
             return
         if fd is not None:
             os.close(fd)
-        if kind == "ready":
-            if self.ready is not None and not self.ready.done():
-                self.ready.set_result(None)
-        elif kind == "closed":
-            key = self.conns.pop(int(args[0]), None)
-            if key is not None:
-                self.pool.admission.release(key)
-        elif kind == "mate_keys":
+        if kind == "mate_keys":
             # digests: a host may list 256 keys, past one message as blobs
-            keys = self.pool.mate_keys(str(args[1])) or ()
+            keys = self.handlers.mate_keys(str(args[1])) or ()
             self.send(["keys", int(args[0]), sorted(key_digest(k) for k in keys)])
         elif kind == "mate":
             req, token, term, cols, rows, peer, fingerprint = args
-            assert self.chan is not None
-            t = RemoteTerminal(self, self.chan, int(req), str(token), str(term), int(cols),
+            t = RemoteTerminal(self, int(req), str(token), str(term), int(cols),
                                int(rows), str(peer), str(fingerprint))
             self.terminals[t.req] = t
             self._spawn(self._mate(t))
@@ -280,35 +256,157 @@ class FrontProcess:
 
     async def _mate(self, t: RemoteTerminal) -> None:
         try:
-            await self.pool.on_mate(t)
+            await self.handlers.on_mate(t)
         finally:
             if self.terminals.get(t.req) is t:  # it never got its exit
                 t.exit(0)
 
-    async def _link(self, kind: str, args: list[Any], sock: socket.socket) -> None:
+    async def _link(self, kind: str, args: list[Any], sock: socket.socket,
+                    prefix: bytes = b"", refusal: str = "") -> None:
         # a host: its key's fingerprint, peer, description; a join client: its
         # token, peer, description and the fingerprint of the key it proved
         who, peer, description, *proved = (str(a) for a in args)
-        handler = self.pool.on_host if kind == "host" else self.pool.on_join
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
-        link = SplicedLink(reader, writer, description, *proved[:1])
+        link = await SplicedLink.open(sock, description, *proved[:1], prefix=prefix)
         try:
-            await handler(link, who, peer)
+            if kind == "join":
+                await self.handlers.on_join(link, who, peer)
+            else:
+                await self.handlers.on_host(link, who, peer, refusal)
         finally:
             link.close()
+
+
+class FrontProcess:
+    """One front: its process, the channel to it, and what it holds."""
+
+    def __init__(self, pool: FrontPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.gen = 0
+        """How often it was started: the session processes tell its lives apart."""
+        self.chan: fdchannel.FdChannel | None = None
+        self.proc: Child | None = None
+        self.started = 0.0
+        self.conns: dict[int, str] = {}
+        """Connections it serves: their number and address key (for admission)."""
+        self.requests: FrontRequests | None = None
+        """Its questions answered here (no session processes)."""
+        self.ready: asyncio.Future[None] | None = None
+        """Done once the front has loaded the host keys and serves."""
+
+    @property
+    def alive(self) -> bool:
+        return self.chan is not None and not self.chan.closed
+
+    def start(self) -> None:
+        here, popen = spawn("tether.relay.front", self.pool.log_config())
+        self.proc = Child(popen)
+        self.pool.children.add(self.proc)
+        reap(self.proc, self.pool.children.discard)
+        self.listen(here)
+        self.send(["config", self.pool.front_config()])
+        log.info("ssh front %d started (pid %d)", self.index, popen.pid)
+
+    def listen(self, sock: socket.socket) -> None:
+        """Serve a new life of the front, at the other end of ``sock``."""
+        self.gen += 1
+        self.started = time.monotonic()
+        self.ready = asyncio.get_running_loop().create_future()
+        self.chan = chan = fdchannel.FdChannel(sock, self._on_message, self._closed)
+        if self.pool.handlers is not None:
+            self.requests = FrontRequests(f"ssh front {self.index}", chan.send,
+                                          self.pool.handlers)
+
+    def send(self, msg: list[Any], fd: int | None = None) -> None:
+        if self.chan is not None:
+            self.chan.send(msg, fd)
+
+    def stop(self) -> None:
+        if self.chan is not None:
+            self.chan.close()
+
+    def _closed(self) -> None:
+        """The front is gone (or is being stopped): what it served is gone with it."""
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_exception(RuntimeError(f"ssh front {self.index} ended at start"))
+            self.ready.exception()  # retrieved: only the relay's start awaits it
+        for key in self.conns.values():
+            self.pool.admission.release(key)
+        self.conns.clear()
+        if self.requests is not None:
+            self.requests.close()
+        if self.pool.router is not None:
+            self.pool.router.front_gone(self)
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            self.proc = None
+        self.pool.front_closed(self)
+
+    # --- what the front asks ---------------------------------------------------------
+
+    def _on_message(self, msg: list[Any], fd: int | None) -> None:
+        try:
+            self._handle(msg, fd)
+        except (IndexError, TypeError, ValueError, KeyError) as exc:
+            log.error("ssh front %d: bad message %r: %s; restarting it", self.index,
+                      msg[0] if msg else msg, exc)
+            self.stop()
+
+    def _handle(self, msg: list[Any], fd: int | None) -> None:
+        kind, args = str(msg[0]), msg[1:]
+        if kind == "ready":
+            if self.ready is not None and not self.ready.done():
+                self.ready.set_result(None)
+        elif kind == "closed":
+            key = self.conns.pop(int(args[0]), None)
+            if key is not None:
+                self.pool.admission.release(key)
+        elif self.requests is not None:
+            self.requests.handle(kind, args, fd)
+            return
+        elif self.pool.router is not None:
+            self.pool.router.route(self, kind, args, fd)
+            return
+        if fd is not None:
+            os.close(fd)
+
+
+def spawn(module: str, log_config: dict[str, Any]) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+    """A child process of the relay running ``module``, and this end of its channel."""
+    here, there = fdchannel.pair()
+    try:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", module, str(there.fileno()), json.dumps(log_config)],
+            pass_fds=[there.fileno()], stdin=subprocess.DEVNULL,
+        )
+    except OSError:
+        here.close()
+        raise
+    finally:
+        there.close()
+    return here, popen
+
+
+class Router(Protocol):
+    """Where a front's questions go when session processes hold the sessions."""
+
+    def route(self, front: FrontProcess, kind: str, args: list[Any], fd: int | None) -> None:
+        """Forward one question (owning ``fd``); raises on a malformed one."""
+
+    def front_gone(self, front: FrontProcess) -> None:
+        """The front ended: its mates have left."""
 
 
 class FrontPool:
     """Listens for SSH, and hands each connection to a front process."""
 
-    def __init__(self, config: RelayConfig, count: int, on_host: LinkHandler,
-                 on_mate: MateHandler, on_join: LinkHandler,
-                 mate_keys: Callable[[str], set[bytes] | None]) -> None:
+    def __init__(self, config: RelayConfig, count: int, handlers: Handlers | None,
+                 router: Router | None = None) -> None:
         self.config = config
-        self.on_host = on_host
-        self.on_mate = on_mate
-        self.on_join = on_join
-        self.mate_keys = mate_keys
+        self.handlers = handlers
+        """Answers the fronts' questions here; None: ``router`` sends them on."""
+        self.router = router
         self.admission = Admission(config.max_connections_per_address, MAX_CONNECTIONS)
         self.fronts = [FrontProcess(self, i) for i in range(count)]
         self._listeners: list[socket.socket] = []
@@ -382,8 +480,8 @@ class FrontPool:
             handle.cancel()
         for front in self.fronts:
             front.stop()  # the front ends when its channel closes
-            for task in list(front.tasks):
-                task.cancel()
+            if front.requests is not None:
+                front.requests.cancel()
         for proc in list(self.children):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5)

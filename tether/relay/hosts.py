@@ -88,15 +88,17 @@ class Hosts:
         await self.handle(link, "", link.peer, resume_only=True)
 
     async def handle(
-        self, link: Link, host_key: str, peer: str, resume_only: bool = False
+        self, link: Link, host_key: str, peer: str, refusal: str = "", *,
+        resume_only: bool = False,
     ) -> None:
-        """One host connection, from its Hello to its last message."""
+        """One host connection, from its Hello to its last message. ``refusal``:
+        why no new session may start (the relay's process counted them all)."""
         session: Session | None = None
         try:
             gate = HelloGate(time.monotonic(), self.config.hello_timeout)
             hello = await self._hello(gate, link)
             if hello is not None:
-                session = await self._session_for(gate, hello, host_key, resume_only)
+                session = await self._session_for(gate, hello, host_key, resume_only, refusal)
             if hello is None or session is None:
                 self._refused(gate, link, peer)
                 return
@@ -146,7 +148,8 @@ class Hosts:
                 link.send_nowait(o.message)
 
     async def _session_for(
-        self, gate: HelloGate, hello: Hello, host_key: str, resume_only: bool
+        self, gate: HelloGate, hello: Hello, host_key: str, resume_only: bool,
+        refusal: str = "",
     ) -> Session | None:
         """The session a host resumes by id and secret, or a new one (which the
         secret may re-create with its old id and tokens); None: the gate refused."""
@@ -158,6 +161,9 @@ class Hosts:
         session = self.registry.resumable(hello)
         if session is None and resume_only:
             gate.refuse("unknown session or wrong secret: start over the SSH bootstrap")
+            return None
+        if session is None and refusal:
+            gate.refuse(refusal)
             return None
         if session is None:
             try:

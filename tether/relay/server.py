@@ -188,12 +188,11 @@ class Relay:
 
     async def _start_ssh(self) -> None:
         if self.config.ssh_procs > 0:
-            from .fronts import FrontPool
+            from .fronts import FrontPool, Handlers
 
-            self._fronts = FrontPool(
-                self.config, self.config.ssh_procs, self.hosts.handle, self.mates.handle,
-                self.joins.handle_ssh, self.registry.mate_keys_for,
-            )
+            self._fronts = FrontPool(self.config, self.config.ssh_procs, Handlers(
+                self.hosts.handle, self.mates.handle, self.joins.handle_ssh,
+                self.registry.mate_keys_for))
             self.port = await self._fronts.start()
             return
         allowed = self._host_keys_allowed
