@@ -120,7 +120,7 @@ async def test_a_front_asks_and_the_relay_answers_then_a_bad_message_ends_it(
             await asyncio.sleep(0.01)
         assert not fake.front.alive
         assert pool.admission.count == 0
-        assert pool._restarts, "a front that broke the rules is started again"
+        assert pool.restarts.pending, "a front that broke the rules is started again"
     finally:
         await pool.close()
         fake.sock.close()
@@ -148,8 +148,7 @@ async def test_a_mate_of_a_dead_front_never_reaches_its_successor(tmp_path: Path
         if not pool.fronts[0].alive:
             break
         await asyncio.sleep(0.01)
-    for handle in pool._restarts.values():
-        handle.cancel()
+    pool.restarts.cancel()
     new = FakeFront(pool)  # its successor, on the same slot
     new.sock.setblocking(False)
     try:

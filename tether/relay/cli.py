@@ -145,6 +145,17 @@ def _parser() -> argparse.ArgumentParser:
         "relay's process (default 0: one process does everything)",
     )
     p.add_argument(
+        "--session-procs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hold the sessions in N processes of their own (one per core): each serves "
+        "its share's QUIC links and replicas, on UDP ports QUIC-PORT to QUIC-PORT+N-1; "
+        "the relay's process only accepts, counts and routes. SSH is then served by "
+        "front processes (--ssh-procs, default N). Not with --web-port yet "
+        "(default 0: the relay's process holds every session)",
+    )
+    p.add_argument(
         "--no-quic",
         action="store_true",
         help="replicate over the SSH channel only (for networks that block UDP)",
@@ -216,11 +227,23 @@ def _web_problem(a: argparse.Namespace) -> str:
     return ""
 
 
+def _procs_problem(a: argparse.Namespace) -> str:
+    """What is wrong with the process options, or empty."""
+    for name, n in (("--ssh-procs", a.ssh_procs), ("--session-procs", a.session_procs)):
+        if not 0 <= n <= 64:
+            return f"{name} {n}: expected 0 to 64"
+    if a.session_procs and a.web_port is not None:
+        return "--web-port cannot be used with --session-procs yet"
+    if a.session_procs and a.replica == "worker":
+        return "--replica worker cannot be used with --session-procs"
+    return ""
+
+
 async def _run(a: argparse.Namespace) -> int:
     from tether.relay.server import Relay
 
     keys = a.keys_dir or _default_keys()
-    if problem := _web_problem(a):
+    if problem := _web_problem(a) or _procs_problem(a):
         print(f"tether relay: {problem}", file=sys.stderr)
         return 2
     config = _config(a, keys)
@@ -275,7 +298,8 @@ def _config(a: argparse.Namespace, keys: Path) -> RelayConfig | None:
         quic_port=-1 if a.no_quic else a.quic_port,
         jail=not a.no_jail,
         replica=a.replica,
-        ssh_procs=max(0, a.ssh_procs),
+        ssh_procs=a.ssh_procs,
+        session_procs=a.session_procs,
         authorized_keys=authorized,
         max_mates=a.max_mates,
         max_sessions_per_key=a.max_sessions_per_key,
@@ -294,8 +318,17 @@ def _config(a: argparse.Namespace, keys: Path) -> RelayConfig | None:
 def _announce(a: argparse.Namespace, relay: Relay, keys: Path) -> None:
     """Say where the relay listens and the lines hosts put in ~/.tether.conf."""
     host = a.host or (a.bind if a.bind not in ("0.0.0.0", "::") else "THIS-HOST")
-    quic_note = f", QUIC on UDP {relay.quic_port}" if relay.quic_port else ", no QUIC"
-    fronts = f", SSH served by {a.ssh_procs} front processes" if a.ssh_procs > 0 else ""
+    ports = relay.quic_ports or ([relay.quic_port] if relay.quic_port else [])
+    quic_note = (f", QUIC on UDP {ports[0]}" + (f"-{ports[-1]}" if ports[-1] != ports[0]
+                                                 else "")) if ports else ", no QUIC"
+    if len(ports) > 1 and ports != list(range(ports[0], ports[-1] + 1)):
+        quic_note = ", QUIC on UDP " + ",".join(map(str, ports))
+    fronts = ""
+    if a.session_procs > 0:
+        fronts = (f", sessions held by {a.session_procs} processes, SSH served by "
+                  f"{a.ssh_procs or a.session_procs} front processes")
+    elif a.ssh_procs > 0:
+        fronts = f", SSH served by {a.ssh_procs} front processes"
     print(f"tether relay listening on {a.bind}:{relay.port}{quic_note}{fronts} (keys in {keys})")
     if relay.web_port is not None:
         bind = a.web_bind if a.web_bind is not None else a.bind

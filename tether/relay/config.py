@@ -35,8 +35,14 @@ class RelayConfig:
     """SSH front processes (``relay.fronts``): SSH connections, their encryption and
     mates' terminals are served there, sessions and QUIC stay in the relay's own
     process. 0: everything in one process."""
+    session_procs: int = 0
+    """Session processes (``relay.owners``): each holds a share of the sessions
+    (their QUIC links on a UDP port of its own, replicas, mates), and the relay's
+    process only accepts, routes and counts. Needs SSH front processes (at least
+    one). 0: the relay's process holds every session."""
     quic_port: int | None = None
-    """UDP port for QUIC; None: the SSH port's number; -1: no QUIC."""
+    """UDP port for QUIC (with session processes, the first of one each); None:
+    the SSH port's number; -1: no QUIC."""
     authorized_keys: list[str] | None = None
     """Host keys allowed to open sessions (authorized_keys lines); None: any key."""
     failed_tokens_free: int = 5

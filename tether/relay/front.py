@@ -265,14 +265,16 @@ class Front:
         state.pumping = asyncio.get_running_loop().create_task(run())
 
 
-def _logging(c: dict[str, Any]) -> None:
+def setup_logging(c: dict[str, Any], role: str = "front") -> None:
+    """A child process of the relay logs where the relay does (``FrontPool.log_config``)."""
     from tether.core.tokens import RedactTokens
 
     handler: logging.Handler = (logging.FileHandler(c["log_file"]) if c.get("log_file")
                                 else logging.StreamHandler(sys.stderr))
     handler.addFilter(RedactTokens())
+    fmt = f"%(asctime)s %(name)s[{role} %(process)d] %(levelname)s %(message)s"
     logging.basicConfig(level=int(c.get("log_level", logging.WARNING)), handlers=[handler],
-                        format="%(asctime)s %(name)s[front %(process)d] %(levelname)s %(message)s")
+                        format=fmt)
 
 
 async def _main(fd: int) -> None:
@@ -291,7 +293,7 @@ def main(argv: list[str]) -> int:
         print("usage: python3 -m tether.relay.front FD LOGCONFIG (run by tether relay)",
               file=sys.stderr)
         return 2
-    _logging(json.loads(argv[1]))
+    setup_logging(json.loads(argv[1]))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(int(argv[0])))
     return 0

@@ -54,7 +54,7 @@ MAX_WRITE = 32 * 1024
 
 LinkHandler = Callable[[StreamLink, str, str], Awaitable[None]]
 HostHandler = Callable[[StreamLink, str, str, str], Awaitable[None]]
-"""(link, host key fingerprint, peer, why it is refused: empty if it is not)"""
+"""(link, host key fingerprint, peer, why it may not start a session: empty if it may)"""
 MateHandler = Callable[[Any], Awaitable[None]]
 
 
@@ -66,20 +66,6 @@ class SplicedLink(StreamLink):
                  description: str, fingerprint: str = "") -> None:
         super().__init__(reader, writer, description)
         self.fingerprint = fingerprint
-
-    @classmethod
-    async def open(cls, sock: socket.socket, description: str, fingerprint: str = "",
-                   prefix: bytes = b"") -> SplicedLink:
-        """The link over ``sock``, whose first bytes (``prefix``) were read already
-        (by the relay, to route a host by its Hello)."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=2**16)
-        if prefix:
-            reader.feed_data(prefix)  # before the transport can add what follows
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport, _ = await loop.create_unix_connection(lambda: protocol, sock=sock)
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        return cls(reader, writer, description, fingerprint)
 
     def _close(self) -> None:
         self._writer.close()
@@ -225,9 +211,9 @@ class FrontRequests:
             if fd is None:
                 raise ValueError("no socket")
             sock = socket.socket(fileno=fd)
-            if kind == "hello":  # routed by the relay, which read the first bytes
-                prefix, refusal, *rest = args
-                self._spawn(self._link("host", rest, sock, bytes(prefix), str(refusal)))
+            if kind == "hello":  # a host routed by the relay, which looked at its Hello
+                refusal, *rest = args
+                self._spawn(self._link("host", rest, sock, str(refusal)))
             else:
                 self._spawn(self._link(kind, args, sock))
             return
@@ -262,11 +248,12 @@ class FrontRequests:
                 t.exit(0)
 
     async def _link(self, kind: str, args: list[Any], sock: socket.socket,
-                    prefix: bytes = b"", refusal: str = "") -> None:
+                    refusal: str = "") -> None:
         # a host: its key's fingerprint, peer, description; a join client: its
         # token, peer, description and the fingerprint of the key it proved
         who, peer, description, *proved = (str(a) for a in args)
-        link = await SplicedLink.open(sock, description, *proved[:1], prefix=prefix)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        link = SplicedLink(reader, writer, description, *proved[:1])
         try:
             if kind == "join":
                 await self.handlers.on_join(link, who, peer)
@@ -412,10 +399,9 @@ class FrontPool:
         self._listeners: list[socket.socket] = []
         self._conn_ids = 0
         self._closing = False
-        self._restarts: dict[int, asyncio.TimerHandle] = {}
+        self.restarts = Restarts()
         self.children: set[Child] = set()
         """Front processes not yet reaped (``close`` waits for them)."""
-        self._backoff: dict[int, float] = {}
         self.port = 0
 
     def front_config(self) -> dict[str, Any]:
@@ -476,8 +462,7 @@ class FrontPool:
         for sock in listeners:
             loop.remove_reader(sock.fileno())
             sock.close()
-        for handle in self._restarts.values():
-            handle.cancel()
+        self.restarts.cancel()
         for front in self.fronts:
             front.stop()  # the front ends when its channel closes
             if front.requests is not None:
@@ -525,22 +510,43 @@ class FrontPool:
             front.conns[self._conn_ids] = key
 
     def front_closed(self, front: FrontProcess) -> None:
-        if self._closing:
-            return
-        lived = time.monotonic() - front.started
-        wait = self._backoff.get(front.index, RESTART_FIRST)
-        wait = min(wait * 2, RESTART_MOST) if lived < YOUNG else RESTART_FIRST
-        self._backoff[front.index] = wait
-        log.error("ssh front %d ended after %.1f s; starting it again in %.1f s",
-                  front.index, lived, wait)
-        self._restarts[front.index] = asyncio.get_running_loop().call_later(
-            wait, self._restart, front)
-
-    def _restart(self, front: FrontProcess) -> None:
-        self._restarts.pop(front.index, None)
         if not self._closing:
-            try:
-                front.start()
-            except OSError as exc:
-                log.error("ssh front %d: cannot start: %s", front.index, exc)
-                self.front_closed(front)
+            self.restarts.died(front.index, f"ssh front {front.index}", front.started,
+                               front.start)
+
+
+class Restarts:
+    """Child processes of the relay that died, started again: after half a
+    second, doubling while they keep dying young."""
+
+    def __init__(self) -> None:
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._wait: dict[int, float] = {}
+
+    def died(self, index: int, name: str, started: float, start: Callable[[], None]) -> None:
+        lived = time.monotonic() - started
+        wait = self._wait.get(index, RESTART_FIRST)
+        wait = min(wait * 2, RESTART_MOST) if lived < YOUNG else RESTART_FIRST
+        self._wait[index] = wait
+        log.error("%s ended after %.1f s; starting it again in %.1f s", name, lived, wait)
+        self._timers[index] = asyncio.get_running_loop().call_later(
+            wait, self._restart, index, name, started, start)
+
+    def _restart(self, index: int, name: str, started: float,
+                 start: Callable[[], None]) -> None:
+        self._timers.pop(index, None)
+        try:
+            start()
+        except OSError as exc:
+            log.error("%s: cannot start: %s", name, exc)
+            self.died(index, name, time.monotonic(), start)
+
+    @property
+    def pending(self) -> int:
+        """Processes waiting to be started again."""
+        return len(self._timers)
+
+    def cancel(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()

@@ -39,6 +39,9 @@ class Registry:
         self._new_replica = new_replica
         self._by_token: dict[bytes, tuple[Session, bool]] = {}
         self._token_key = tokens.TokenKey()
+        self.on_change: Callable[[Session, bool], None] | None = None
+        """Told of each session created (True) and ended (False): a session
+        process tells the relay's directory."""
 
     def lookup(self, token: str) -> tuple[Session, bool] | None:
         """(session, read-only) for a token; keyed by HMAC so no secret is compared."""
@@ -88,6 +91,8 @@ class Registry:
         self.sessions[sid] = session
         self._by_token[self._token_key(session.rw_token)] = (session, False)
         self._by_token[self._token_key(session.ro_token)] = (session, True)
+        if self.on_change is not None:
+            self.on_change(session, True)
         log.info(
             "session %s created (tokens %s, %s)",
             sid,
@@ -112,6 +117,8 @@ class Registry:
         self.sessions.pop(s.id, None)
         self._by_token.pop(self._token_key(s.rw_token), None)
         self._by_token.pop(self._token_key(s.ro_token), None)
+        if self.on_change is not None:
+            self.on_change(s, False)
         await s.close()
 
     async def end_all(self) -> None:

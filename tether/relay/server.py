@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from tether.transport import web
 
     from .fronts import FrontPool
+    from .owners import OwnerPool
 
 log = logging.getLogger("tether.relay")
 
@@ -77,9 +78,12 @@ class Relay:
         )
         self._acceptor: object | None = None
         self._fronts: FrontPool | None = None
+        self._owners: OwnerPool | None = None
         self._quic_server: object | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.quic_port: int | None = None
+        self.quic_ports: list[int] = []
+        """With session processes: each one's UDP port for QUIC."""
         self.quic_fingerprint = ""
         self._web: web.WebFront | None = None
         self.web_port: int | None = None
@@ -149,12 +153,42 @@ class Relay:
 
     async def start(self) -> None:
         self._check_jail()
+        if self.config.session_procs > 0:
+            await self._start_owners()
+            return
         await self._start_ssh()
         if self.config.quic_port != -1:
             await self._start_quic()
         if self.config.web_port is not None:
             await self._start_web()
         self._reaper = asyncio.create_task(self.registry.reap())
+
+    async def start_sessions(self) -> None:
+        """A session process's start: QUIC and the reaper; the relay's process
+        listens for SSH and hands this one its share."""
+        if self.config.quic_port != -1:
+            await self._start_quic()
+        self._reaper = asyncio.create_task(self.registry.reap())
+
+    async def _start_owners(self) -> None:
+        """Session processes hold the sessions; this process accepts SSH, hands
+        each connection to a front, and routes what the fronts ask."""
+        from .fronts import FrontPool
+        from .owners import OwnerPool
+
+        c = self.config
+        if c.quic_port != -1:  # made here once, not raced for by every process
+            self.quic_fingerprint = quic.load_or_create_certificate(c.keys_dir)[2]
+        owners = self._owners = OwnerPool(c, c.session_procs)
+        fronts = self._fronts = FrontPool(c, c.ssh_procs or c.session_procs, None, owners)
+        owners.fronts = fronts
+        self.port = await fronts.start()
+        try:
+            self.quic_ports = await owners.start(self.port)
+        except RuntimeError:
+            await fronts.close()
+            raise
+        self.quic_port = self.quic_ports[0] if self.quic_ports else None
 
     async def close(self) -> None:
         if self._reaper is not None:
@@ -163,6 +197,8 @@ class Relay:
             await ssh.wait_closed(self._acceptor)  # type: ignore[arg-type]
         if self._fronts is not None:
             await self._fronts.close()
+        if self._owners is not None:
+            await self._owners.close()
         if self._quic_server is not None:
             self._quic_server.close()  # type: ignore[attr-defined]
         if self._web is not None:

@@ -135,7 +135,7 @@ class RelayProcess:
 
     def parts(self) -> dict[str, list[int]]:
         """The relay's processes by role: the relay, its SSH front processes
-        (``--ssh-procs``), jail wrappers (bwrap) if the
+        (``--ssh-procs``), its session processes (``--session-procs``), jail wrappers (bwrap) if the
         workers are jailed, replica workers, replica tmux servers and their pane
         processes, replica tmux clients (the workers' control clients and mates')."""
         procs = processes()
@@ -160,12 +160,15 @@ class RelayProcess:
             else:
                 clients.append(p.pid)
         fronts = [p.pid for p in below if any("tether.relay.front" in a for a in p.argv)]
-        known = {self.pid, *servers, *clients, *panes, *(p.pid for p in workers), *fronts}
+        owners = [p.pid for p in below if any("tether.relay.owner" in a for a in p.argv)]
+        known = {self.pid, *servers, *clients, *panes, *(p.pid for p in workers), *fronts,
+                 *owners}
         jail = [p.pid for p in below if _base(p.argv[0]) == "bwrap"]
         other = [p.pid for p in below if p.pid not in known and p.pid not in jail]
         return {
             "relay": [self.pid],
             "ssh fronts": fronts,
+            "session processes": owners,
             "jail (bwrap)": jail,
             "workers": [p.pid for p in workers],
             "replica tmux servers": servers,

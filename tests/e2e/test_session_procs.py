@@ -1,0 +1,137 @@
+"""Session processes (`tether relay --session-procs N`) as people meet them: a
+real relay whose sessions live in two processes, real hosts, and mates with
+OpenSSH `ssh` in a local tmux. Two sessions land in different processes, each
+host's QUIC link goes to its own process's port, mates find their session by
+token; a session process that dies takes only its own sessions, whose host
+starts them again with the same tokens; the relay's limits hold over all.
+
+The whole end-to-end suite also runs through session processes with
+``TETHER_TEST_RELAY_ARGS="--session-procs 2"``."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tether.testing.procs import descendants
+
+from .helpers import Host, Mate, RelayProcess, wait_for
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    r = RelayProcess(tmp_path_factory.mktemp("relay"), None, "--session-procs", "2")
+    yield r
+    r.close()
+
+
+def owners(relay: RelayProcess) -> list[int]:
+    return sorted(p.pid for p in descendants(relay.pid) if "tether.relay.owner" in p.cmdline)
+
+
+def holder(relay: RelayProcess, sid: str) -> tuple[int, str]:
+    """(pid of the session process that last attached the session's host, the link)."""
+    text = relay.log.read_text(errors="replace")
+    found = re.findall(rf"\[sessions (\d+)\] INFO host \S+ attached to session {sid} via (.*)",
+                       text)
+    return (int(found[-1][0]), found[-1][1]) if found else (0, "")
+
+
+def session_id(host: Host) -> str:
+    return wait_for(lambda: host.display("#{@tether_session}"), 20, "the session id")
+
+
+def attach(mates: list[Mate], tmp_path: Path, ssh: str, name: str) -> Mate:
+    m = Mate(tmp_path, ssh, (100, 30), name)
+    mates.append(m)
+    wait_for(lambda: "0:" in m.status_line(), 20, f"{name} to attach")
+    return m
+
+
+@pytest.fixture
+def two_hosts(relay: RelayProcess, tmp_path: Path) -> Iterator[tuple[Host, Host]]:
+    a = Host(tmp_path / "a", relay.conf())
+    try:
+        b = Host(tmp_path / "b", relay.conf())
+    except BaseException:
+        a.close()
+        raise
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_sessions_spread_over_the_processes_and_mates_find_theirs(
+    relay: RelayProcess, two_hosts: tuple[Host, Host], mates: list[Mate], tmp_path: Path
+) -> None:
+    a, b = two_hosts
+    assert len(owners(relay)) == 2
+    sid_a, sid_b = session_id(a), session_id(b)
+    # both hosts move to QUIC, each to the port of the process holding it
+    where = {}
+    for sid in (sid_a, sid_b):
+        where[sid] = wait_for(lambda s=sid: (h := holder(relay, s))[1].startswith("quic") and h,
+                              30, f"session {sid}'s host on QUIC")
+    assert {pid for pid, _ in where.values()} == set(owners(relay))
+    ma = attach(mates, tmp_path, a.ssh_rw, "mate-a")
+    mb = attach(mates, tmp_path, b.ssh_rw, "mate-b")
+    ma.type("echo in-a-$((6*7))")
+    wait_for(lambda: "in-a-42" in a.screen(), 15, "mate a's keys on host a")
+    mb.type("echo in-b-$((7*7))")
+    wait_for(lambda: "in-b-49" in b.screen(), 15, "mate b's keys on host b")
+    assert "in-b-49" not in a.screen() and "in-a-42" not in b.screen()
+    # a read-only mate of b, and a wrong token, routed like the rest
+    ro = attach(mates, tmp_path, b.ssh_ro, "ro-b")
+    ro.wait_text("in-b-49")
+    wrong = Mate(tmp_path, a.ssh_rw.replace(a.ssh_rw.split()[-1].split("@")[0], "x" * 26),
+                 name="wrong")
+    mates.append(wrong)
+    wrong.wait_text("Invalid or expired session token")
+
+
+def test_a_session_process_that_dies_takes_only_its_sessions(
+    relay: RelayProcess, two_hosts: tuple[Host, Host], mates: list[Mate], tmp_path: Path
+) -> None:
+    a, b = two_hosts
+    sid_a, sid_b = session_id(a), session_id(b)
+    pid_a = wait_for(lambda: holder(relay, sid_a)[0], 20, "a's session process")
+    pid_b = wait_for(lambda: holder(relay, sid_b)[0], 20, "b's session process")
+    assert pid_a != pid_b
+    ma = attach(mates, tmp_path, a.ssh_rw, "mate-a")
+    mb = attach(mates, tmp_path, b.ssh_rw, "mate-b")
+    os.kill(pid_a, signal.SIGKILL)
+    ma.wait_text("the relay's process for this session ended", timeout=20)
+    ma.wait_text("[ssh exited: 1]")
+    # the other session goes on
+    mb.type("echo b-still-$((5*5))")
+    wait_for(lambda: "b-still-25" in b.screen(), 15, "mate b's keys after the other process died")
+    assert mb.alive()
+    # the process is started again, and host a starts its session again: same tokens
+    wait_for(lambda: len(owners(relay)) == 2 and pid_a not in owners(relay), 20,
+             "the session process to be started again")
+    wait_for(lambda: holder(relay, sid_a)[0] not in (0, pid_a), 60,
+             "host a to start its session again")
+    again = attach(mates, tmp_path, a.ssh_rw, "mate-a-again")
+    again.type("echo a-back-$((9*9))")
+    wait_for(lambda: "a-back-81" in a.screen(), 20, "the new mate's keys on host a")
+
+
+def test_the_session_limit_counts_every_process(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path / "relay", None, "--session-procs", "2",
+                         "--max-sessions", "1")
+    hosts: list[Host] = []
+    try:
+        hosts.append(Host(tmp_path / "a", relay.conf()))
+        second = Host(tmp_path / "b", relay.conf(), ready=False)
+        hosts.append(second)
+        wait_for(lambda: "this relay is full" in second.agent_log() + second.messages(), 30,
+                 "the second host to be refused: the relay is full")
+    finally:
+        for h in hosts:
+            h.close()
+        relay.close()
