@@ -122,16 +122,77 @@ def test_a_session_process_that_dies_takes_only_its_sessions(
 
 
 def test_the_session_limit_counts_every_process(tmp_path: Path) -> None:
+    """Each session process alone would take two sessions more: the relay's
+    process counts them all, the host refused is told why."""
     relay = RelayProcess(tmp_path / "relay", None, "--session-procs", "2",
-                         "--max-sessions", "1")
+                         "--max-sessions", "2")
     hosts: list[Host] = []
     try:
-        hosts.append(Host(tmp_path / "a", relay.conf()))
-        second = Host(tmp_path / "b", relay.conf(), ready=False)
-        hosts.append(second)
-        wait_for(lambda: "this relay is full" in second.agent_log() + second.messages(), 30,
-                 "the second host to be refused: the relay is full")
+        for name in ("a", "b"):
+            hosts.append(Host(tmp_path / name, relay.conf()))
+        pids = {wait_for(lambda h=h: holder(relay, session_id(h))[0], 20, "a session process")
+                for h in hosts}
+        assert pids == set(owners(relay)), "one session in each process"
+        third = Host(tmp_path / "c", relay.conf(), ready=False)
+        hosts.append(third)
+        wait_for(lambda: "this relay is full" in third.agent_log() + third.messages(), 30,
+                 "the third host to be refused: the relay is full")
     finally:
         for h in hosts:
             h.close()
+        relay.close()
+
+
+def test_a_browser_mate_reaches_its_session_through_the_relays_own_front(
+    tmp_path: Path,
+) -> None:
+    """Browsers' WebSockets stay in the relay's process: their terminals are
+    served there, their session's process attaches them; the page lists the
+    mates, the host lists it as a web mate and can kick it."""
+    import asyncio
+
+    import aiohttp
+
+    from .helpers import free_port
+    from .test_presence import kick, mate_ids
+    from .test_web_front import WebMate, poll, token_of
+
+    relay = RelayProcess(tmp_path / "relay", None, "--session-procs", "2",
+                         "--web-port", str(free_port()))
+    host = Host(tmp_path / "host", relay.conf())
+    try:
+        link = host.display("#{tether_web}")
+        assert link.startswith(relay.web_base + "/t/"), (link, relay.web_base)
+
+        async def scenario() -> None:
+            async with aiohttp.ClientSession() as http:
+                mate = await WebMate.open(http, relay.web_base, token_of(link), 90, 25)
+                try:
+                    await asyncio.wait_for(mate.hello.wait(), 15)
+                    await asyncio.to_thread(host.type, "echo web-marker-$((6*7))")
+                    await mate.wait_text("web-marker-42")
+                    await mate.type("echo from-web-$((7*7))\r")
+                    await poll(lambda: "from-web-49" in host.screen(), 15,
+                               "the web mate's keys on the host")
+                    await poll(lambda: any(t.get("type") == "mates" for t in mate.texts), 15,
+                               "the page's list of mates")
+                    listed = [t for t in mate.texts if t.get("type") == "mates"][-1]
+                    assert [m["kind"] for m in listed["mates"]] == ["web"]  # type: ignore[index]
+                    ids = await asyncio.to_thread(mate_ids, host, "web")
+                    assert len(ids) == 1
+                    done = await asyncio.to_thread(kick, host, ids[0])
+                    assert done.returncode == 0, done.stderr
+                    assert await mate.wait_closed() == 4004
+                finally:
+                    await mate.close()
+                # a wrong token is refused like an ssh mate's
+                wrong = await WebMate.open(http, relay.web_base, "x" * 26)
+                try:
+                    assert await wrong.wait_closed() == 4001
+                finally:
+                    await wrong.close()
+
+        asyncio.run(scenario())
+    finally:
+        host.close()
         relay.close()

@@ -152,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         help="hold the sessions in N processes of their own (one per core): each serves "
         "its share's QUIC links and replicas, on UDP ports QUIC-PORT to QUIC-PORT+N-1; "
         "the relay's process only accepts, counts and routes. SSH is then served by "
-        "front processes (--ssh-procs, default N). Not with --web-port yet "
+        "front processes (--ssh-procs, default N) "
         "(default 0: the relay's process holds every session)",
     )
     p.add_argument(
@@ -232,8 +232,6 @@ def _procs_problem(a: argparse.Namespace) -> str:
     for name, n in (("--ssh-procs", a.ssh_procs), ("--session-procs", a.session_procs)):
         if not 0 <= n <= 64:
             return f"{name} {n}: expected 0 to 64"
-    if a.session_procs and a.web_port is not None:
-        return "--web-port cannot be used with --session-procs yet"
     if a.session_procs and a.replica == "worker":
         return "--replica worker cannot be used with --session-procs"
     return ""
@@ -318,7 +316,7 @@ def _config(a: argparse.Namespace, keys: Path) -> RelayConfig | None:
 def _announce(a: argparse.Namespace, relay: Relay, keys: Path) -> None:
     """Say where the relay listens and the lines hosts put in ~/.tether.conf."""
     host = a.host or (a.bind if a.bind not in ("0.0.0.0", "::") else "THIS-HOST")
-    ports = relay.quic_ports or ([relay.quic_port] if relay.quic_port else [])
+    ports = [p for p in relay.quic_ports if p] or ([relay.quic_port] if relay.quic_port else [])
     quic_note = (f", QUIC on UDP {ports[0]}" + (f"-{ports[-1]}" if ports[-1] != ports[0]
                                                  else "")) if ports else ", no QUIC"
     if len(ports) > 1 and ports != list(range(ports[0], ports[-1] + 1)):

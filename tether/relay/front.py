@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tether.core.messages import MateInfo
 from tether.transport import fdchannel, ssh
 from tether.transport.ssh_bounds import Admission
 
@@ -36,6 +37,11 @@ log = logging.getLogger("tether.relay")
 KEYS_WAIT = 10.0
 """How long a mate's login waits for the relay to say which keys its session
 requires; past it the login is refused (asked for a key none can be)."""
+MAX_ALLOWED = 100000
+"""Most host keys a relay's -a file may list."""
+MAX_FIELD = 256
+"""Longest token, TERM, address or fingerprint a mate's question carries (each
+is far shorter when genuine: a token is 26 characters)."""
 RESIZE_EVERY = 0.05
 """A mate's window changes reach the relay at most this often, the last size
 always: dragging a corner sends tens a second, one message each."""
@@ -114,6 +120,7 @@ class Front:
         self._keys: dict[int, asyncio.Future[set[bytes] | None]] = {}
         self._mates: dict[int, MateState] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._allowed: list[str] = []
         self.host_keys: list[Any] = []
         self.key_check: ssh.KeyCheck | None = None
         self.input_rate = 256 * 1024.0
@@ -129,6 +136,14 @@ class Front:
     def send(self, msg: list[Any], fd: int | None = None) -> None:
         if self._chan is not None:
             self._chan.send(msg, fd)
+
+    def stop(self) -> None:
+        self._gone.set()
+
+    async def on_mate(self, term: Any) -> None:
+        """A mate whose terminal is not an SSH channel (a browser's, in the
+        relay's own process): served as an SSH front serves its own."""
+        await self._on_mate(term)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -148,6 +163,13 @@ class Front:
                     self._chan.close()
                 return
             self.send(["ready"])
+        elif kind == "allow":  # hosts' keys this relay admits, a piece of the list
+            if len(self._allowed) + len(msg[1]) > MAX_ALLOWED:
+                log.error("front %d: more than %d allowed host keys", os.getpid(), MAX_ALLOWED)
+                if self._chan is not None:
+                    self._chan.close()
+                return
+            self._allowed += [str(line) for line in msg[1]]
         elif kind == "conn" and fd is not None:
             self._spawn(self._serve(msg[1], socket.socket(fileno=fd), msg[2]))
             fd = None
@@ -155,7 +177,7 @@ class Front:
             waiter = self._keys.pop(msg[1], None)
             if waiter is not None and not waiter.done():
                 waiter.set_result({bytes(k) for k in msg[2]} if msg[2] else None)
-        elif kind in ("write", "attached", "kick", "exit"):
+        elif kind in ("write", "attached", "kick", "exit", "mates"):
             state = self._mates.get(msg[1])
             if state is not None:
                 state.inbox.put_nowait((msg, fd))
@@ -167,8 +189,10 @@ class Front:
 
     def _configure(self, c: dict[str, Any]) -> None:
         self.host_keys = ssh.load_or_create_host_keys(Path(c["keys_dir"]))
-        if c.get("authorized_keys") is not None:
-            allowed = ssh.parse_public_keys(c["authorized_keys"], limit=100000)
+        if c.get("authorized_keys") is not None:  # "sent": in "allow" pieces before
+            lines = self._allowed if c["authorized_keys"] == "sent" else c["authorized_keys"]
+            allowed = ssh.parse_public_keys(lines, limit=MAX_ALLOWED)
+            self._allowed = []
             self.key_check = lambda key: key.public_data in allowed
         self.input_rate = float(c["mate_input_rate"])
         self.idle_timeout = float(c.get("idle_timeout", self.idle_timeout))
@@ -194,7 +218,7 @@ class Front:
         req = next(self._ids)
         waiter: asyncio.Future[set[bytes] | None] = asyncio.get_running_loop().create_future()
         self._keys[req] = waiter
-        self.send(["mate_keys", req, token])
+        self.send(["mate_keys", req, token[:MAX_FIELD]])
         try:
             return await asyncio.wait_for(waiter, KEYS_WAIT)
         except TimeoutError:
@@ -207,10 +231,12 @@ class Front:
     # --- a host's or a join client's channel: spliced to the relay's process ------------
 
     async def _on_host(self, link: ssh.SSHLink, host_key: str, peer: str) -> None:
-        await self._splice(link, ["host", host_key, peer, link.description])
+        await self._splice(link, ["host", host_key[:MAX_FIELD], peer[:MAX_FIELD],
+                                  link.description[:MAX_FIELD]])
 
     async def _on_join(self, link: ssh.SSHLink, token: str, peer: str) -> None:
-        await self._splice(link, ["join", token, peer, link.description, link.fingerprint])
+        await self._splice(link, ["join", token[:MAX_FIELD], peer[:MAX_FIELD],
+                                  link.description[:MAX_FIELD], link.fingerprint[:MAX_FIELD]])
 
     async def _splice(self, link: ssh.SSHLink, msg: list[Any]) -> None:
         here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -225,8 +251,10 @@ class Front:
     async def _on_mate(self, term: ssh.MateTerminal) -> None:
         req = next(self._ids)
         state = self._mates[req] = MateState(req, term, self)
-        self.send(["mate", req, term.username, term.term, term.cols, term.rows, term.peer,
-                   term.fingerprint])
+        # each string bounded: a 200 KiB TERM would not fit the relay's message
+        self.send(["mate", req, term.username[:MAX_FIELD], term.term[:MAX_FIELD], term.cols,
+                   term.rows, term.peer[:MAX_FIELD], term.fingerprint[:MAX_FIELD],
+                   getattr(term, "kind", "ssh")])
         try:
             while True:
                 (kind, *args), fd = await state.inbox.get()
@@ -237,6 +265,10 @@ class Front:
                     os.close(fd)
                 if kind == "kick" and state.pump is not None:
                     state.pump.kick()
+                elif kind == "mates":  # a browser's page lists them
+                    show = getattr(term, "show_mates", None)
+                    if show is not None:
+                        show(int(args[1]), [MateInfo(*info) for info in args[2]])
                 elif kind in ("write", "exit"):
                     await state.stop()  # its last screen before the relay's words
                     if kind == "write":

@@ -25,9 +25,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from tether.core.messages import MateInfo
 from tether.transport import fdchannel
 from tether.transport.children import Child, reap
 from tether.transport.link import StreamLink
@@ -36,7 +37,7 @@ from tether.transport.ssh_bounds import MAX_CONNECTIONS, Admission, address_key
 
 from .config import RelayConfig
 from .mates import MatePump, clamp_size
-from .session import Mate
+from .session import MORE, Mate
 
 log = logging.getLogger("tether.relay")
 
@@ -51,10 +52,22 @@ START_WAIT = 30.0
 starts an interpreter with asyncssh in well under a second)."""
 MAX_WRITE = 32 * 1024
 """A mate's text from the relay goes to its front in pieces of this size."""
+MAX_PIECE = 48 * 1024
+"""Bytes of hosts' allowed keys (``-a``) in one message to a front."""
+MAX_HELLOS = 4096
+MAX_HELLO_BYTES = 1024 * 1024 + 4
+"""Hosts' first bytes a front's questions may carry at once (the relay's
+process reads one frame of at most 1 MiB a host), past which the relay's
+process is at fault and the front's questions are dropped."""
+MAX_LISTED = 200
+"""Mates a browser's list shows, the last entry then saying how many more: a
+list fits one channel message."""
 
 LinkHandler = Callable[[StreamLink, str, str], Awaitable[None]]
-HostHandler = Callable[[StreamLink, str, str, str], Awaitable[None]]
-"""(link, host key fingerprint, peer, why it may not start a session: empty if it may)"""
+HostHandler = Callable[[StreamLink, str, str, str, Callable[[], None] | None],
+                       Awaitable[None]]
+"""(link, host key fingerprint, peer, why it may not start a session: empty if it
+may, what to call once its session is decided)"""
 MateHandler = Callable[[Any], Awaitable[None]]
 
 
@@ -66,6 +79,20 @@ class SplicedLink(StreamLink):
                  description: str, fingerprint: str = "") -> None:
         super().__init__(reader, writer, description)
         self.fingerprint = fingerprint
+
+    @classmethod
+    async def open(cls, sock: socket.socket, description: str, fingerprint: str = "",
+                   prefix: bytes = b"") -> SplicedLink:
+        """The link over ``sock``, whose first bytes (``prefix``) the relay's
+        process read already, to route a host by its Hello."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**16)
+        if prefix:
+            reader.feed_data(prefix)  # before the transport can add what follows
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.create_unix_connection(lambda: protocol, sock=sock)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        return cls(reader, writer, description, fingerprint)
 
     def _close(self) -> None:
         self._writer.close()
@@ -111,10 +138,8 @@ class RemotePump:
 class RemoteTerminal:
     """A mate's terminal in a front process, as ``mates.Mates`` sees a terminal."""
 
-    kind = "ssh"
-
     def __init__(self, front: FrontRequests, req: int, username: str, term: str,
-                 cols: int, rows: int, peer: str, fingerprint: str) -> None:
+                 cols: int, rows: int, peer: str, fingerprint: str, kind: str = "ssh") -> None:
         self.front = front
         """The front the mate came by, as it was then: a restarted front numbers
         its mates afresh, so nothing for this one may reach its successor."""
@@ -125,7 +150,17 @@ class RemoteTerminal:
         self.rows = rows
         self.peer = peer
         self.fingerprint = fingerprint
+        self.kind = "web" if kind == "web" else "ssh"
         self._pump: RemotePump | None = None
+        if self.kind == "web":  # a browser's page lists the mates
+            self.show_mates = self._show_mates
+
+    def _show_mates(self, me: int, mates: Sequence[MateInfo]) -> None:
+        listed = [[m.id, m.kind, m.readonly, m.address, m.fingerprint]
+                  for m in mates[:MAX_LISTED]]
+        if len(mates) > MAX_LISTED:
+            listed[-1] = [0, MORE, True, f"{len(mates) - MAX_LISTED + 1} more not listed", ""]
+        self.send(["mates", self.req, me, listed])
 
     async def read(self) -> bytes | tuple[int, int]:
         return b""  # the front reads it: the pump runs there
@@ -162,11 +197,15 @@ class Handlers:
     """What answers a front's questions: the process that holds the sessions."""
 
     def __init__(self, on_host: HostHandler, on_mate: MateHandler, on_join: LinkHandler,
-                 mate_keys: Callable[[str], set[bytes] | None]) -> None:
+                 mate_keys: Callable[[str], set[bytes] | None],
+                 decided: Callable[[int], None] | None = None) -> None:
         self.on_host = on_host
         self.on_mate = on_mate
         self.on_join = on_join
         self.mate_keys = mate_keys
+        self.decided = decided
+        """A session process tells the relay's process that a host it routed
+        (by that number) has its session, or will not."""
 
 
 class FrontRequests:
@@ -183,6 +222,9 @@ class FrontRequests:
         self.closed = False
         self.terminals: dict[int, RemoteTerminal] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self._parts: dict[int, bytearray] = {}
+        """Hosts' first bytes, by number, until their channel comes."""
+
 
     def send(self, msg: list[Any], fd: int | None = None) -> None:
         if not self.closed:
@@ -191,6 +233,7 @@ class FrontRequests:
     def close(self) -> None:
         """The front is gone: its mates have left."""
         self.closed = True
+        self._parts.clear()
         for term in list(self.terminals.values()):
             term.left()
         self.terminals.clear()
@@ -211,22 +254,30 @@ class FrontRequests:
             if fd is None:
                 raise ValueError("no socket")
             sock = socket.socket(fileno=fd)
-            if kind == "hello":  # a host routed by the relay, which looked at its Hello
-                refusal, *rest = args
-                self._spawn(self._link("host", rest, sock, str(refusal)))
+            if kind == "hello":  # a host routed by the relay, which read its Hello
+                ref, refusal, *rest = args
+                prefix = self._parts.pop(int(ref), bytearray())
+                self._spawn(self._link("host", rest, sock, str(refusal), int(ref),
+                                       bytes(prefix)))
             else:
                 self._spawn(self._link(kind, args, sock))
             return
         if fd is not None:
             os.close(fd)
-        if kind == "mate_keys":
+        if kind == "hello_part":  # the bytes the relay read of a host's channel
+            ref, data = int(args[0]), bytes(args[1])
+            part = self._parts.setdefault(ref, bytearray())
+            if len(self._parts) > MAX_HELLOS or len(part) + len(data) > MAX_HELLO_BYTES:
+                raise ValueError("more of hosts' first bytes than the relay reads")
+            part += data
+        elif kind == "mate_keys":
             # digests: a host may list 256 keys, past one message as blobs
             keys = self.handlers.mate_keys(str(args[1])) or ()
             self.send(["keys", int(args[0]), sorted(key_digest(k) for k in keys)])
         elif kind == "mate":
-            req, token, term, cols, rows, peer, fingerprint = args
+            req, token, term, cols, rows, peer, fingerprint, *kind = args
             t = RemoteTerminal(self, int(req), str(token), str(term), int(cols),
-                               int(rows), str(peer), str(fingerprint))
+                               int(rows), str(peer), str(fingerprint), *map(str, kind[:1]))
             self.terminals[t.req] = t
             self._spawn(self._mate(t))
         elif kind == "left":
@@ -248,19 +299,32 @@ class FrontRequests:
                 t.exit(0)
 
     async def _link(self, kind: str, args: list[Any], sock: socket.socket,
-                    refusal: str = "") -> None:
+                    refusal: str = "", ref: int | None = None, prefix: bytes = b"") -> None:
         # a host: its key's fingerprint, peer, description; a join client: its
         # token, peer, description and the fingerprint of the key it proved
-        who, peer, description, *proved = (str(a) for a in args)
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
-        link = SplicedLink(reader, writer, description, *proved[:1])
+        told = False
+
+        def decided() -> None:
+            """The relay's process counts a host it routed (by number) until its
+            session is decided: say so, once."""
+            nonlocal told
+            if not told and ref is not None and self.handlers.decided is not None:
+                told = True
+                self.handlers.decided(ref)
+
         try:
-            if kind == "join":
-                await self.handlers.on_join(link, who, peer)
-            else:
-                await self.handlers.on_host(link, who, peer, refusal)
+            who, peer, description, *proved = (str(a) for a in args)
+            link = await SplicedLink.open(sock, description, *proved[:1], prefix=prefix)
+            try:
+                if kind == "join":
+                    await self.handlers.on_join(link, who, peer)
+                else:
+                    await self.handlers.on_host(link, who, peer, refusal, decided)
+            finally:
+                link.close()
         finally:
-            link.close()
+            sock.close()
+            decided()
 
 
 class FrontProcess:
@@ -271,6 +335,9 @@ class FrontProcess:
         self.index = index
         self.gen = 0
         """How often it was started: the session processes tell its lives apart."""
+        self.local = False
+        """A front in the relay's own process (browser mates, with session
+        processes): no process to start again."""
         self.chan: fdchannel.FdChannel | None = None
         self.proc: Child | None = None
         self.started = 0.0
@@ -291,6 +358,8 @@ class FrontProcess:
         self.pool.children.add(self.proc)
         reap(self.proc, self.pool.children.discard)
         self.listen(here)
+        for piece in self.pool.allowed_pieces():
+            self.send(["allow", piece])
         self.send(["config", self.pool.front_config()])
         log.info("ssh front %d started (pid %d)", self.index, popen.pid)
 
@@ -405,9 +474,23 @@ class FrontPool:
         self.port = 0
 
     def front_config(self) -> dict[str, Any]:
+        """The front's settings; the hosts' keys it may admit go before, in
+        pieces (``allowed_pieces``): a long list does not fit one message."""
         c = self.config
-        return {"keys_dir": str(c.keys_dir), "authorized_keys": c.authorized_keys,
+        return {"keys_dir": str(c.keys_dir),
+                "authorized_keys": "sent" if c.authorized_keys is not None else None,
                 "mate_input_rate": c.mate_input_rate}
+
+    def allowed_pieces(self) -> list[list[str]]:
+        pieces: list[list[str]] = []
+        size = MAX_PIECE
+        for line in self.config.authorized_keys or ():
+            if size + len(line) > MAX_PIECE:
+                pieces.append([])
+                size = 0
+            pieces[-1].append(line)
+            size += len(line) + 8
+        return pieces
 
     @staticmethod
     def log_config() -> dict[str, Any]:
@@ -510,7 +593,7 @@ class FrontPool:
             front.conns[self._conn_ids] = key
 
     def front_closed(self, front: FrontProcess) -> None:
-        if not self._closing:
+        if not self._closing and not front.local:
             self.restarts.died(front.index, f"ssh front {front.index}", front.started,
                                front.start)
 

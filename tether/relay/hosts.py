@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from tether.core.errors import RemoteProtocolError
@@ -88,17 +89,24 @@ class Hosts:
         await self.handle(link, "", link.peer, resume_only=True)
 
     async def handle(
-        self, link: Link, host_key: str, peer: str, refusal: str = "", *,
-        resume_only: bool = False,
+        self, link: Link, host_key: str, peer: str, refusal: str = "",
+        decided: Callable[[], None] | None = None, *, resume_only: bool = False,
     ) -> None:
-        """One host connection, from its Hello to its last message. ``refusal``:
-        why no new session may start (the relay's process counted them all)."""
+        """One host connection, from its Hello to its last message. With session
+        processes, the relay's process counted the sessions: ``refusal`` says why
+        no new one may start, and ``decided`` tells it that this host's session
+        exists (or will not) and so counts among the reported ones."""
         session: Session | None = None
         try:
-            gate = HelloGate(time.monotonic(), self.config.hello_timeout)
-            hello = await self._hello(gate, link)
-            if hello is not None:
-                session = await self._session_for(gate, hello, host_key, resume_only, refusal)
+            try:
+                gate = HelloGate(time.monotonic(), self.config.hello_timeout)
+                hello = await self._hello(gate, link)
+                if hello is not None:
+                    session = await self._session_for(gate, hello, host_key, resume_only,
+                                                      refusal)
+            finally:
+                if decided is not None:
+                    decided()
             if hello is None or session is None:
                 self._refused(gate, link, peer)
                 return
@@ -173,6 +181,7 @@ class Hosts:
                 return None
         if hello.mate_keys or session.mate_keys:
             session.mate_keys = keys
+            self.registry.changed(session)
         return session
 
     async def _loop(self, s: Session, link: Link, conn: int, peer: str) -> None:

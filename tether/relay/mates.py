@@ -9,8 +9,11 @@ back-off, mate limit, input rate and size rules.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import itertools
 import logging
 import math
@@ -58,6 +61,14 @@ def display_address(peer: str) -> str:
     if ":" in host and not host.startswith("["):
         return f"[{host}]:{port}"
     return peer
+
+
+def _proved(term: Terminal, keys: set[bytes]) -> bool:
+    """Whether the key the mate proved (its ``SHA256:`` fingerprint) is one of ``keys``."""
+    proved = getattr(term, "fingerprint", "")
+    return bool(proved) and any(
+        hmac.compare_digest(proved, "SHA256:" + base64.b64encode(
+            hashlib.sha256(k).digest()).decode().rstrip("=")) for k in keys)
 
 
 def clamp_size(cols: int, rows: int) -> tuple[int, int]:
@@ -122,6 +133,14 @@ class Mates:
             await self._refuse_token(term)
             return
         session, readonly = found
+        if session.mate_keys and not _proved(term, session.mate_keys):
+            # the SSH login checked the key already, against what the session
+            # required then; with session processes that answer and this attach
+            # can come from two lives of a session (its process died between)
+            log.warning("mate from %s: no key the session requires; refused", term.peer)
+            term.write(b"This session admits only mates with a key its host listed.\r\n")
+            term.exit(1)
+            return
         if not term.term:
             term.write(b"tether needs a terminal: connect with `ssh -t`.\r\n")
             term.exit(1)

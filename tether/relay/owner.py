@@ -54,6 +54,8 @@ class Owner:
         self._gone = asyncio.Event()
         self.relay: Relay | None = None
         self._fronts: dict[tuple[int, int], FrontRequests] = {}
+        self._latest: dict[int, int] = {}
+        """Each front's latest life heard of."""
         self._started: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
@@ -85,10 +87,10 @@ class Owner:
         if kind == "front":
             index, gen, what = int(msg[1]), int(msg[2]), str(msg[3])
             req = self._front(index, gen)
-            if req is None:
+            if req is None:  # before the sessions started, or for a front that ended
                 if fd is not None:
                     os.close(fd)
-                raise ValueError("a front's question before the sessions started")
+                return
             try:
                 req.handle(what, msg[4:], fd)  # it owns fd now
             except (IndexError, TypeError, ValueError, KeyError) as exc:
@@ -102,7 +104,9 @@ class Owner:
             self._started = asyncio.get_running_loop().create_task(
                 self._start(int(msg[1]), config_from(msg[2])))
         elif kind == "front_gone":
-            req = self._fronts.pop((int(msg[1]), int(msg[2])), None)
+            index, gen = int(msg[1]), int(msg[2])
+            self._latest[index] = max(self._latest.get(index, 0), gen)
+            req = self._fronts.pop((index, gen), None)
             if req is not None:
                 req.close()
         else:
@@ -112,6 +116,9 @@ class Owner:
         """The questions of one life of one front, answered by this process."""
         req = self._fronts.get((index, gen))
         if req is None and self.relay is not None:
+            if gen <= self._latest.get(index, 0):
+                return None  # a life that ended (its last words came late)
+            self._latest[index] = gen
             relay = self.relay
             for key in [k for k in self._fronts if k[0] == index]:  # its earlier life
                 self._fronts.pop(key).close()
@@ -122,7 +129,8 @@ class Owner:
             req = self._fronts[(index, gen)] = FrontRequests(
                 f"ssh front {index}", send,
                 Handlers(relay.hosts.handle, relay.mates.handle, relay.joins.handle_ssh,
-                         relay.registry.mate_keys_for))
+                         relay.registry.mate_keys_for,
+                         lambda ref: self.send(["decided", ref])))
         return req
 
     async def _start(self, index: int, config: RelayConfig) -> None:
@@ -142,7 +150,7 @@ class Owner:
     def _session_changed(self, session: Session, live: bool) -> None:
         if live:
             self.send(["session", session.id, session.rw_token, session.ro_token,
-                       session.host_key])
+                       session.host_key, bool(session.mate_keys)])
         else:
             self.send(["ended", session.id])
 

@@ -40,8 +40,8 @@ class Registry:
         self._by_token: dict[bytes, tuple[Session, bool]] = {}
         self._token_key = tokens.TokenKey()
         self.on_change: Callable[[Session, bool], None] | None = None
-        """Told of each session created (True) and ended (False): a session
-        process tells the relay's directory."""
+        """Told of each session created or changed (True) and ended (False): a
+        session process tells the relay's directory."""
 
     def lookup(self, token: str) -> tuple[Session, bool] | None:
         """(session, read-only) for a token; keyed by HMAC so no secret is compared."""
@@ -100,6 +100,12 @@ class Registry:
             tokens.redact(session.ro_token),
         )
         return session
+
+    def changed(self, s: Session) -> None:
+        """What the directory knows of a live session changed (the keys it
+        requires of mates)."""
+        if self.on_change is not None and not s.ended and s.id in self.sessions:
+            self.on_change(s, True)
 
     def _can_recreate(self, h: Hello) -> bool:
         """A host's secret re-creates its session unless that session is live (the

@@ -14,6 +14,7 @@ resume secret.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,7 @@ __all__ = [
 if TYPE_CHECKING:
     from tether.transport import web
 
+    from .front import Front
     from .fronts import FrontPool
     from .owners import OwnerPool
 
@@ -79,6 +81,8 @@ class Relay:
         self._acceptor: object | None = None
         self._fronts: FrontPool | None = None
         self._owners: OwnerPool | None = None
+        self._local_front: Front | None = None
+        self._local_task: asyncio.Task[None] | None = None
         self._quic_server: object | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.quic_port: int | None = None
@@ -165,7 +169,9 @@ class Relay:
 
     async def start_sessions(self) -> None:
         """A session process's start: QUIC and the reaper; the relay's process
-        listens for SSH and hands this one its share."""
+        listens for SSH (and browsers: ``web_port`` and the base URL are its) and
+        hands this one its share."""
+        self.web_port = self.config.web_port
         if self.config.quic_port != -1:
             await self._start_quic()
         self._reaper = asyncio.create_task(self.registry.reap())
@@ -184,13 +190,41 @@ class Relay:
         owners.fronts = fronts
         self.port = await fronts.start()
         try:
-            self.quic_ports = await owners.start(self.port)
+            if c.web_port is not None:
+                await self._start_local_front()
+                await self._start_web()
+            self.quic_ports = await owners.start(self.port, self.web_port, self.web_base())
         except RuntimeError:
             await fronts.close()
+            if self._web is not None:
+                await self._web.close()
             raise
+        self.quic_ports = [p for p in self.quic_ports if p]  # 0: no QUIC (--no-quic)
         self.quic_port = self.quic_ports[0] if self.quic_ports else None
 
+    async def _start_local_front(self) -> None:
+        """Browser mates' terminals stay in this process (their WebSocket is here):
+        a front like the SSH ones, at the other end of a socket pair, asks the
+        session processes for them and pumps their bytes."""
+        from tether.transport import fdchannel
+
+        from .front import Front
+        from .fronts import FrontProcess
+
+        assert self._fronts is not None and self._owners is not None
+        here, there = fdchannel.pair()
+        slot = FrontProcess(self._fronts, len(self._fronts.fronts))
+        slot.local = True
+        slot.listen(here)
+        local = self._local_front = Front(there)
+        local.input_rate = self.config.mate_input_rate
+        self._local_task = asyncio.create_task(local.run())
+        await asyncio.sleep(0)  # its end of the channel is open
+        self._owners.local_front = slot
+
     async def close(self) -> None:
+        if self._owners is not None:  # none started again while the fronts end
+            self._owners.closing()
         if self._reaper is not None:
             self._reaper.cancel()
         if self._acceptor is not None:
@@ -203,6 +237,10 @@ class Relay:
             self._quic_server.close()  # type: ignore[attr-defined]
         if self._web is not None:
             await self._web.close()
+        if self._local_front is not None:
+            self._local_front.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._local_task), 5)  # type: ignore[arg-type]
         await self.registry.end_all()
 
     def _check_jail(self) -> None:
@@ -270,8 +308,10 @@ class Relay:
             tls = web.tls_context(c.web_cert, c.web_key) if c.web_cert and c.web_key else None
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise RuntimeError(f"cannot use the web certificate {c.web_cert}: {exc}") from None
+        on_mate = (self._local_front.on_mate if self._local_front is not None
+                   else self.mates.handle)
         front = web.WebFront(
-            self.mates.handle, self._web_access, WEB_PAGE_DIR,
+            on_mate, self._web_access, WEB_PAGE_DIR,
             trust_proxy=c.web_trust_proxy,
             max_per_address=c.max_connections_per_address,
         )
@@ -287,6 +327,12 @@ class Relay:
         """What a browser gets with ``token``: None if it is no session's."""
         from tether.transport.web import Access
 
+        if self._owners is not None:  # the session processes' directory
+            known = self._owners.lookup(token)
+            if known is None:
+                return None
+            sid, readonly, keys_only = known
+            return Access(readonly, KEYS_ONLY if keys_only else "", sid)
         found = self.registry.lookup(token)
         if found is None:
             return None
