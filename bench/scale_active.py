@@ -712,10 +712,15 @@ class _Bench:
         out.append(Figure(BENCH, "  relay-side CPU", "ms/s", [relay_total],
                           note=f"over {secs:.1f}s of typing; by part: {_fmt(relay_side, 'ms/s')}",
                           extra={"cpu_ms_per_s": {k: round(v, 2) for k, v in rates.items()}}))
+        owners = len(self.groups.get("session processes", []))
+        where = (f"sessions are spread over {owners} session processes (--session-procs), "
+                 "one asyncio thread each" if owners else
+                 "every session is served on the relay's one asyncio thread "
+                 "(SSH too, unless --ssh-procs)")
+        thread = "the busiest session process's thread" if owners else "the relay's thread"
         out.append(Figure(BENCH, "  busiest relay-side process", "ms/s", [hot],
                           note=f"pid {hottest} ({hot_part}): {hot / 10:.0f}% of one core; "
-                          "every session is served on the relay's one asyncio thread "
-                          "(SSH too, unless --ssh-procs)"))
+                          f"{where}"))
         gen_hot = {k: max((rate([x]) for x in self.groups[k]), default=0.0)
                    for k in gens if k != "mate ssh"}
         other = busy - relay_total - sum(gens.values())
@@ -738,7 +743,7 @@ class _Bench:
                       else math.inf)
         fit_cores = ((cores * 1000 - q_total) / (per_key_all * KEYS_PER_S) if per_key_all > 0
                      else math.inf)
-        fits = (f"beside {idle_up} idle sessions the relay's thread would be full at about "
+        fits = (f"beside {idle_up} idle sessions {thread} would be full at about "
                 f"{fit_thread:.0f} typing mates, and {cores} cores of relay-side work at about "
                 f"{fit_cores:.0f} (hosts and mates elsewhere)")
         out.append(Figure(BENCH, "  relay CPU per typed key", "ms", [per_key_all],
