@@ -306,3 +306,34 @@ async def test_the_message_on_the_host_expands_nothing_and_runs_nothing() -> Non
     # status off: tmux freezes that screen while the message shows, so only for
     # the user's display-time
     assert frozen.startswith("display-message -c '/dev/pts/4 x' 'tether: mate 3")
+
+
+async def test_a_mate_is_checked_against_the_keys_its_session_requires(tmp_path: Path) -> None:
+    """The SSH login checked the key against what the session required then;
+    the attach checks it again against what it requires now (with session
+    processes the two can meet two lives of a session)."""
+    import base64
+    import hashlib
+
+    from tether.relay.replica import ReplicaError
+
+    session, replica = new_session()
+    attached(session)
+    session.screen.set()
+    blob = b"\0\0\0\x0bssh-ed25519" + b"k" * 32
+    session.mate_keys = {blob}
+
+    async def no_attach(*args: object) -> int:
+        raise ReplicaError("not in this test")
+
+    replica.attach = no_attach  # type: ignore[method-assign]
+    registry = type("Registry", (), {"lookup": lambda self, token: (session, False)})()
+    role = MatesRole(registry, RelayConfig(keys_dir=tmp_path))  # type: ignore[arg-type]
+    right = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    for proved, admitted in (("", False), ("SHA256:" + "A" * 43, False), (right, True)):
+        term = FakeTerminal()
+        term.fingerprint = proved
+        await asyncio.wait_for(role.handle(term), 5)  # type: ignore[arg-type]
+        assert term.status == 1
+        assert (b"admits only mates with a key" in term.written) is not admitted, proved
+        assert (b"cannot attach" in term.written) is admitted  # it got that far
