@@ -203,3 +203,17 @@ def test_streams_are_independent() -> None:
     assert r.accept(Input(2, 1, 0, b"x"))
     assert not r.accept(Input(1, 5, 0, b"x"))
     assert r.accept(Input(2, 2, 0, b"x"))
+
+
+def test_a_re_created_session_numbers_its_mates_input_afresh() -> None:
+    """A session re-created with its id (its relay restarted, or the relay
+    process holding it died) starts its input over at 1: the host, which
+    remembers what it applied per stream, must not drop it as a resend."""
+    from tether.core.relay_endpoint import RelayHostEndpoint
+
+    host = InputReceiver()
+    before = RelayHostEndpoint("s", b"x" * 32, "rw", "ro")
+    for _ in range(3):
+        assert host.accept(before.inputs.push(0, b"k"))
+    after = RelayHostEndpoint("s", b"x" * 32, "rw", "ro")
+    assert host.accept(after.inputs.push(0, b"typed after"))

@@ -465,6 +465,8 @@ def _relay_attached() -> RelayHostEndpoint:
 )
 def test_relay_protocol_errors_send_error(msg: object, text: str) -> None:
     ep = _relay_attached()
+    if isinstance(msg, InputAck):  # for the session's own input stream
+        msg = InputAck(ep.inputs.stream, msg.seq)
     ep.receive(msg, 0.1)  # type: ignore[arg-type]
     assert ep.next_event() == ProtocolFailed(text) and ep.state is State.CLOSING
     assert [o.message for o in ep.messages_to_send(0.1)] == [Error(text)]

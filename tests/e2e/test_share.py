@@ -219,6 +219,12 @@ def test_relay_restart_recreates_the_session_with_the_same_tokens(tmp_path: Path
     try:
         rw, ro = h.ssh_rw, h.ssh_ro
         h.type("echo before-restart")
+        # a mate types before the restart: the re-created session's input starts
+        # over at 1, and the host must not take it for what it applied then
+        early = join(mates, tmp_path, rw)
+        for n in range(3):
+            early.type(f"echo early-{n}-$((6*7))")
+            wait_for(lambda n=n: f"early-{n}-42" in h.screen(), 15, "the early mate's keys")
         relay.close()
         seen = len(relay.log.read_text())
         relay = RelayProcess(tmp_path / "relay", port)  # same keys, same port

@@ -16,6 +16,8 @@ messages by ``Channel``, sleep until ``next_timer()`` and act on the events.
 
 from __future__ import annotations
 
+import secrets
+
 from . import tokens
 from .errors import RemoteProtocolError
 from .inputs import InputSender
@@ -194,7 +196,10 @@ class RelayHostEndpoint(Machine):
         """The Welcome this session sends, less ``next_seq`` (filled in per link)."""
         self.host_away_timeout = host_away_timeout
         self.receiver = LogReceiver()
-        self.inputs = InputSender(1)
+        # a stream number of its own: a session re-created with the same id (its
+        # relay restarted, or its relay process died) numbers its mates' input
+        # from 1 again, which the host must not take for what it applied before
+        self.inputs = InputSender(1 + secrets.randbelow(2**30))
         self.size = (0, 0)
         self.acked = 0
         self._ack_sent = 0
