@@ -106,7 +106,7 @@ def test_a_session_process_that_dies_takes_only_its_sessions(
     mb = attach(mates, tmp_path, b.ssh_rw, "mate-b")
     os.kill(pid_a, signal.SIGKILL)
     ma.wait_text("the relay's process for this session ended", timeout=20)
-    ma.wait_text("[ssh exited: 1]")
+    ma.wait_text("[ssh exited: 75]")  # EX_TEMPFAIL: its host starts it again
     # the other session goes on
     mb.type("echo b-still-$((5*5))")
     wait_for(lambda: "b-still-25" in b.screen(), 15, "mate b's keys after the other process died")
@@ -191,6 +191,27 @@ def test_a_browser_mate_reaches_its_session_through_the_relays_own_front(
                     assert await wrong.wait_closed() == 4001
                 finally:
                     await wrong.close()
+                # the session's process dies: the page is told to come back (1012),
+                # not refused, and once the host started the session again it can
+                again = await WebMate.open(http, relay.web_base, token_of(link), 90, 25)
+                try:
+                    await asyncio.wait_for(again.hello.wait(), 15)
+                    sid = await asyncio.to_thread(session_id, host)
+                    pid = holder(relay, sid)[0]
+                    os.kill(pid, signal.SIGKILL)
+                    assert await again.wait_closed() == 1012
+                finally:
+                    await again.close()
+                await poll(lambda: holder(relay, sid)[0] not in (0, pid), 60,
+                           "the host to start its session again")
+                back = await WebMate.open(http, relay.web_base, token_of(link), 90, 25)
+                try:
+                    await asyncio.wait_for(back.hello.wait(), 15)
+                    await back.type("echo web-back-$((8*8))\r")
+                    await poll(lambda: "web-back-64" in host.screen(), 20,
+                               "the returning web mate's keys on the host")
+                finally:
+                    await back.close()
 
         asyncio.run(scenario())
     finally:

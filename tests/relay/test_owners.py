@@ -86,7 +86,7 @@ class _Alive:
         self.owner = pool.owners[index]
         self.owner.ready = asyncio.get_running_loop().create_future()
         self.owner.ready.set_result(0)
-        self.owner.chan = type("Chan", (), {"closed": False})()  # type: ignore[assignment]
+        self.owner.chan = type("Chan", (), {"closed": False, "backlog": 0})()  # type: ignore[assignment]
 
 
 async def test_hosts_go_to_their_session_and_new_ones_to_the_least_loaded(
@@ -98,11 +98,13 @@ async def test_hosts_go_to_their_session_and_new_ones_to_the_least_loaded(
     secret = secrets.token_bytes(32)
     sid, rw, ro = tokens.derive_session(secret)
     pool.directory_add(b, sid, rw, ro, "key-1")
-    # a resume by id, or by the secret alone, goes where the session is
-    assert pool._for_hello(hello(session=sid, secret=secret), "key-1") == (b, "")
-    assert pool._for_hello(hello(secret=secret), "key-1") == (b, "")
+    # a resume (its secret derives the session it names) goes where the session
+    # is, and is not counted; the secret alone goes there too, but would start
+    # a session (it names none to resume)
+    assert pool._for_hello(hello(session=sid, secret=secret), "key-1") == (b, "", None)
+    assert pool._for_hello(hello(secret=secret), "key-1") == (b, "", sid)
     # a new session goes to the process with fewer sessions
-    assert pool._for_hello(hello(), "key-2") == (a, "")
+    assert pool._for_hello(hello(), "key-2") == (a, "", "")
     # mates' tokens, both of them, lead to it; an unknown one to the first process
     assert pool._for_token(rw) is b and pool._for_token(ro) is b
     assert pool.lookup(ro) == (sid, True, False) and pool.lookup("x" * 26) is None
@@ -110,9 +112,12 @@ async def test_hosts_go_to_their_session_and_new_ones_to_the_least_loaded(
     # the limits count every process's sessions, for a resume too (its secret
     # is checked only there: it may turn out to start a session)
     pool.directory_add(a, "s2", "rw2", "ro2", "key-1")
-    assert pool._for_hello(hello(), "key-1") == (a, "too many sessions for this host key")
     too_many = "too many sessions for this host key"
-    assert pool._for_hello(hello(session=sid), "key-1") == (b, too_many)
+    assert pool._for_hello(hello(), "key-1") == (a, too_many, None)
+    # naming a session without its secret: that session's process, which will
+    # not resume it, and may start one, so the limits apply
+    assert pool._for_hello(hello(session=sid), "key-1") == (b, too_many, None)
+    assert pool._for_hello(hello(session=sid, secret=secret), "key-1") == (b, "", None)
     pool.directory_add(a, "s3", "rw3", "ro3", "key-3", keys_only=True)
     assert pool._for_hello(hello(), "key-4")[1] == "this relay is full; try again later"
     assert pool.lookup("rw3") == ("s3", False, True)
@@ -124,7 +129,7 @@ async def test_hosts_go_to_their_session_and_new_ones_to_the_least_loaded(
     a.ready = None
     assert pool._for_hello(hello(), "key-4")[0] is b
     b.ready = None
-    assert pool._for_hello(hello(), "key-4") == (None, "")
+    assert pool._for_hello(hello(), "key-4") == (None, "", None)
     assert pool._for_token(rw) is None
 
 
@@ -156,6 +161,16 @@ async def test_hosts_not_yet_decided_count_against_the_limits(tmp_path: Path) ->
     assert pool._for_hello(hello(), "key")[1] == ""
     pool.decided(int(refs[0]))  # twice is once
     assert a.deciding + b.deciding == 1
+    # two hosts re-creating one session (after a restart) meet in one process
+    secret = secrets.token_bytes(32)
+    first = pool._for_hello(hello(secret=secret), "key")
+    assert first[2] == tokens.derive_session(secret)[0]
+    pool._deciding[999] = (first[0], "key", first[2])  # type: ignore[index]
+    other = b if first[0] is a else a
+    other.deciding -= 5  # the other process looks emptier
+    assert pool._for_hello(hello(secret=secret), "key")[0] is first[0]
+    other.deciding += 5
+    del pool._deciding[999]
 
 
 async def test_answers_for_a_front_that_ended_are_dropped_and_descriptors_closed(

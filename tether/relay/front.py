@@ -28,6 +28,7 @@ from typing import Any
 from tether.core.messages import MateInfo
 from tether.transport import fdchannel, ssh
 from tether.transport.ssh_bounds import Admission
+from tether.transport.web_terminal import EXIT_AGAIN
 
 from .mates import Pump
 from .session import Mate
@@ -129,9 +130,12 @@ class Front:
 
     async def run(self) -> None:
         self._chan = fdchannel.FdChannel(self._sock, self._on_message, self._gone.set)
-        await self._gone.wait()
-        for t in list(self._tasks):
-            t.cancel()
+        try:
+            await self._gone.wait()
+        finally:
+            self._chan.close()
+            for t in list(self._tasks):
+                t.cancel()
 
     def send(self, msg: list[Any], fd: int | None = None) -> None:
         if self._chan is not None:
@@ -143,6 +147,10 @@ class Front:
     async def on_mate(self, term: Any) -> None:
         """A mate whose terminal is not an SSH channel (a browser's, in the
         relay's own process): served as an SSH front serves its own."""
+        if self._gone.is_set():  # being replaced: the page comes back
+            term.write(b"tether: the relay is restarting; try again.\r\n")
+            term.exit(EXIT_AGAIN)
+            return
         await self._on_mate(term)
 
     def _spawn(self, coro: Any) -> None:

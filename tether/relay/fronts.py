@@ -267,9 +267,11 @@ class FrontRequests:
         if kind == "hello_part":  # the bytes the relay read of a host's channel
             ref, data = int(args[0]), bytes(args[1])
             part = self._parts.setdefault(ref, bytearray())
-            if len(self._parts) > MAX_HELLOS or len(part) + len(data) > MAX_HELLO_BYTES:
-                raise ValueError("more of hosts' first bytes than the relay reads")
+            if len(part) + len(data) > MAX_HELLO_BYTES:
+                raise ValueError("more of a host's first bytes than the relay reads")
             part += data
+            if len(self._parts) > MAX_HELLOS:  # a channel that never came: the oldest
+                del self._parts[min(self._parts)]
         elif kind == "mate_keys":
             # digests: a host may list 256 keys, past one message as blobs
             keys = self.handlers.mate_keys(str(args[1])) or ()
@@ -337,7 +339,8 @@ class FrontProcess:
         """How often it was started: the session processes tell its lives apart."""
         self.local = False
         """A front in the relay's own process (browser mates, with session
-        processes): no process to start again."""
+        processes): no process to start again, but ``restart``."""
+        self.restart: Callable[[], None] | None = None
         self.chan: fdchannel.FdChannel | None = None
         self.proc: Child | None = None
         self.started = 0.0
@@ -485,11 +488,14 @@ class FrontPool:
         pieces: list[list[str]] = []
         size = MAX_PIECE
         for line in self.config.authorized_keys or ():
-            if size + len(line) > MAX_PIECE:
+            n = len(line.encode()) + 8
+            if n > MAX_PIECE:  # no key is this long: a comment is
+                raise ValueError(f"an authorized_keys line of {n} bytes")
+            if size + n > MAX_PIECE:
                 pieces.append([])
                 size = 0
             pieces[-1].append(line)
-            size += len(line) + 8
+            size += n
         return pieces
 
     @staticmethod
@@ -593,7 +599,11 @@ class FrontPool:
             front.conns[self._conn_ids] = key
 
     def front_closed(self, front: FrontProcess) -> None:
-        if not self._closing and not front.local:
+        if front.local:
+            if not self._closing and front.restart is not None:
+                asyncio.get_running_loop().call_soon(front.restart)
+            return
+        if not self._closing:
             self.restarts.died(front.index, f"ssh front {front.index}", front.started,
                                front.start)
 
@@ -620,7 +630,7 @@ class Restarts:
         self._timers.pop(index, None)
         try:
             start()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.error("%s: cannot start: %s", name, exc)
             self.died(index, name, time.monotonic(), start)
 

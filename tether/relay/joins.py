@@ -36,7 +36,7 @@ from tether.core.ratelimit import FailureBackoff, TokenBucket
 from tether.transport.link import Link, LinkClosed, send_out
 
 from .config import RelayConfig
-from .mates import MAX_HOLD, clamp_size, display_address
+from .mates import MAX_HOLD, clamp_size, display_address, proved
 from .registry import Registry
 from .session import Mate, Session
 
@@ -141,6 +141,13 @@ class Joins:
             return
         join = await self._first(link)
         session, readonly = found
+        if session.mate_keys and not proved(getattr(link, "fingerprint", ""),
+                                             session.mate_keys):
+            # as for ssh mates (``mates.Mates.handle``): the login's key check met
+            # what the session required then
+            log.warning("join client %s: no key the session requires; refused", peer)
+            link.send_nowait(Error("this session admits only mates with a key its host listed"))
+            return
         place = self._resumed(join, session) or self._new_place(
             session, readonly, peer, getattr(link, "fingerprint", ""))
         if place is None:

@@ -63,11 +63,11 @@ def display_address(peer: str) -> str:
     return peer
 
 
-def _proved(term: Terminal, keys: set[bytes]) -> bool:
-    """Whether the key the mate proved (its ``SHA256:`` fingerprint) is one of ``keys``."""
-    proved = getattr(term, "fingerprint", "")
-    return bool(proved) and any(
-        hmac.compare_digest(proved, "SHA256:" + base64.b64encode(
+def proved(fingerprint: str, keys: set[bytes]) -> bool:
+    """Whether the key a mate proved (its ``SHA256:`` fingerprint, empty: none)
+    is one of ``keys`` (public key blobs)."""
+    return bool(fingerprint) and any(
+        hmac.compare_digest(fingerprint, "SHA256:" + base64.b64encode(
             hashlib.sha256(k).digest()).decode().rstrip("=")) for k in keys)
 
 
@@ -133,7 +133,8 @@ class Mates:
             await self._refuse_token(term)
             return
         session, readonly = found
-        if session.mate_keys and not _proved(term, session.mate_keys):
+        if session.mate_keys and not proved(getattr(term, "fingerprint", ""),
+                                            session.mate_keys):
             # the SSH login checked the key already, against what the session
             # required then; with session processes that answer and this attach
             # can come from two lives of a session (its process died between)

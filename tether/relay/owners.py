@@ -40,6 +40,7 @@ from tether.core import tokens
 from tether.core.messages import Hello, Message, MessageDecoder
 from tether.transport import fdchannel
 from tether.transport.children import Child, reap
+from tether.transport.web_terminal import EXIT_AGAIN
 
 from .config import RelayConfig
 from .fronts import START_WAIT, FrontPool, FrontProcess, Restarts, spawn
@@ -53,6 +54,9 @@ goes on unread as a new session's, to be refused."""
 CLOSE_WAIT = 20.0
 """How long the relay's stop waits for its session processes to end their
 sessions (each ends its replicas' jails) before it kills them."""
+BUSY = 4096
+"""Messages a session process may have left unread before new hosts are
+turned away rather than queued (its channel holds 16384)."""
 PART = 48 * 1024
 """The bytes read go to the session process in pieces of this size, each one
 channel message, before the channel itself."""
@@ -193,9 +197,10 @@ class OwnerPool:
         """HMAC of a token -> (its process, its session, read-only)."""
         self._by_sid: dict[str, OwnerProcess] = {}
         self._per_key: collections.Counter[str] = collections.Counter()
-        self._deciding: dict[int, tuple[OwnerProcess, str]] = {}
+        self._deciding: dict[int, tuple[OwnerProcess, str, str]] = {}
         """Hosts routed that may start a session, until their process says it is
-        decided (by number): their host owner and host key."""
+        decided (by number): their process, host key, and the session their
+        secret would re-create (empty: a new one)."""
         self._refs = itertools.count(1)
         self._mates: dict[tuple[int, int, int], OwnerProcess] = {}
         """A front's mate (front, its life, the mate's number) -> where it went."""
@@ -291,34 +296,44 @@ class OwnerPool:
         alive = self._alive()
         return alive[0] if alive else None
 
-    def _for_hello(self, first: Message | None, host_key: str) -> tuple[OwnerProcess | None, str]:
-        """(where a host goes, why it may not start a session: empty if it may).
-        The Hello is not proven here (its process checks the secret): a resume
-        could turn out to be a new session, so the limits are judged for every
-        host and the process applies them only if it starts one."""
-        owner: OwnerProcess | None = None
-        if isinstance(first, Hello):
-            sids = [first.session] if first.session else []
-            if first.secret is not None and len(first.secret) == 32:
-                sids.append(tokens.derive_session(first.secret)[0])
-            for sid in sids:
-                found = self._by_sid.get(sid)
-                if found is not None and found.alive:
-                    owner = found
-                    break
+    def _for_hello(self, first: Message | None,
+                   host_key: str) -> tuple[OwnerProcess | None, str, str | None]:
+        """(where a host goes, why it may not start a session: empty if it may,
+        the session it would start: None if it only resumes one).
+
+        The secret is checked only in the session process. A Hello whose secret
+        derives the live session it names resumes it (only its host knows that
+        secret). Any other may start a session there: the limits are judged for
+        it, counting hosts not yet decided, and the process applies them only if
+        it does. The session it would start is named by its secret (a re-created
+        one), so two hosts re-creating one session meet in one process."""
         alive = self._alive()
         if not alive:
-            return None, ""
-        # hosts routed whose session is not decided yet count too
+            return None, "", None
+        owner: OwnerProcess | None = None
+        derived = ""
+        if isinstance(first, Hello):
+            if first.secret is not None and len(first.secret) == 32:
+                derived = tokens.derive_session(first.secret)[0]
+            found = self._by_sid.get(first.session or "")
+            if found is not None and found.alive:
+                if derived == first.session:
+                    return found, "", None  # a resume, proven there
+                owner = found
+        if owner is None and derived:
+            found = self._by_sid.get(derived) or next(
+                (o for o, _, s in self._deciding.values() if s == derived), None)
+            if found is not None and found.alive:
+                owner = found
         refusal = ""
-        per_key = sum(k == host_key for _, k in self._deciding.values())
+        per_key = sum(k == host_key for _, k, _ in self._deciding.values())
         if len(self._by_sid) + len(self._deciding) >= self.config.max_sessions:
             refusal = "this relay is full; try again later"
         elif self._per_key[host_key] + per_key >= self.config.max_sessions_per_key:
             refusal = "too many sessions for this host key"
         if owner is None:
             owner = min(alive, key=lambda o: (len(o.sessions) + o.deciding, o.index))
-        return owner, refusal
+        return owner, refusal, None if refusal else derived
 
     # --- a front's questions, routed -------------------------------------------------------
 
@@ -375,21 +390,34 @@ class OwnerPool:
                 return  # it went, or said nothing in time
             if front.gen != where[1] or not front.alive:
                 return  # the front died meanwhile, and the channel with it
-            owner, refusal = self._for_hello(first, str(args[0]))
+            owner, refusal, sid = self._for_hello(first, str(args[0]))
             if owner is None:
                 log.warning("host %s: no session process serves now; closed", args[1])
                 return
+            if owner.chan is None or owner.chan.backlog > BUSY:
+                # a flood of first frames must not fill its channel (which ends it)
+                log.warning("host %s: session process %d is behind; closed", args[1],
+                            owner.index)
+                return
             ref = next(self._refs)
-            if not refusal:  # it may start a session: counted until its process says
-                self._deciding[ref] = (owner, str(args[0]))
+            if sid is not None:  # it may start a session: counted until its process says
+                self._deciding[ref] = (owner, str(args[0]), sid)
                 owner.deciding += 1
+            try:
+                channel = os.dup(sock.fileno())  # before any part: no part left orphaned
+            except OSError as exc:  # out of descriptors
+                log.warning("host %s: cannot hand the channel over: %s", args[1], exc)
+                self.decided(ref)
+                return
             try:
                 for i in range(0, len(prefix), PART):
                     owner.send(["front", *where, "hello_part", ref, prefix[i:i + PART]])
-                owner.send(["front", *where, "hello", ref, refusal, *args], sock.fileno())
-            except (OSError, ValueError) as exc:  # out of descriptors, say
+                owner.send(["front", *where, "hello", ref, refusal, *args], channel)
+            except (OSError, ValueError) as exc:
                 log.warning("host %s: cannot hand the channel over: %s", args[1], exc)
                 self.decided(ref)
+            finally:
+                os.close(channel)
 
     def decided(self, ref: int) -> None:
         """A routed host's session exists now (and was reported), or will not."""
@@ -438,7 +466,7 @@ class OwnerPool:
         """Its sessions are gone: out of the directory; their mates are told."""
         for sid in list(owner.sessions):
             self.directory_remove(owner, sid)
-        for ref in [r for r, (o, _) in self._deciding.items() if o is owner]:
+        for ref in [r for r, (o, _, _) in self._deciding.items() if o is owner]:
             del self._deciding[ref]
         owner.deciding = 0
         for key in [k for k, o in self._mates.items() if o is owner]:
@@ -447,7 +475,7 @@ class OwnerPool:
             front = self._front(index)
             if front is not None and front.gen == gen:
                 front.send(["write", req, GONE_TEXT])
-                front.send(["exit", req, 1])
+                front.send(["exit", req, EXIT_AGAIN])  # a browser's page reconnects
         if not self._closing:
             self.restarts.died(owner.index, f"session process {owner.index}", owner.started,
                                owner.start)

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from tether.transport import web
 
     from .front import Front
-    from .fronts import FrontPool
+    from .fronts import FrontPool, FrontProcess
     from .owners import OwnerPool
 
 log = logging.getLogger("tether.relay")
@@ -206,25 +206,33 @@ class Relay:
         """Browser mates' terminals stay in this process (their WebSocket is here):
         a front like the SSH ones, at the other end of a socket pair, asks the
         session processes for them and pumps their bytes."""
-        from tether.transport import fdchannel
-
-        from .front import Front
         from .fronts import FrontProcess
 
         assert self._fronts is not None and self._owners is not None
-        here, there = fdchannel.pair()
         slot = FrontProcess(self._fronts, len(self._fronts.fronts))
         slot.local = True
+        slot.restart = lambda: self._local_life(slot)  # its channel broke: a new one
+        self._local_life(slot)
+        await asyncio.sleep(0)  # its end of the channel is open
+        self._owners.local_front = slot
+
+    def _local_life(self, slot: FrontProcess) -> None:
+        from tether.transport import fdchannel
+
+        from .front import Front
+
+        here, there = fdchannel.pair()
         slot.listen(here)
         local = self._local_front = Front(there)
         local.input_rate = self.config.mate_input_rate
         self._local_task = asyncio.create_task(local.run())
-        await asyncio.sleep(0)  # its end of the channel is open
-        self._owners.local_front = slot
 
     async def close(self) -> None:
         if self._owners is not None:  # none started again while the fronts end
             self._owners.closing()
+            if self._web is not None:  # browsers are told the relay is stopping (1001)
+                await self._web.close()
+                self._web = None
         if self._reaper is not None:
             self._reaper.cancel()
         if self._acceptor is not None:
@@ -239,7 +247,7 @@ class Relay:
             await self._web.close()
         if self._local_front is not None:
             self._local_front.stop()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._local_task), 5)  # type: ignore[arg-type]
         await self.registry.end_all()
 
@@ -308,8 +316,11 @@ class Relay:
             tls = web.tls_context(c.web_cert, c.web_key) if c.web_cert and c.web_key else None
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise RuntimeError(f"cannot use the web certificate {c.web_cert}: {exc}") from None
-        on_mate = (self._local_front.on_mate if self._local_front is not None
-                   else self.mates.handle)
+        async def local_mate(term: web.WebTerminal) -> None:  # the front of the moment
+            assert self._local_front is not None
+            await self._local_front.on_mate(term)
+
+        on_mate = local_mate if self._local_front is not None else self.mates.handle
         front = web.WebFront(
             on_mate, self._web_access, WEB_PAGE_DIR,
             trust_proxy=c.web_trust_proxy,

@@ -80,6 +80,11 @@ CLOSE_INVALID_TOKEN = 4001
 CLOSE_REFUSED = 4003
 CLOSE_KICKED = 4004
 EXIT_KICKED = 4
+EXIT_AGAIN = 75
+"""The exit status of a mate whose session's relay process ended (EX_TEMPFAIL):
+its host starts the session again, so the page reconnects (``CLOSE_AGAIN``);
+``relay.owners`` uses it."""
+CLOSE_AGAIN = 1012
 """The mate handler's exit status for a mate the host disconnected
 (``relay.mates.EXIT_KICKED``): closed with ``CLOSE_KICKED``."""
 KICKED_TEXT = "the host disconnected you"
@@ -290,6 +295,8 @@ class WebTerminal:
         said = self._said()
         if self.status == EXIT_KICKED:
             return CLOSE_KICKED, said or KICKED_TEXT
+        if self.status == EXIT_AGAIN:
+            return CLOSE_AGAIN, said or "the session is starting again"
         if not self.accepted:
             return CLOSE_INVALID_TOKEN, said or "Invalid or expired session token."
         return CLOSE_REFUSED, said or "refused"
