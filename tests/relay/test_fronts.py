@@ -204,3 +204,45 @@ def asyncssh_key() -> Any:
     from tether.transport.sshlib import asyncssh
 
     return asyncssh.generate_private_key("ssh-ed25519").convert_to_public()
+
+
+async def test_a_routed_host_reads_the_bytes_the_relay_read_then_its_channel() -> None:
+    """With session processes the relay's process reads a host's first frame to
+    route it: the session process gets those bytes in pieces, then the channel,
+    and its link reads them first, then the rest, in order; it says once that
+    the host's session is decided, whatever happens."""
+    from tether.core.messages import Hello, Input
+    from tether.relay.fronts import FrontRequests
+
+    got: list[Any] = []
+    decided: list[int] = []
+    done = asyncio.Event()
+
+    async def on_host(link: Any, who: str, peer: str, refusal: str, told: Any) -> None:
+        got.append((who, peer, refusal, await link.recv(), await link.recv()))
+        told()
+        done.set()
+
+    sent: list[Any] = []
+    req = FrontRequests("test", lambda m, fd=None: sent.append(m),
+                        Handlers(on_host, _never, _never, lambda t: None, decided.append))
+    frame = Hello(1, "test", mate_keys=("ssh-rsa " + "A" * 716,) * 100).encode()
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with there:
+        for i in range(0, len(frame), 30000):  # three pieces
+            req.handle("hello_part", [7, frame[i:i + 30000]], None)
+        there.sendall(Input(5, 1, 0, b"after").encode())
+        req.handle("hello", [7, "", "SHA256:key", "192.0.2.1:22", "ssh test"],
+                   os.dup(here.fileno()))
+        here.close()
+        await asyncio.wait_for(done.wait(), 5)
+        for _ in range(100):
+            if not req.tasks:
+                break
+            await asyncio.sleep(0.01)
+    who, peer, refusal, first, second = got[0]
+    assert (who, peer, refusal) == ("SHA256:key", "192.0.2.1:22", "")
+    assert isinstance(first, Hello) and len(first.mate_keys) == 100
+    assert isinstance(second, Input) and second.keys == b"after"
+    assert decided == [7]  # once, though both the handler and the end said so
+    assert req._parts == {}
