@@ -56,9 +56,10 @@ MAX_PIECE = 48 * 1024
 """Bytes of hosts' allowed keys (``-a``) in one message to a front."""
 MAX_HELLOS = 4096
 MAX_HELLO_BYTES = 1024 * 1024 + 4
-"""Hosts' first bytes a front's questions may carry at once (the relay's
-process reads one frame of at most 1 MiB a host), past which the relay's
-process is at fault and the front's questions are dropped."""
+MAX_HELD = 16 * 1024 * 1024
+"""Hosts' first bytes held for their channel: one frame of at most 1 MiB a host
+(past it the sender is at fault), at most this many hosts and bytes in all
+(past them the oldest go: their channel did not come)."""
 MAX_LISTED = 200
 """Mates a browser's list shows, the last entry then saying how many more: a
 list fits one channel message."""
@@ -224,6 +225,7 @@ class FrontRequests:
         self.tasks: set[asyncio.Task[None]] = set()
         self._parts: dict[int, bytearray] = {}
         """Hosts' first bytes, by number, until their channel comes."""
+        self._held = 0
 
 
     def send(self, msg: list[Any], fd: int | None = None) -> None:
@@ -234,6 +236,7 @@ class FrontRequests:
         """The front is gone: its mates have left."""
         self.closed = True
         self._parts.clear()
+        self._held = 0
         for term in list(self.terminals.values()):
             term.left()
         self.terminals.clear()
@@ -257,6 +260,7 @@ class FrontRequests:
             if kind == "hello":  # a host routed by the relay, which read its Hello
                 ref, refusal, *rest = args
                 prefix = self._parts.pop(int(ref), bytearray())
+                self._held -= len(prefix)
                 self._spawn(self._link("host", rest, sock, str(refusal), int(ref),
                                        bytes(prefix)))
             else:
@@ -270,8 +274,10 @@ class FrontRequests:
             if len(part) + len(data) > MAX_HELLO_BYTES:
                 raise ValueError("more of a host's first bytes than the relay reads")
             part += data
-            if len(self._parts) > MAX_HELLOS:  # a channel that never came: the oldest
-                del self._parts[min(self._parts)]
+            self._held += len(data)
+            while len(self._parts) > MAX_HELLOS or self._held > MAX_HELD:
+                # channels that never came (the relay could not send them): the oldest
+                self._held -= len(self._parts.pop(min(self._parts)))
         elif kind == "mate_keys":
             # digests: a host may list 256 keys, past one message as blobs
             keys = self.handlers.mate_keys(str(args[1])) or ()
