@@ -205,3 +205,19 @@ async def test_a_malformed_question_raises_for_its_front(tmp_path: Path, kind: s
     front = type("Front", (), {"index": 0, "gen": 1})()
     with pytest.raises((ValueError, IndexError)):
         pool.route(front, kind, [], None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    ([], ""),
+    (["--session-procs", "4"], ""),
+    (["--session-procs", "2", "--ssh-procs", "1", "--web-port", "0"], ""),
+    (["--session-procs", "65"], "--session-procs 65: expected 0 to 64"),
+    (["--ssh-procs", "-1"], "--ssh-procs -1: expected 0 to 64"),
+    (["--session-procs", "2", "--replica", "worker"], "--replica worker cannot be used"),
+])
+def test_the_relays_process_options(argv: list[str], problem: str) -> None:
+    from tether.relay import cli as relay_cli
+
+    a = relay_cli._parser().parse_args(argv)
+    found = relay_cli._procs_problem(a)
+    assert (problem in found) if problem else found == ""

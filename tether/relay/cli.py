@@ -152,8 +152,8 @@ def _parser() -> argparse.ArgumentParser:
         help="hold the sessions in N processes of their own (one per core): each serves "
         "its share's QUIC links and replicas, on UDP ports QUIC-PORT to QUIC-PORT+N-1; "
         "the relay's process only accepts, counts and routes. SSH is then served by "
-        "front processes (--ssh-procs, default N) "
-        "(default 0: the relay's process holds every session)",
+        "front processes (--ssh-procs, default N). Default 0: the relay's process "
+        "holds every session",
     )
     p.add_argument(
         "--no-quic",
