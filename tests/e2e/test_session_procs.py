@@ -21,6 +21,7 @@ import pytest
 from tether.testing.procs import descendants
 
 from .helpers import Host, Mate, RelayProcess, wait_for
+from .test_ssh_fronts import attach
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +45,6 @@ def holder(relay: RelayProcess, sid: str) -> tuple[int, str]:
 
 def session_id(host: Host) -> str:
     return wait_for(lambda: host.display("#{@tether_session}"), 20, "the session id")
-
-
-def attach(mates: list[Mate], tmp_path: Path, ssh: str, name: str) -> Mate:
-    m = Mate(tmp_path, ssh, (100, 30), name)
-    mates.append(m)
-    wait_for(lambda: "0:" in m.status_line(), 20, f"{name} to attach")
-    return m
 
 
 @pytest.fixture

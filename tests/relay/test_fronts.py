@@ -15,7 +15,8 @@ import msgpack
 import pytest
 
 from tether.relay.config import RelayConfig
-from tether.relay.fronts import FrontPool, Handlers
+from tether.relay.front_requests import Handlers
+from tether.relay.fronts import FrontPool
 from tether.testing.procs import descendants
 from tether.transport import fdchannel, ssh
 from tether.transport.fdchannel import FdChannel
@@ -212,7 +213,7 @@ async def test_a_routed_host_reads_the_bytes_the_relay_read_then_its_channel() -
     and its link reads them first, then the rest, in order; it says once that
     the host's session is decided, whatever happens."""
     from tether.core.messages import Hello, Input
-    from tether.relay.fronts import FrontRequests
+    from tether.relay.front_requests import FrontRequests
 
     got: list[Any] = []
     decided: list[int] = []

@@ -306,7 +306,7 @@ class Front:
 
 
 def setup_logging(c: dict[str, Any], role: str = "front") -> None:
-    """A child process of the relay logs where the relay does (``FrontPool.log_config``)."""
+    """A child process of the relay logs where the relay does (``fronts.log_config``)."""
     from tether.core.tokens import RedactTokens
 
     handler: logging.Handler = (logging.FileHandler(c["log_file"]) if c.get("log_file")

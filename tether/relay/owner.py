@@ -30,7 +30,7 @@ from tether.transport import fdchannel
 
 from .config import RelayConfig
 from .front import setup_logging
-from .fronts import FrontRequests, Handlers
+from .front_requests import FrontRequests, Handlers
 from .server import Relay
 from .session import Session
 

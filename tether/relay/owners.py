@@ -39,7 +39,7 @@ from typing import Any
 from tether.core import tokens
 from tether.core.messages import Hello, Message, MessageDecoder
 from tether.transport import fdchannel
-from tether.transport.children import Child, reap
+from tether.transport.children import Child
 from tether.transport.web_terminal import EXIT_AGAIN
 
 from .config import RelayConfig
@@ -108,17 +108,14 @@ class OwnerProcess:
                 and self.ready.exception() is None)
 
     def start(self) -> None:
-        here, popen = spawn("tether.relay.owner", FrontPool.log_config())
-        self.proc = Child(popen)
-        self.pool.children.add(self.proc)
-        reap(self.proc, self.pool.children.discard)
+        here, self.proc = spawn("tether.relay.owner", self.pool.children)
         self.started = time.monotonic()
         self.ready = asyncio.get_running_loop().create_future()
         self.chan = fdchannel.FdChannel(here, self._on_message, self._closed)
         pool = self.pool
         self.send(["config", self.index, config_message(
             pool.config, self.index, pool.ssh_port, pool.web_port, pool.web_base)])
-        log.info("session process %d started (pid %d)", self.index, popen.pid)
+        log.info("session process %d started (pid %d)", self.index, self.proc.pid)
 
     def send(self, msg: list[Any], fd: int | None = None) -> None:
         if self.chan is not None:

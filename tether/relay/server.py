@@ -270,7 +270,8 @@ class Relay:
 
     async def _start_ssh(self) -> None:
         if self.config.ssh_procs > 0:
-            from .fronts import FrontPool, Handlers
+            from .front_requests import Handlers
+            from .fronts import FrontPool
 
             self._fronts = FrontPool(self.config, self.config.ssh_procs, Handlers(
                 self.hosts.handle, self.mates.handle, self.joins.handle_ssh,
