@@ -61,6 +61,15 @@ class Child:
     def kill(self) -> None:
         self._popen.send_signal(signal.SIGKILL)
 
+    def ended_within(self, timeout: float) -> bool:
+        """Whether it ended within ``timeout``, blocking: only for a child just
+        killed, whose end is a matter of milliseconds."""
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     async def wait(self) -> int:
         if self._popen.poll() is not None:
             return self._popen.returncode
@@ -151,8 +160,11 @@ async def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None,
             f.close()
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-        with contextlib.suppress(RuntimeError):  # the loop is closing: left to subprocess
-            reap(proc)
+        # waited for here: a task reaping it could outlive a loop torn down
+        # meanwhile (asyncio.run cancelling us), holding its pidfd for ever
+        if not proc.ended_within(1.0):
+            with contextlib.suppress(RuntimeError):  # the loop is closing: left to subprocess
+                reap(proc)
         raise
     return Piped(proc, asyncio.StreamWriter(transport, protocol, None, loop), out, err)
 
