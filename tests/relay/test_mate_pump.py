@@ -27,6 +27,9 @@ class StalledTerminal:
     async def drain(self) -> None:
         await self.drained.wait()
 
+    def backlog(self) -> int:
+        return 0 if self.drained.is_set() else sum(map(len, self.written))
+
 
 async def test_a_mate_leaving_mid_drain_watches_no_fd_again() -> None:
     """A mate who left while its output waited for SSH flow control made the relay

@@ -124,6 +124,9 @@ class FakeTerminal:
     async def drain(self) -> None:
         return
 
+    def backlog(self) -> int:
+        return 0
+
     def exit(self, status: int = 0) -> None:
         self.status = status
 

@@ -65,6 +65,7 @@ from tether.core.session import (
     Channel,
     Outgoing,
 )
+from tether.transport.alarm import Alarm
 from tether.transport.link import Link, LinkClosed, send_out
 from tether.transport.reconnect import Connector
 
@@ -132,7 +133,7 @@ class JoinClient:
         self._busy_at: float | None = None
         self._next: Link | None = None
         self._ack: int | None = None
-        self._poke = asyncio.Event()
+        self._poke = Alarm()
         """Wakes the timer loop: an ack is owed."""
         self.ready = asyncio.Event()
         """Set once the first screen is applied."""
@@ -419,8 +420,7 @@ class JoinClient:
                 if pinger.quiet and racing is None and self._next is None:
                     due = min(due, max(race_after, now))
                 self._poke.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._poke.wait(), max(due - now, 0.0) + 0.001)
+                await self._poke.wait(max(due - now, 0.0) + 0.001)
                 if self._ack is not None:
                     await asyncio.sleep(ACK_EVERY)  # coalesce the acks of a burst
                 now = time.monotonic()

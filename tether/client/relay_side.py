@@ -37,6 +37,7 @@ from tether.core.session import (
     State,
     Welcomed,
 )
+from tether.transport.alarm import Alarm
 from tether.transport.link import Link, LinkClosed, send_out
 from tether.transport.reconnect import Connector
 from tether.transport.tmux import TmuxError
@@ -93,7 +94,7 @@ class RelaySide:
         """A first connection started before the agent knew its session (the
         SSH handshake then overlaps tmux starting)."""
         self.wake = asyncio.Event()  # the log grew: the sender sends
-        self._poke = asyncio.Event()  # the endpoint may have events or a new timer
+        self._poke = Alarm()  # the endpoint may have events or a new timer
         self._armed: float | None = None
         """What the timer loop sleeps until."""
         self.ready = asyncio.Event()
@@ -236,8 +237,7 @@ class RelaySide:
                 self._flush(link)
                 continue
             self._armed = due
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), None if due is None else due - now)
+            await self._poke.wait(None if due is None else due - now)
 
     async def _on_event(self, link: Link, event: SessionEvent) -> None:
         if isinstance(event, Welcomed):

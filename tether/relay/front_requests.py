@@ -148,6 +148,9 @@ class RemoteTerminal:
     async def drain(self) -> None:
         """The front drains before it ends the connection (``exit``)."""
 
+    def backlog(self) -> int:
+        return 0
+
     def exit(self, status: int = 0) -> None:
         self.send(["exit", self.req, status])
         if self.front.terminals.get(self.req) is self:

@@ -210,8 +210,7 @@ class Hosts:
             s.wake.clear()
             when = s.ep.next_timer()
             delay = None if when is None else max(when - time.monotonic(), 0.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(s.wake.wait(), delay)
+            await s.wake.wait(delay)
             if s.conn != conn or s.ended:
                 return
             # over QUIC the host's pings are datagrams answered in the link: they

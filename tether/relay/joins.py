@@ -33,6 +33,7 @@ from tether.core.join_endpoint import (
 )
 from tether.core.messages import Error, Join, Message, Notice
 from tether.core.ratelimit import FailureBackoff, TokenBucket
+from tether.transport.alarm import Alarm
 from tether.transport.link import Link, LinkClosed, send_out
 
 from .config import RelayConfig
@@ -76,7 +77,7 @@ class JoinFeed:
 
     def __init__(self, ep: RelayJoinEndpoint) -> None:
         self.ep = ep
-        self.wake = asyncio.Event()
+        self.wake = Alarm()
         self.link: Link | None = None
 
     def send(self, msg: Message) -> None:
@@ -352,6 +353,5 @@ class Joins:
                 feed.wake.clear()
                 due = ep.next_timer()
                 delay = None if due is None else max(due - time.monotonic(), 0.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(feed.wake.wait(), delay)
+                await feed.wake.wait(delay)
                 ep.handle_timer(time.monotonic())

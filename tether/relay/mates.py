@@ -102,6 +102,10 @@ class Terminal(Protocol):
     async def drain(self) -> None:
         """Wait until the peer took what was written (its flow control)."""
 
+    def backlog(self) -> int:
+        """Bytes written that wait for the peer's flow control (0: ``drain``
+        returns at once)."""
+
     def exit(self, status: int = 0) -> None:
         """End the mate's connection."""
 
@@ -328,7 +332,9 @@ class Pump:
             return
         self.term.write(data)
         self.drawn.set()
-        if not self.paused:
+        # only output the mate has not taken waits for its drain: pausing after
+        # every read cost each echo a task and two epoll_ctl calls
+        if not self.paused and self.term.backlog():
             self.paused = True
             self.loop.remove_reader(fd)
             resumer = self.loop.create_task(self._resume())

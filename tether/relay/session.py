@@ -36,6 +36,7 @@ from tether.core.messages import (
 from tether.core.ratelimit import TokenBucket
 from tether.core.relay_endpoint import RelayHostEndpoint
 from tether.core.session import EventReceived, KickRequested, Presence, SessionEvent
+from tether.transport.alarm import Alarm
 from tether.transport.link import Link, LinkClosed, send_out
 
 log = logging.getLogger("tether.relay")
@@ -162,7 +163,7 @@ class Session:
     screen: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the host's first snapshot went to the replica: a mate who
     attached before would see a placeholder and type into nothing."""
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: Alarm = field(default_factory=Alarm)
     """Set when the endpoint's next timer moved earlier: the host link's timer
     loop then sleeps again until the new ``next_timer()``."""
     endpoint: InitVar[RelayHostEndpoint | None] = None

@@ -200,6 +200,12 @@ class MateTerminal:
         with contextlib.suppress(Exception):
             await self.process.stdout.drain()
 
+    def backlog(self) -> int:
+        try:
+            return int(self.process.channel.get_write_buffer_size())
+        except Exception:
+            return 0
+
     def exit(self, status: int = 0) -> None:
         with contextlib.suppress(Exception):
             self.process.exit(status)

@@ -248,6 +248,9 @@ class WebTerminal:
         """Until what was written is handed to the socket (or the client is gone)."""
         await self._idle.wait()
 
+    def backlog(self) -> int:
+        return 0 if self._idle.is_set() else max(self._queued, 1)
+
     def exit(self, status: int = 0) -> None:
         if self.status is None:
             self.status = status
