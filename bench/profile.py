@@ -2,6 +2,7 @@
 
     python3 -m bench.profile echo  [--keys N]       # mates typing, one key every 20 ms
     python3 -m bench.profile echo --syscalls        # system calls per process (strace -c)
+    python3 -m bench.profile echo --loop            # CPU per event-loop callback, per key
     python3 -m bench.profile flood [--mb N]         # the host pane cats a text file
     python3 -m bench.profile startup                # the agent from exec to ready
 
@@ -10,13 +11,21 @@ asyncssh, aioquic, msgpack, ...), the hottest functions (self time) and the
 hottest tether functions (inclusive time). Needs ``py-spy`` (``pip install
 py-spy``) and root (ptrace). Not part of ``bench/run.py``: sampling slows the
 processes it watches.
+
+``--loop`` needs neither: the relay and the agent run with
+``bench/loopstats`` on their ``PYTHONPATH``, which adds up the thread CPU time
+of every asyncio callback (and of aioquic's packet calls within them), and
+the report gives each callback's calls and CPU per keystroke.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,85 +114,131 @@ def _strace(pid: int, out: Path) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+LOOPSTATS = Path(__file__).resolve().parent / "loopstats"
+
+
+def loop_report(path: Path, keys: int, top: int = 16) -> str:
+    """A ``loopstats`` dump as a table: the costliest callbacks per keystroke."""
+    data = json.loads(path.read_text())
+    rows = sorted(data["callbacks"].items(), key=lambda kv: -kv[1][1])
+    inside = sum(t for k, (_, t) in data["callbacks"].items() if not k.startswith(" "))
+    lines = [f"  main thread {1000 * data['cpu'] / keys:.2f} ms per key, of which "
+             f"{1000 * inside / keys:.2f} in callbacks (the rest: the loop itself, epoll)",
+             f"  {'ms/key':>7} {'calls/key':>9} {'us/call':>8}  callback"]
+    for name, (n, t) in rows[:top]:
+        lines.append(f"  {1000 * t / keys:7.3f} {n / keys:9.2f} {1e6 * t / n:8.1f}  {name}")
+    return "\n".join(lines)
+
+
 def profile_running(scenario: str, args: argparse.Namespace) -> None:
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "TETHER_LOOPSTATS")}
     with Workdir("profile") as wd:
-        relay = Relay(wd)
-        home = wd.path / "host"
-        extra = "set -g status off\n" if scenario == "echo" else ""
-        write_host_home(home, relay.conf(), TMUX_CONF + extra)
-        env = wd.env(home)
-        cmd = ["cat"] if scenario == "echo" else ["env", "PS1=$ ", "/bin/sh"]
-        host = HostSession(wd, home, "host", (120, 40), cmd)
-        host_term = PtyProc(attach_argv(host.sock), env, (120, 41))
-        wd.on_close(host_term.close)
-        mate = PtyProc(host.ssh(), env, (120, 41))
-        wd.on_close(mate.close)
-        probe = b"!" if scenario == "echo" else b"READY-2"
-        deadline = time.monotonic() + 30
-        while True:
-            if scenario == "echo":
-                mate.write(b"!")
-            else:
-                host_term.write(b"echo READY-$((1+1))\r")
-            try:
-                wait_visible_all([(mate, probe), (host_term, probe)], 5)
-                break
-            except BenchError:
-                if time.monotonic() > deadline:
-                    raise
-        for p in (mate, host_term):
-            p.wait_quiet(0.3, 30)
-        groups = {**host.pids(), **relay.parts(), "mate ssh": [mate.pid]}
-        watched = {"agent": groups["agent"][0], "relay": groups["relay"][0]}
-        if groups["workers"]:  # --replica worker (TETHER_BENCH_RELAY_ARGS)
-            watched["worker"] = groups["workers"][0]
+        if args.loop:  # inherited by the relay and the agent started below
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(LOOPSTATS), saved["PYTHONPATH"]) if p)
+            os.environ["TETHER_LOOPSTATS"] = str(wd.path)
+        try:
+            _profile_in(wd, scenario, args)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _profile_in(wd: Workdir, scenario: str, args: argparse.Namespace) -> None:
+    relay = Relay(wd)
+    home = wd.path / "host"
+    extra = "set -g status off\n" if scenario == "echo" else ""
+    write_host_home(home, relay.conf(), TMUX_CONF + extra)
+    env = wd.env(home)
+    cmd = ["cat"] if scenario == "echo" else ["env", "PS1=$ ", "/bin/sh"]
+    host = HostSession(wd, home, "host", (120, 40), cmd)
+    host_term = PtyProc(attach_argv(host.sock), env, (120, 41))
+    wd.on_close(host_term.close)
+    mate = PtyProc(host.ssh(), env, (120, 41))
+    wd.on_close(mate.close)
+    probe = b"!" if scenario == "echo" else b"READY-2"
+    deadline = time.monotonic() + 30
+    while True:
         if scenario == "echo":
-            seconds = args.keys * 0.03
+            mate.write(b"!")
         else:
-            text = wd.path / "flood.txt"
-            make_text(text, args.mb * 1000 * 1000)
-            seconds = 3600.0
-        outs = {name: wd.path / f"{name}.txt" for name in watched}
+            host_term.write(b"echo READY-$((1+1))\r")
+        try:
+            wait_visible_all([(mate, probe), (host_term, probe)], 5)
+            break
+        except BenchError:
+            if time.monotonic() > deadline:
+                raise
+    for p in (mate, host_term):
+        p.wait_quiet(0.3, 30)
+    groups = {**host.pids(), **relay.parts(), "mate ssh": [mate.pid]}
+    watched = {"agent": groups["agent"][0], "relay": groups["relay"][0]}
+    if groups["workers"]:  # --replica worker (TETHER_BENCH_RELAY_ARGS)
+        watched["worker"] = groups["workers"][0]
+    if scenario == "echo":
+        seconds = args.keys * 0.03
+    else:
+        text = wd.path / "flood.txt"
+        make_text(text, args.mb * 1000 * 1000)
+        seconds = 3600.0
+    outs = {name: wd.path / f"{name}.txt" for name in watched}
+    if args.loop:
+        outs = {name: wd.path / f"loop-{pid}.json" for name, pid in watched.items()}
+        spies = []
+        for pid in watched.values():
+            os.kill(pid, signal.SIGUSR1)  # count from here
+    else:
         tool = _strace if args.syscalls else (lambda pid, out: _spy(pid, out, seconds))
         spies = [tool(pid, outs[name]) for name, pid in watched.items()]
         time.sleep(1.0)  # py-spy attached
-        cpu0 = cpu_of(groups)
-        t0 = time.perf_counter()
-        if scenario == "echo":
-            for i in range(args.keys):
-                ch = b"abcdefghijklmnopqrstuvwxyz0123456789"[i % 36 : i % 36 + 1]
-                mate.drain()
-                host_term.drain()
-                mate.write(ch)
-                wait_visible_all([(mate, ch), (host_term, ch)], 5)
-                if i % 36 == 35:
-                    mate.write(b"\r")
-                    mate.wait_quiet(0.1)
-                    host_term.wait_quiet(0.1)
-                time.sleep(0.02)
+    cpu0 = cpu_of(groups)
+    t0 = time.perf_counter()
+    if scenario == "echo":
+        for i in range(args.keys):
+            ch = b"abcdefghijklmnopqrstuvwxyz0123456789"[i % 36 : i % 36 + 1]
+            mate.drain()
+            host_term.drain()
+            mate.write(ch)
+            wait_visible_all([(mate, ch), (host_term, ch)], 5)
+            if i % 36 == 35:
+                mate.write(b"\r")
+                mate.wait_quiet(0.1)
+                host_term.wait_quiet(0.1)
+            time.sleep(0.02)
+    else:
+        host_term.write(f"cat {text}; echo PROFILE-DONE-$((40+2))\r".encode())
+        wait_visible_all([(host_term, b"PROFILE-DONE-42"), (mate, b"PROFILE-DONE-42")], 1800)
+    elapsed = time.perf_counter() - t0
+    cpu1 = cpu_of(groups)
+    for name, pid in watched.items() if args.loop else ():
+        os.kill(pid, signal.SIGUSR2)  # write the count
+        deadline = time.monotonic() + 10
+        while not outs[name].exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    for s in spies:
+        s.send_signal(2)  # py-spy writes its file on SIGINT
+    for s in spies:
+        try:
+            s.wait(30)
+        except subprocess.TimeoutExpired:
+            s.kill()
+            s.wait()
+    tool_name = ("loopstats" if args.loop else "strace" if args.syscalls
+                 else "py-spy (250 Hz)")
+    print(f"{scenario}: {elapsed:.1f}s under {tool_name}")
+    print("CPU seconds: " + ", ".join(
+        f"{k} {cpu1[k] - cpu0[k]:.2f}" for k in groups if cpu1[k] - cpu0[k] > 0))
+    for name, out in outs.items():
+        print(f"\n== {name} (pid {watched[name]})")
+        if args.loop:
+            print(loop_report(out, args.keys) if out.exists() else "  (nothing written)")
+        elif args.syscalls:
+            print(out.read_text() if out.exists() else "  (strace wrote nothing)")
         else:
-            host_term.write(f"cat {text}; echo PROFILE-DONE-$((40+2))\r".encode())
-            wait_visible_all([(host_term, b"PROFILE-DONE-42"), (mate, b"PROFILE-DONE-42")], 1800)
-        elapsed = time.perf_counter() - t0
-        cpu1 = cpu_of(groups)
-        for s in spies:
-            s.send_signal(2)  # py-spy writes its file on SIGINT
-        for s in spies:
-            try:
-                s.wait(30)
-            except subprocess.TimeoutExpired:
-                s.kill()
-                s.wait()
-        tool_name = "strace" if args.syscalls else "py-spy (250 Hz)"
-        print(f"{scenario}: {elapsed:.1f}s under {tool_name}")
-        print("CPU seconds: " + ", ".join(
-            f"{k} {cpu1[k] - cpu0[k]:.2f}" for k in groups if cpu1[k] - cpu0[k] > 0))
-        for name, out in outs.items():
-            print(f"\n== {name} (pid {watched[name]})")
-            if args.syscalls:
-                print(out.read_text() if out.exists() else "  (strace wrote nothing)")
-            else:
-                print(summarize(out) if out.exists() else "  (py-spy wrote nothing)")
+            print(summarize(out) if out.exists() else "  (py-spy wrote nothing)")
 
 
 def profile_startup() -> None:
@@ -236,8 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mb", type=int, default=5, help="file size in MB (flood)")
     ap.add_argument("--syscalls", action="store_true",
                     help="count system calls with strace -c instead of sampling with py-spy")
+    ap.add_argument("--loop", action="store_true",
+                    help="CPU per event-loop callback per key (bench/loopstats), no py-spy")
     a = ap.parse_args(argv)
-    if shutil.which("py-spy") is None:
+    if a.loop and a.scenario != "echo":
+        ap.error("--loop goes with echo (its figures are per keystroke)")
+    if shutil.which("py-spy") is None and not (a.loop or a.syscalls):
         print("bench.profile needs py-spy: pip install py-spy", file=sys.stderr)
         return 2
     if a.scenario == "startup":
