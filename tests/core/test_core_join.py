@@ -37,7 +37,7 @@ from tether.core.messages import (
     Status,
     Structure,
 )
-from tether.core.session import JUMP_BYTES
+from tether.core.session import JUMP_BYTES, Channel
 
 SNAP = Snapshot(Structure((), 0), Status(()), Bindings("C-b", ()))
 
@@ -153,6 +153,26 @@ def test_input_reaches_the_host_once_and_is_acked() -> None:
     assert events(ep, 1.0) == [InputAck(1, 3)]
     ep.receive(Ping(9), 1.0)
     assert events(ep, 1.0) == [Pong(9)]
+
+
+def test_a_keys_ack_rides_with_its_echo() -> None:
+    """The ack of a join client's key goes in the packet of the key's echo, not
+    alone a coalescing delay later (the client repeated every key meanwhile)."""
+    c = SnapshotCache()
+    c.add(Event(1, SNAP))
+    ep = endpoint(c)
+    ep.attach(Join(PROTOCOL_VERSION, "t"), 0.0)
+    drain_events(ep)
+    events(ep)
+    ep.receive(Input(1, 1, 4, b"k"), 0.0)
+    assert ep.next_timer() is not None  # the ack timer, if no echo comes first
+    c.add(out(2))  # the echo
+    ep.log_advanced()
+    sent = ep.messages_to_send(0.004)
+    assert [o.message for o in sent] == [InputAck(1, 1), out(2)]
+    assert sent[0].channel is Channel.ACK
+    ep.handle_timer(1.0)
+    assert events(ep, 1.0) == [], "acked once"
 
 
 def test_repeated_input_is_taken_in_order_only_and_once() -> None:

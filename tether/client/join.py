@@ -30,10 +30,9 @@ from tether.core.errors import AuthError, RemoteProtocolError, TetherError
 from tether.core.inputs import InputSender
 from tether.core.join_endpoint import (
     MAX_REPEATED,
-    REPEAT_AFTER_RTTS,
     REPEAT_APART,
-    REPEAT_SLACK,
     check_event_repeat,
+    repeat_after,
 )
 from tether.core.liveness import Pinger
 from tether.core.messages import (
@@ -164,6 +163,12 @@ class JoinClient:
         msg = self.inputs.push(pane, keys, binding)
         self._busy()
         self._send(msg)
+        link = self.link
+        if self._ack is not None and link is not None:
+            # the ack of what the relay sent rides with the key, not alone later
+            with contextlib.suppress(LinkClosed):
+                link.send_ack(Ack(self._ack))
+                self._ack = None
         loop = asyncio.get_running_loop()
         # a packet of its own: sent in this turn it would share the key's packet
         # (QuicLink sends one packet a turn), and a loss would take both
@@ -171,7 +176,7 @@ class JoinClient:
         if self._repeat_timer is not None:
             self._repeat_timer.cancel()
         srtt = self.srtt if self.srtt is not None else 0.1
-        self._repeat_timer = loop.call_later(REPEAT_AFTER_RTTS * srtt + REPEAT_SLACK, self._repeat)
+        self._repeat_timer = loop.call_later(repeat_after(srtt), self._repeat)
 
     def _repeat(self) -> None:
         """The unacked input again, oldest first, as one datagram (QUIC only: on the

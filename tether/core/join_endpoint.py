@@ -66,6 +66,16 @@ repeat (in SRTTs, plus slack): repeated once more. Past that, QUIC's own
 recovery. Long enough for the ack to come back first when nothing was lost."""
 REPEAT_RTT = 0.1
 """The SRTT assumed before the link has measured one."""
+
+
+def repeat_after(rtt: float) -> float:
+    """How long an unacked key or event waits for its next repeat: a little over
+    a round trip, and never less than the peer's coalesced ack (``ACK_EVERY``)
+    takes to come back. Timed by the round trip alone, a short path (a LAN,
+    loopback) sent every echo and key a second time before its ack could
+    arrive, though nothing was lost."""
+    return max(REPEAT_AFTER_RTTS * rtt, ACK_EVERY + rtt) + REPEAT_SLACK
+
 EVENT_REPEATS = 2
 """Times an event goes as a repeat at most (besides its copy on the stream)."""
 EVENT_REPEAT_MAX = 16
@@ -382,6 +392,11 @@ class RelayJoinEndpoint:
             events = self.cache.take(self.next_send, limit_bytes)
             if events:
                 self.next_send = events[-1].seq + 1
+                if self._input_ack is not None:
+                    # the echo of the client's key: its ack goes in the same
+                    # packet, not in one of its own a coalescing delay later
+                    out.append(Outgoing(self._input_ack, Channel.ACK))
+                    self._input_ack = self._ack_at = None
                 out += [Outgoing(ev) for ev in events]
                 if self.datagrams:
                     for ev in events:
@@ -411,7 +426,7 @@ class RelayJoinEndpoint:
         turn it went on the stream."""
         pick: list[Event] = []
         size = REPEAT_HEADER
-        again = now + REPEAT_AFTER_RTTS * (self.rtt or REPEAT_RTT) + REPEAT_SLACK
+        again = now + repeat_after(self.rtt or REPEAT_RTT)
         for r in self._repeats:
             if r.count >= EVENT_REPEATS or (r.count == 0 and r.due > now):
                 continue
