@@ -12,6 +12,7 @@ from tether.core.join_endpoint import (
     EVENT_REPEAT_BYTES,
     EVENT_REPEAT_MAX,
     EVENT_REPEATS,
+    LOSS_MEMORY,
     REPEAT_APART,
     REPEATED_EVENT_BYTES,
     RelayJoinEndpoint,
@@ -48,12 +49,14 @@ def out(seq: int, size: int = 10) -> Event:
 class World:
     """A relay endpoint over QUIC (or not) with its cache, on a fake clock."""
 
-    def __init__(self, datagrams: bool = True, readonly: bool = False) -> None:
+    def __init__(self, datagrams: bool = True, readonly: bool = False,
+                 lossy: bool = True) -> None:
         self.clock = FakeClock(0.0)
         self.cache = SnapshotCache()
         self.cache.add(Event(1, SNAP))
         self.ep = RelayJoinEndpoint("s1", 7, readonly, b"r" * 32, self.cache)
         self.ep.rtt = RTT
+        self.ep.lost_at = 0.0 if lossy else None  # QUIC found a packet lost lately
         self.ep.attach(Join(PROTOCOL_VERSION, "t"), 0.0, datagrams=datagrams)
         while self.ep.next_event() is not None:
             pass
@@ -145,6 +148,7 @@ def test_bounds_big_events_snapshots_count_and_bytes() -> None:
     assert seqs(rep) == list(range(3, 3 + EVENT_REPEAT_MAX))
     w.ep.receive(Ack(2 + EVENT_REPEAT_MAX + 10), w.clock.now)
     w.run(60.0)
+    w.ep.lost_at = w.clock.now  # still a lossy link
     start = w.next_seq
     w.host(*[300] * 10)  # a datagram's worth: three of them
     reps = w.run(w.clock.now + REPEAT_APART)
@@ -184,6 +188,28 @@ def test_a_lost_link_or_a_new_one_forgets_the_repeats() -> None:
     w.send()  # Joined, then 2 again on the stream
     reps = w.run(10.0)
     assert [seqs(r) for r in reps] == [[2], [2]]
+
+
+def test_on_a_link_that_lost_nothing_lately_the_first_repeat_waits_for_the_ack() -> None:
+    """Repeated at once, a key's echo cost three packets more (the repeat, and
+    the acks it drew) though nothing was lost; only a lossy link needs it."""
+    w = World(lossy=False)
+    w.host(10)
+    assert w.ep.next_timer() == pytest.approx(repeat_after(RTT))
+    assert w.run(repeat_after(RTT) - 0.001) == []
+    [late] = w.run(repeat_after(RTT))  # unacked that long: lost after all
+    assert seqs(late) == [2]
+    w2 = World(lossy=False)
+    w2.host(10)
+    w2.ep.receive(Ack(2), ACK_EVERY + RTT)  # the usual: the ack first
+    assert w2.run(10.0) == []
+    w3 = World(lossy=False)
+    w3.ep.lost_at = 0.0 - LOSS_MEMORY  # a loss, a minute ago: forgotten
+    w3.host(10)
+    assert w3.ep.next_timer() == pytest.approx(repeat_after(RTT))
+    w3.ep.lost_at = 0.0
+    w3.host(10)  # a loss now: the next event is repeated at once
+    assert w3.ep.next_timer() == pytest.approx(REPEAT_APART)
 
 
 def test_on_a_short_path_the_second_repeat_waits_for_the_clients_coalesced_ack() -> None:

@@ -121,6 +121,8 @@ async def test_a_lost_stream_packet_is_delivered_by_the_event_repeat(tmp_path: P
         await until(lambda: replica.applied == [SNAP], "the snapshot")
         await asyncio.sleep(0.2)  # the connection quiet: no ack or repeat in flight
 
+        # a link that lost a packet lately: events are repeated at once
+        relay_link._quic._loss._cc.last_loss = before = time.monotonic()  # type: ignore[attr-defined]
         dropper = Dropper(relay_link._transport)
         relay_link._transport = dropper  # type: ignore[assignment]
         echo = Output(1, b"k")
@@ -138,6 +140,8 @@ async def test_a_lost_stream_packet_is_delivered_by_the_event_repeat(tmp_path: P
         await asyncio.sleep(0.05)
         assert replica.applied == [SNAP, echo]
         assert jc.receiver.next_seq == 3
+        # and QUIC's loss detection, which keeps the link in that mode, saw it
+        await until(lambda: (relay_link.lost_at or 0.0) > before, "QUIC to find the loss")
     finally:
         for t in tasks:
             t.cancel()

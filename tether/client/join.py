@@ -30,8 +30,9 @@ from tether.core.errors import AuthError, RemoteProtocolError, TetherError
 from tether.core.inputs import InputSender
 from tether.core.join_endpoint import (
     MAX_REPEATED,
-    REPEAT_APART,
+    REPEAT_RTT,
     check_event_repeat,
+    first_repeat,
     repeat_after,
 )
 from tether.core.liveness import Pinger
@@ -170,12 +171,15 @@ class JoinClient:
                 link.send_ack(Ack(self._ack))
                 self._ack = None
         loop = asyncio.get_running_loop()
-        # a packet of its own: sent in this turn it would share the key's packet
-        # (QuicLink sends one packet a turn), and a loss would take both
-        loop.call_later(REPEAT_APART, self._repeat)
+        now = time.monotonic()
+        srtt = self.srtt if self.srtt is not None else REPEAT_RTT
+        first = first_repeat(now, getattr(link, "lost_at", None), srtt)
+        if first - now < repeat_after(srtt):
+            # a lossy link: a packet of its own at once (sent in this turn it
+            # would share the key's packet, and a loss would take both)
+            loop.call_later(first - now, self._repeat)
         if self._repeat_timer is not None:
             self._repeat_timer.cancel()
-        srtt = self.srtt if self.srtt is not None else 0.1
         self._repeat_timer = loop.call_later(repeat_after(srtt), self._repeat)
 
     def _repeat(self) -> None:

@@ -66,6 +66,20 @@ repeat (in SRTTs, plus slack): repeated once more. Past that, QUIC's own
 recovery. Long enough for the ack to come back first when nothing was lost."""
 REPEAT_RTT = 0.1
 """The SRTT assumed before the link has measured one."""
+LOSS_MEMORY = 60.0
+"""Seconds after the link last lost a packet during which a key or event is
+repeated at once (``REPEAT_APART``). On a path that loses nothing the first
+copy waits ``repeat_after`` like the second: the ack comes back first, and
+a key's echo costs no extra packets (three, with the acks they drew)."""
+
+
+def first_repeat(now: float, lost_at: float | None, rtt: float | None) -> float:
+    """When a key or event just sent is first repeated, if still unacked: at once
+    (``REPEAT_APART``) on a link that lost a packet lately, else after
+    ``repeat_after``."""
+    if lost_at is not None and now - lost_at < LOSS_MEMORY:
+        return now + REPEAT_APART
+    return now + repeat_after(rtt or REPEAT_RTT)
 
 
 def repeat_after(rtt: float) -> float:
@@ -255,6 +269,8 @@ class RelayJoinEndpoint:
         self.datagrams = False
         """The link takes datagrams (QUIC): small events are repeated on it."""
         self.rtt: float | None = None
+        self.lost_at: float | None = None
+        """When the link last lost a packet (its QUIC's loss detection)."""
         """The link's smoothed RTT, set by the adapter (QUIC's estimate)."""
         self._repeats: deque[_Repeat] = deque()
         """Sent, unacked, small events, in order; together they fit one datagram."""
@@ -418,7 +434,7 @@ class RelayJoinEndpoint:
         held = sum(r.size for r in self._repeats)
         if REPEAT_HEADER + held + size > EVENT_REPEAT_BYTES:
             return
-        self._repeats.append(_Repeat(event, size, 0, now + REPEAT_APART))
+        self._repeats.append(_Repeat(event, size, 0, first_repeat(now, self.lost_at, self.rtt)))
 
     def _repeat(self, now: float) -> None:
         """One ``EventRepeat``: every tracked event with a repeat left, oldest first

@@ -346,6 +346,7 @@ class Joins:
         with contextlib.suppress(LinkClosed):
             while True:
                 ep.rtt = getattr(link, "rtt", None)  # QUIC's: times the event repeats
+                ep.lost_at = getattr(link, "lost_at", None)  # and whether at once
                 while out := ep.messages_to_send(time.monotonic()):
                     for o in out:
                         send_out(link, o)

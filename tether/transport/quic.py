@@ -150,7 +150,13 @@ def _cap_probe_backoff(quic: QuicConnection) -> bool:
         return False
 
     def capped(*, now: float) -> None:
+        before = loss._pto_count
         timeout(now=now)
+        if loss._pto_count > before and getattr(loss, "handshake_confirmed", True):
+            # a probe timeout: an ack overdue, how a lone lost packet is found
+            # (``FloorReno.last_loss``; the controller may be a stand-in)
+            with contextlib.suppress(AttributeError):
+                loss._cc.last_loss = now
         loss._pto_count = min(loss._pto_count, MAX_PTO_BACKOFF)
 
     loss.on_loss_detection_timeout = capped
@@ -172,6 +178,11 @@ class FloorReno(RenoCongestionControl):
     initial window every new connection sends at once (ten), and above it the
     window grows and shrinks as NewReno's does."""
 
+    last_loss: float | None = None
+    """When QUIC last found a packet of ours lost, or resent one whose ack was
+    overdue (a probe timeout: how a lone lost keystroke or echo is found),
+    for ``QuicLink.lost_at``."""
+
     def _floor(self) -> None:
         least = MIN_WINDOW * self._max_datagram_size
         self.congestion_window = max(self.congestion_window, least)
@@ -179,6 +190,7 @@ class FloorReno(RenoCongestionControl):
             self.ssthresh = max(self.ssthresh, least)
 
     def on_packets_lost(self, *, now: float, packets: Iterable[QuicSentPacket]) -> None:
+        self.last_loss = now
         super().on_packets_lost(now=now, packets=packets)
         self._floor()
 
@@ -228,6 +240,8 @@ def _restart_congestion(quic: QuicConnection, now: float) -> bool:
     except Exception:  # a controller registered under another name: leave it
         return False
     fresh.bytes_in_flight = cc.bytes_in_flight
+    if hasattr(cc, "last_loss"):
+        fresh.last_loss = cc.last_loss  # the path's record, not the window's
     if hasattr(fresh, "_congestion_recovery_start_time"):
         # the losses still to be found among packets sent in the dark are the
         # outage's, not a sign of congestion on the path that is back
@@ -272,6 +286,13 @@ class QuicLink(QuicConnectionProtocol):
     @property
     def description(self) -> str:
         return f"quic {self.peer}"
+
+    @property
+    def lost_at(self) -> float | None:
+        """When QUIC last found a packet this link sent lost or overdue (``FloorReno.
+        last_loss``), on ``time.monotonic``'s clock; None: never."""
+        loss = getattr(self._quic, "_loss", None)
+        return getattr(getattr(loss, "_cc", None), "last_loss", None)
 
     @property
     def rtt(self) -> float | None:
