@@ -285,6 +285,9 @@ class JoinClient:
             self.first_joined = time.monotonic()
         self.joined = first
         self.connector.learn(first)
+        # an ack owed on the old link is not this one's: the relay may have moved
+        # us back to a snapshot, and an ack past what it sent here closes the link
+        self._ack = None
         self.link = link
         self.last_heard = time.monotonic()
         self.quiet_since = None

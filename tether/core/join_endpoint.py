@@ -269,9 +269,9 @@ class RelayJoinEndpoint:
         self.datagrams = False
         """The link takes datagrams (QUIC): small events are repeated on it."""
         self.rtt: float | None = None
+        """The link's smoothed RTT, set by the adapter (QUIC's estimate)."""
         self.lost_at: float | None = None
         """When the link last lost a packet (its QUIC's loss detection)."""
-        """The link's smoothed RTT, set by the adapter (QUIC's estimate)."""
         self._repeats: deque[_Repeat] = deque()
         """Sent, unacked, small events, in order; together they fit one datagram."""
 
