@@ -29,7 +29,7 @@ from tether.client.paths import messages_path, pid_path, state_dir
 from tether.core.control import quote
 from tether.core.tokens import RedactTokens
 from tether.transport.children import use_pidfd_watcher
-from tether.transport.openssh import RelayAddress, load_public_keys
+from tether.transport.openssh import RelayAddress, load_public_keys, prestart_host
 from tether.transport.reconnect import Connector
 
 if TYPE_CHECKING:
@@ -91,10 +91,12 @@ async def _display_all(agent: HostAgent, text: str) -> None:
 
 
 async def amain(socket: str, session: str, conf: Path | None, authorized: str | None = None,
-                warm: bool = True, start: _Start | None = None) -> int:
+                warm: bool = True, start: _Start | None = None,
+                early_ssh: _EarlySSH | None = None) -> int:
     """Share ``session`` until it ends; ``warm``: leave a zygote behind once shared;
-    ``start``: start tmux first (a zygote's fork doing `tether new-session`)."""
-    cfg = config_mod.load(conf)
+    ``start``: start tmux first (a zygote's fork doing `tether new-session`);
+    ``early_ssh``: the config, and ssh already started on it."""
+    cfg = early_ssh.cfg if early_ssh is not None else config_mod.load(conf)
     messages = Messages(messages_path(socket))
     started = None
     if start is not None and not cfg.server_host:  # an embedded relay takes longer
@@ -105,6 +107,8 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
     )
     mate_keys = tuple(load_public_keys(authorized)) if authorized else ()
     connector = Connector(addr)
+    if early_ssh is not None:
+        connector.prestarted, early_ssh.started = early_ssh.started, None
     early = asyncio.create_task(connector.connect())
     if start is not None and started is None:
         # tmux starts, in a thread, while ssh connects: the handshake is the
@@ -233,20 +237,44 @@ async def _answer(agent: HostAgent, req: dict[str, object]) -> dict[str, object]
     return {"ok": False, "error": f"unknown request {str(op)[:40]!r}"}
 
 
+def _configured_address(cfg: config_mod.TetherConfig) -> RelayAddress | None:
+    """The relay the config names (None: none, an embedded one serves)."""
+    if not cfg.server_host:
+        return None
+    return RelayAddress(
+        cfg.server_host,
+        cfg.server_port,
+        cfg.fingerprints,
+        cfg.identities,
+        cfg.known_hosts,
+        str(state_dir() / "host_ed25519"),
+    )
+
+
+class _EarlySSH:
+    """The config, loaded before the event loop, and ``ssh`` to the relay it
+    names, started then: the SSH handshake is the longest part of a warm start,
+    so it begins before anything else the agent does."""
+
+    def __init__(self, conf: Path | None) -> None:
+        self.cfg = config_mod.load(conf)
+        addr = _configured_address(self.cfg)
+        self.started = prestart_host(addr) if addr is not None else None
+
+    def discard(self) -> None:
+        """End ``ssh`` if the agent never took it (it failed first)."""
+        if self.started is not None:
+            self.started.discard()
+            self.started = None
+
+
 async def _relay_address(
     cfg: config_mod.TetherConfig,
 ) -> tuple[RelayAddress, Relay | None, str | None]:
     """Where the host connects: the configured relay, or else an embedded one
     started here (returned, to close at the end, with why it is not jailed)."""
-    if cfg.server_host:
-        addr = RelayAddress(
-            cfg.server_host,
-            cfg.server_port,
-            cfg.fingerprints,
-            cfg.identities,
-            cfg.known_hosts,
-            str(state_dir() / "host_ed25519"),
-        )
+    addr = _configured_address(cfg)
+    if addr is not None:
         return addr, None, None
     # the embedded relay only: a host with a relay configured never loads it
     from tether.relay.jail import jail_unavailable
@@ -367,14 +395,46 @@ def main(argv: list[str] | None = None, *, forked: bool = False,
     """The agent's command line; ``forked``: by a zygote, which need not start
     another; ``reply``: the CLI waiting to hear that tmux has the session (the
     agent starts tmux with the arguments after ``--``)."""
-    p = argparse.ArgumentParser(prog="tether-agent")
-    p.add_argument("--socket", required=True)
-    p.add_argument("--session", required=True, help="tmux session id, or - to read it from stdin")
-    p.add_argument("--config", type=Path)
-    p.add_argument("--authorized-keys")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("tmux_args", nargs="*", help="after --: tmux new-session's (with reply)")
-    a = p.parse_args(argv)
+    a = _parser().parse_args(argv)
+    start = None
+    if reply is not None:
+        start = _Start(reply, a.socket, a.tmux_args, a.config, a.authorized_keys)
+    early_ssh = None
+    try:
+        early_ssh = _EarlySSH(a.config)
+        return _run(a, forked, start, early_ssh)
+    except Exception as exc:  # before tmux started (the config): the CLI says why
+        if start is not None:
+            start.answer(None, str(exc) or type(exc).__name__)
+        raise
+    finally:
+        if early_ssh is not None:
+            early_ssh.discard()
+        if start is not None:
+            start.answer(None, "the tether agent failed before tmux started; see its log")
+
+
+_PARSER: argparse.ArgumentParser | None = None
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The agent's argument parser, built once (a zygote builds it before it forks)."""
+    global _PARSER
+    if _PARSER is None:
+        p = argparse.ArgumentParser(prog="tether-agent")
+        p.add_argument("--socket", required=True)
+        p.add_argument("--session", required=True,
+                       help="tmux session id, or - to read it from stdin")
+        p.add_argument("--config", type=Path)
+        p.add_argument("--authorized-keys")
+        p.add_argument("-v", "--verbose", action="store_true")
+        p.add_argument("tmux_args", nargs="*", help="after --: tmux new-session's (with reply)")
+        _PARSER = p
+    return _PARSER
+
+
+def _run(a: argparse.Namespace, forked: bool, start: _Start | None,
+         early_ssh: _EarlySSH) -> int:
     handler = logging.StreamHandler()
     handler.addFilter(RedactTokens())
     logging.basicConfig(
@@ -383,19 +443,8 @@ def main(argv: list[str] | None = None, *, forked: bool = False,
         handlers=[handler],
     )
     use_pidfd_watcher()
-    start = None
-    if reply is not None:
-        start = _Start(reply, a.socket, a.tmux_args, a.config, a.authorized_keys)
-    try:
-        return asyncio.run(amain(a.socket, a.session, a.config, a.authorized_keys,
-                                 warm=not forked, start=start))
-    except Exception as exc:  # before tmux started (the config): the CLI says why
-        if start is not None:
-            start.answer(None, str(exc) or type(exc).__name__)
-        raise
-    finally:
-        if start is not None:
-            start.answer(None, "the tether agent failed before tmux started; see its log")
+    return asyncio.run(amain(a.socket, a.session, a.config, a.authorized_keys,
+                             warm=not forked, start=start, early_ssh=early_ssh))
 
 
 if __name__ == "__main__":

@@ -253,9 +253,14 @@ def serve(state: str | Path, watch: int | None) -> int:
     # a CLI that comes while we import waits in the backlog rather than start cold
     listener.listen(16)
     # preload what a forked agent needs; sessions that use an embedded relay too
+    import concurrent.futures.thread  # noqa: F401  (asyncio.to_thread's, on first use)
+
     import tether.agent
+    import tether.client.newsession
     import tether.relay.server
-    import tether.transport.quic  # noqa: F401
+    import tether.transport.quic
+
+    tether.agent._parser()  # built once, not in every fork
 
     # what is imported stays: out of the collector's reach, a forked agent's
     # collections neither walk it nor copy the pages it is on

@@ -17,7 +17,13 @@ import pytest
 from tether.core.errors import AuthError
 from tether.core.messages import Hello, Notice, Output
 from tether.transport.link import LinkClosed
-from tether.transport.openssh import PipeLink, RelayAddress, connect_host, ssh_command
+from tether.transport.openssh import (
+    PipeLink,
+    RelayAddress,
+    connect_host,
+    prestart_host,
+    ssh_command,
+)
 from tether.transport.ssh import (
     SSHLink,
     fingerprint,
@@ -224,4 +230,45 @@ async def test_closed_links_leave_no_ssh_behind(front: Front) -> None:
     deadline = asyncio.get_running_loop().time() + 10
     while ssh_processes(front.port) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
+    assert ssh_processes(front.port) == []
+
+
+async def test_ssh_started_before_the_loop_is_the_link(front: Front) -> None:
+    # a warm start begins ssh's handshake before the agent's event loop runs
+    keygen(Path.home() / ".ssh" / "id_ed25519")
+    addr = RelayAddress("127.0.0.1", front.port, front.fingerprints)
+    started = prestart_host(addr)
+    assert started is not None
+    pid = started.proc.pid
+    link = await connect_host(addr, started=started)
+    try:
+        assert link._ssh.proc.pid == pid, "the ssh started early carries the link"
+        await link.send(Notice("early"))
+        assert await asyncio.wait_for(link.recv(), 10) == Notice("early")
+    finally:
+        link.close()
+
+
+async def test_ssh_started_for_another_relay_is_ended_not_used(front: Front) -> None:
+    keygen(Path.home() / ".ssh" / "id_ed25519")
+    addr = RelayAddress("127.0.0.1", front.port, front.fingerprints)
+    other = prestart_host(RelayAddress("127.0.0.1", 1, front.fingerprints))
+    assert other is not None
+    link = await connect_host(addr, started=other)
+    try:
+        assert link._ssh.proc.pid != other.proc.pid
+        assert other.proc.returncode is not None, "the unused ssh was ended and reaped"
+        await link.send(Notice("fresh"))
+        assert await asyncio.wait_for(link.recv(), 10) == Notice("fresh")
+    finally:
+        link.close()
+
+
+async def test_ssh_started_and_never_taken_is_ended(front: Front) -> None:
+    keygen(Path.home() / ".ssh" / "id_ed25519")
+    started = prestart_host(RelayAddress("127.0.0.1", front.port, front.fingerprints))
+    assert started is not None
+    assert len(ssh_processes(front.port)) == 1
+    started.discard()
+    assert started.proc.returncode is not None
     assert ssh_processes(front.port) == []

@@ -118,11 +118,33 @@ def reap(proc: Child, then: Callable[[Child], None] | None = None) -> None:
         task.add_done_callback(lambda _: then(proc))
 
 
-async def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None,
-                limit: int = 64 * 1024, stderr: bool = True) -> Piped:
+class Started:
+    """A child started with pipes, before any event loop has taken them
+    (``start``); ``attach`` makes it a ``Piped``."""
+
+    def __init__(self, argv: Sequence[str], popen: subprocess.Popen[bytes],
+                 stdin: int, stdout: int, stderr: int) -> None:
+        self.argv = list(argv)
+        self.proc = Child(popen)
+        self.fds = (stdin, stdout, stderr)
+
+    def discard(self) -> None:
+        """End it unused (blocking for a moment, as a child just killed ends)."""
+        for fd in self.fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fds = (-1, -1, -1)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.ended_within(1.0)
+
+
+def start(argv: Sequence[str], *, env: dict[str, str] | None = None,
+          stderr: bool = True) -> Started:
     """Start ``argv`` with pipes to its standard input, output and (if
-    ``stderr``; else /dev/null) error. Raises OSError if it cannot start."""
-    loop = asyncio.get_running_loop()
+    ``stderr``; else /dev/null) error, no event loop needed. Raises OSError if
+    it cannot start."""
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe() if stderr else (-1, -1)
@@ -139,17 +161,33 @@ async def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None,
         for fd in (in_r, out_w, err_w):
             if fd >= 0:
                 os.close(fd)
-    proc = Child(popen)
+    return Started(argv, popen, in_w, out_r, err_r)
+
+
+async def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None,
+                limit: int = 64 * 1024, stderr: bool = True) -> Piped:
+    """Start ``argv`` with pipes to its standard input, output and (if
+    ``stderr``; else /dev/null) error. Raises OSError if it cannot start."""
+    return await attach(start(argv, env=env, stderr=stderr), limit)
+
+
+async def attach(started: Started, limit: int = 64 * 1024) -> Piped:
+    """The running loop's streams on a child ``start`` began (its pipes are
+    theirs from here on)."""
+    loop = asyncio.get_running_loop()
+    in_w, out_r, err_r = started.fds
+    started.fds = (-1, -1, -1)
+    proc = started.proc
     # each file owns its descriptor; a connect_*_pipe call owns its file from the
     # call on (it closes it if cancelled), so none is closed twice
     files = {"in": open(in_w, "wb", buffering=0), "out": open(out_r, "rb", buffering=0)}
-    if stderr:
+    if err_r >= 0:
         files["err"] = open(err_r, "rb", buffering=0)
     try:
         out = asyncio.StreamReader(limit)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(out), files.pop("out"))
         err = None
-        if stderr:
+        if err_r >= 0:
             err = asyncio.StreamReader(limit)
             await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(err),
                                          files.pop("err"))

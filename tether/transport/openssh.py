@@ -28,7 +28,7 @@ from tether.core.errors import AuthError
 from tether.core.protocol import HOST_USER, SUBSYSTEM
 from tether.core.pubkeys import FINGERPRINT, check_public_key_lines
 
-from .children import Piped, reap, spawn
+from .children import Piped, Started, attach, reap, spawn, start
 from .link import LinkClosed, StreamLink
 
 if TYPE_CHECKING:
@@ -247,15 +247,32 @@ def _stop(ssh: Piped) -> None:
     reap(ssh.proc)
 
 
-async def connect_host(addr: RelayAddress, timeout: float = 6.0) -> PipeLink:
-    """Run ``ssh`` to the relay's tether subsystem; returns once ssh has logged in.
+def prestart_host(addr: RelayAddress, timeout: float = 6.0) -> Started | None:
+    """Start ``ssh`` to the relay before any event loop runs, for ``connect_host``
+    to take: the handshake is the longest part of a warm start, and goes on
+    while the agent sets up. None if it cannot start (``connect_host`` says why)."""
+    try:
+        return start(ssh_command(addr, timeout))
+    except (OSError, LinkClosed, AuthError):
+        return None
+
+
+async def connect_host(addr: RelayAddress, timeout: float = 6.0,
+                       started: Started | None = None) -> PipeLink:
+    """Run ``ssh`` to the relay's tether subsystem (or take ``started``, from
+    ``prestart_host``); returns once ssh has logged in.
 
     Raises ``AuthError`` when either side's key is refused, ``LinkClosed`` when
     the relay cannot be reached (with ssh's own words).
     """
     argv = ssh_command(addr, timeout)
     try:
-        ssh = await spawn(argv)
+        if started is not None and started.argv == argv:
+            ssh = await attach(started)
+        else:
+            if started is not None:
+                started.discard()
+            ssh = await spawn(argv)
     except OSError as exc:
         raise LinkClosed(f"cannot run ssh: {exc}") from None
     assert ssh.stderr is not None

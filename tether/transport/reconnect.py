@@ -29,6 +29,7 @@ from .link import Link, LinkClosed
 from .openssh import RelayAddress, connect_host
 
 if TYPE_CHECKING:  # QUIC (aioquic, x509) loads only once the SSH bootstrap has worked
+    from .children import Started
     from .quic import QuicLink
 
 log = logging.getLogger("tether.reconnect")
@@ -61,6 +62,8 @@ class Connector:
     last_error: str = ""
     cert_error: str = ""
     """Set when a QUIC certificate did not match the pinned fingerprint."""
+    prestarted: Started | None = None
+    """An ``ssh`` already started (``openssh.prestart_host``): the first SSH attempt's."""
     _probe_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def learn(self, welcome: Welcome | Joined) -> None:
@@ -108,7 +111,12 @@ class Connector:
                     if self.quic is not None and self.quic_preferred():
                         quic.add(asyncio.create_task(self._quic_attempt()))
                 if now >= ssh_at and len(ssh) < SSH_AT_ONCE:
-                    ssh.add(asyncio.create_task(connect_host(self.addr)))
+                    if self.prestarted is not None:  # the first attempt takes it
+                        attempt = connect_host(self.addr, started=self.prestarted)
+                        self.prestarted = None
+                    else:
+                        attempt = connect_host(self.addr)
+                    ssh.add(asyncio.create_task(attempt))
                     ssh_at = now + SSH_EVERY
                 wake = next_quic if len(ssh) >= SSH_AT_ONCE else min(ssh_at, next_quic)
                 timeout = max(wake - loop.time(), 0.0)
