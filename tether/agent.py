@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tether import command
 from tether.client import config as config_mod
 from tether.client.agentctl import control_path, short_path
 from tether.client.host import HostAgent, discard_link
@@ -338,7 +339,7 @@ async def _start_zygote(agent: HostAgent) -> None:
     await agent.ready.wait()
     with contextlib.suppress(OSError), open(state_dir() / "zygote.log", "ab") as log:
         subprocess.Popen(
-            [sys.executable, "-m", "tether", "_zygote", "--watch", str(os.getpid())],
+            command("_zygote", "--watch", str(os.getpid())),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

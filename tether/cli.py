@@ -257,13 +257,14 @@ def _cold_start(
     and leaves quietly if none comes."""
     import subprocess
 
+    from tether import command
     from tether.client.newsession import start_tmux
 
     read_end, write_end = os.pipe()
     try:
         with open(log_path, "ab") as logf:
             subprocess.Popen(
-                [sys.executable, "-m", "tether", "_agent", *agent_args],
+                command("_agent", *agent_args),
                 stdin=read_end,
                 stdout=logf,
                 stderr=logf,

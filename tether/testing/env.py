@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tether import command
+
 from .procs import HarnessError, end_pids, processes
 
 PY = sys.executable
@@ -52,7 +54,7 @@ def tether_env(home: Path, *, tmp: Path | None = None, term: str = "tmux-256colo
 
 def tether_cmd(*args: str) -> list[str]:
     """argv of the CLI run from this interpreter (the installed or checked-out tether)."""
-    return [PY, "-m", "tether", *args]
+    return command(*args)
 
 
 def tmux(sock: str, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
