@@ -106,6 +106,22 @@ def test_a_front_that_dies_takes_only_its_connections_and_comes_back(
     wait_for(lambda: "back-in-81" in host.screen(), 20, "the new mate's keys on the host")
 
 
+def test_front_processes_do_not_import_from_the_relays_directory(tmp_path: Path) -> None:
+    # `python -m` puts the current directory first on the module path: a relay
+    # run in a directory others can write to must not import what they put there
+    cwd = tmp_path / "cwd"
+    (cwd / "tether").mkdir(parents=True)
+    (cwd / "tether" / "__init__.py").write_text("raise SystemExit('the wrong tether')\n")
+    relay = RelayProcess(tmp_path / "relay", free_port(), "--ssh-procs", "2", cwd=cwd)
+    try:
+        wait_for(lambda: len(fronts(relay)) == 2, 10, "two front processes")
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+            assert s.recv(100).startswith(b"SSH-2.0-")  # a front speaks SSH on it
+        assert "the wrong tether" not in relay.log.read_text(errors="replace")
+    finally:
+        relay.close()
+
+
 def test_connections_per_address_are_counted_over_every_front(tmp_path: Path) -> None:
     relay = RelayProcess(tmp_path / "relay", free_port(), "--ssh-procs", "2",
                          "--max-connections-per-address", "2")

@@ -153,8 +153,9 @@ def spawn(module: str, children: set[Child]) -> tuple[socket.socket, Child]:
     does), and this end of its channel; ``children`` holds it until it is reaped."""
     here, there = fdchannel.pair()
     try:
+        # -P: not the relay's current directory on the module path (-m puts it first)
         popen = subprocess.Popen(
-            [sys.executable, "-m", module, str(there.fileno()), json.dumps(log_config())],
+            [sys.executable, "-P", "-m", module, str(there.fileno()), json.dumps(log_config())],
             pass_fds=[there.fileno()], stdin=subprocess.DEVNULL,
         )
     except OSError:

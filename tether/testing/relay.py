@@ -60,7 +60,8 @@ class RelayProcess:
                  prefix: Sequence[str] = (), bind: str = "127.0.0.1",
                  public: str | None = "127.0.0.1", env: dict[str, str] | None = None,
                  verbose: bool = True, keys: KeyCache | None = None,
-                 keep_output: bool = True, stop_timeout: float = 10.0) -> None:
+                 keep_output: bool = True, stop_timeout: float = 10.0,
+                 cwd: Path | None = None) -> None:
         self.workdir = self.dir = workdir
         self.public = public or "127.0.0.1"
         self.stop_timeout = stop_timeout
@@ -83,7 +84,7 @@ class RelayProcess:
                  *more, *extra]
         self.proc = subprocess.Popen(
             [*prefix, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=env,
+            env=env, cwd=cwd,
         )
         self.banner = self._read_banner()
         self.config_lines = [ln.strip() for ln in self.banner if ln.strip().startswith("set -g")]
