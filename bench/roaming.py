@@ -101,6 +101,14 @@ ALIASES = {"blackout": "outage"}
 # --- report ------------------------------------------------------------------------------
 
 
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def report(series: dict[str, Series], args: argparse.Namespace, seed: int,
            outage: list[dict[str, Any]] | None = None) -> str:
     """The figures as the text table the benchmark prints."""
@@ -135,24 +143,28 @@ def report(series: dict[str, Series], args: argparse.Namespace, seed: int,
             if att is not None:
                 lines.append(f"  {'':<44} host (re)attached {att}x during the part")
         lines.append(row("net.move itself (before the marker)", series.get("move")))
-    if any(k.endswith("/50/0") for k in series):
+    parts = [k.split("/") for k in series]  # echo cells: "quic/50/10"
+    echo = sorted({(p[1], p[2]) for p in parts
+                   if len(p) == 3 and p[0] in TRANSPORTS and _number(p[1]) and _number(p[2])},
+                  key=lambda c: (float(c[0]), float(c[1])))
+    if echo:
         lines.append("")
         lines.append("2. keystroke echo (mate types, tee echoes as cat); delay RTT/2 and loss "
                      "set on the host's link, each direction; mate link clean")
-        lines.append(f"  {'RTT':>5} {'loss':>5} | {'quic median':>11} {'p90':>7} {'n':>3} "
-                     f"{'fail':>4} | {'ssh median':>11} {'p90':>7} {'n':>3} {'fail':>4}")
-        for rtt in (50, 200):
-            for loss in (0, 10, 30):
-                cols = []
-                for t in TRANSPORTS:
-                    s = series.get(f"{t}/{rtt}/{loss}")
-                    if s is None:
-                        cols.append(f"{'-':>11} {'-':>7} {'-':>3} {'-':>4}")
-                        continue
-                    st = s.stats()
-                    cols.append(f"{fmt(st['median']):>11} {fmt(st['p90']):>7} "
-                                f"{st['runs']:>3} {st['failed']:>4}")
-                lines.append(f"  {rtt:>5} {loss:>4}% | {cols[0]} | {cols[1]}")
+        lines.append(f"  {'RTT':>5} {'loss':>5} | {'quic median':>11} {'p90':>7} {'max':>7} "
+                     f"{'n':>3} {'fail':>4} | {'ssh median':>11} {'p90':>7} {'max':>7} "
+                     f"{'n':>3} {'fail':>4}")
+        for rtt, loss in echo:
+            cols = []
+            for t in TRANSPORTS:
+                s = series.get(f"{t}/{rtt}/{loss}")
+                if s is None:
+                    cols.append(f"{'-':>11} {'-':>7} {'-':>7} {'-':>3} {'-':>4}")
+                    continue
+                st = s.stats()
+                cols.append(f"{fmt(st['median']):>11} {fmt(st['p90']):>7} {fmt(st['max']):>7} "
+                            f"{st['runs']:>3} {st['failed']:>4}")
+            lines.append(f"  {rtt:>5} {loss:>4}% | {cols[0]} | {cols[1]}")
     if outage:
         lines.append("")
         lines.extend(report_outage(outage, args.delay, args.outages, args.losses, args.runs))
@@ -183,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=[*PARTS, *ALIASES],
                     help="run only these parts (blackout = outage)")
     ap.add_argument("--cells", nargs="+", metavar="RTT/LOSS",
-                    help="echo: only these cells, e.g. 200/30 (of 50|200 / 0|10|30)")
+                    help="echo: these cells, e.g. 200/30 or 50/1 (default: 50|200 x 0|10|30)")
     ap.add_argument("--samples", type=int, metavar="N",
                     help="echo: keystrokes per cell and transport (default 40, quick 10)")
     ap.add_argument("--outages", type=_numbers, metavar="S,S..",

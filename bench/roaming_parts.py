@@ -120,6 +120,13 @@ class Typist:
                  timeout)
 
 
+def _cell(text: str) -> tuple[int, float]:
+    """``RTT/LOSS`` (ms, % each way) as numbers; a loss without decimals as an int."""
+    rtt, _, loss = text.partition("/")
+    value = float(loss)
+    return int(rtt), int(value) if value.is_integer() else value
+
+
 def bench_echo(rig: Rig, samples: int, warmup: int, cell_budget: float,
                out: dict[str, Series], cells: Sequence[str] | None = None) -> None:
     """Part 2: keystroke echo for each RTT/loss cell on the host's link."""
@@ -128,47 +135,46 @@ def bench_echo(rig: Rig, samples: int, warmup: int, cell_budget: float,
     typists = {s.name: Typist(s, rng) for s in sides}
     link = rig.net.link("host")  # the active one (where the roams left the host)
     timeout = 20.0
-    cell = 0
-    for rtt in (50, 200):
-        for loss in (0, 10, 30):
-            cell += 1
-            cell_seed = rig.seed * 100 + cell
-            if cells and f"{rtt}/{loss}" not in cells:
-                continue
-            rig.settle(90)
-            link.set(delay=f"{rtt / 2:g}ms", loss=f"{loss}%", seed=cell_seed)
-            events0 = {s.name: agent_events(s) for s in sides}
-            log(f"echo: RTT {rtt} ms, loss {loss}% each way on {link.key} (seed {cell_seed})")
-            series = {s.name: Series(f"echo {s.name} rtt={rtt} loss={loss}") for s in sides}
-            for s in sides:
-                out[f"{s.name}/{rtt}/{loss}"] = series[s.name]
-                series[s.name].extra.update(rtt_ms=rtt, loss_pct=loss, link_seed=cell_seed)
-            try:
-                start = time.monotonic()
-                # warm-up: untimed keystrokes per transport under the new conditions
-                for _ in range(warmup):
-                    for s in sides:
-                        typists[s.name].key(timeout)
-                        time.sleep(ECHO_PACE)
-                for _ in range(samples):
-                    if time.monotonic() - start > cell_budget:
-                        log(f"echo: cell budget {cell_budget:.0f}s used up")
-                        break
-                    for s in sides:
-                        hit, t0 = typists[s.name].key(timeout)
-                        series[s.name].add(hit, t0)
-                        time.sleep(ECHO_PACE)  # a typist's pace: >= 50 ms between keys
+    grid = [(rtt, loss) for rtt in (50, 200) for loss in (0, 10, 30)]
+    chosen = grid if not cells else [_cell(c) for c in cells]
+    for n, (rtt, loss) in enumerate(chosen):
+        # the grid's cells keep their seeds whatever else is chosen
+        cell = grid.index((rtt, loss)) + 1 if (rtt, loss) in grid else 50 + n
+        cell_seed = rig.seed * 100 + cell
+        rig.settle(90)
+        link.set(delay=f"{rtt / 2:g}ms", loss=f"{loss}%", seed=cell_seed)
+        events0 = {s.name: agent_events(s) for s in sides}
+        log(f"echo: RTT {rtt} ms, loss {loss}% each way on {link.key} (seed {cell_seed})")
+        series = {s.name: Series(f"echo {s.name} rtt={rtt} loss={loss}") for s in sides}
+        for s in sides:
+            out[f"{s.name}/{rtt}/{loss}"] = series[s.name]
+            series[s.name].extra.update(rtt_ms=rtt, loss_pct=loss, link_seed=cell_seed)
+        try:
+            start = time.monotonic()
+            # warm-up: untimed keystrokes per transport under the new conditions
+            for _ in range(warmup):
                 for s in sides:
-                    typists[s.name].newline(timeout)
-                    ev = agent_events(s)
-                    series[s.name].extra["agent_events"] = {
-                        k: ev[k] - events0[s.name][k] for k in ev}
-                    st = series[s.name].stats()
-                    log(f"  {s.name}: median {fmt(st['median'])} p90 {fmt(st['p90'])} "
-                        f"n={st['runs']} failed={st['failed']} "
-                        f"agent log: {series[s.name].extra['agent_events']}")
-            finally:
-                link.clear()
+                    typists[s.name].key(timeout)
+                    time.sleep(ECHO_PACE)
+            for _ in range(samples):
+                if time.monotonic() - start > cell_budget:
+                    log(f"echo: cell budget {cell_budget:.0f}s used up")
+                    break
+                for s in sides:
+                    hit, t0 = typists[s.name].key(timeout)
+                    series[s.name].add(hit, t0)
+                    time.sleep(ECHO_PACE)  # a typist's pace: >= 50 ms between keys
+            for s in sides:
+                typists[s.name].newline(timeout)
+                ev = agent_events(s)
+                series[s.name].extra["agent_events"] = {
+                    k: ev[k] - events0[s.name][k] for k in ev}
+                st = series[s.name].stats()
+                log(f"  {s.name}: median {fmt(st['median'])} p90 {fmt(st['p90'])} "
+                    f"n={st['runs']} failed={st['failed']} "
+                    f"agent log: {series[s.name].extra['agent_events']}")
+        finally:
+            link.clear()
 
 
 # --- the ticker (part 3, outage) ---------------------------------------------------------
