@@ -330,6 +330,9 @@ class RelaySide:
 
     def _on_welcome(self, link: Link, event: Welcomed) -> None:
         self._welcomed = True
+        lazy = getattr(link, "enable_lazy_acks", None)
+        if lazy is not None:  # QUIC: the relay acks lazily too (protocol 6)
+            lazy()
         self.connector.learn(event.welcome)
         self.link = link
         self.state_changed.set()

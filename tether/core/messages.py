@@ -22,14 +22,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is 0.5 MiB and 4 ms in every replica worker
     from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """2: ``Frame`` events (a flooding pane sent as compressed screens).
 3: ``Resync`` (the relay asks its host for a snapshot) and the join role
 (``Join``/``Joined``: a mate's client fed the host's log).
 4: ``InputRepeat`` (a join client's unacked keys again, as datagrams).
 5: ``EventRepeat`` (the relay's unacked small events to a join client, as
 datagrams), ``Mates`` and ``Kick`` (presence: who is connected, and the host
-disconnecting one of them)."""
+disconnecting one of them).
+6: no new message; a host's QUIC link acks lazily at both ends while its path
+loses nothing, each end expecting the other to (``transport.quic.LAZY_ACK_DELAY``)."""
 
 
 class Message(Record):

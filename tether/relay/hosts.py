@@ -112,6 +112,9 @@ class Hosts:
                 return
             self._address(session.ep)
             conn = session.attach(link, hello, time.monotonic())
+            lazy = getattr(link, "enable_lazy_acks", None)
+            if lazy is not None:  # QUIC: the host acks lazily too (protocol 6)
+                lazy()
             log.info("host %s attached to session %s via %s", peer, session.id,
                      link.description)
             await self._loop(session, link, conn, peer)

@@ -44,6 +44,7 @@ from cryptography.x509.oid import NameOID
 
 from tether.core.codec import unpack_body
 from tether.core.errors import AuthError
+from tether.core.join_endpoint import LOSS_MEMORY
 from tether.core.messages import Message, MessageDecoder, Ping, Pong, decode
 
 from .link import MAX_UNSENT, LinkClosed
@@ -63,6 +64,16 @@ ACK_DELAY = 0.02
 packet after 1 ms, in a packet of its own: a keystroke's four small frames then
 cost eight datagrams. Peers advertise max_ack_delay 25 ms, so 20 ms is within
 what they allow for; a second unacked packet is still acked at once."""
+LAZY_ACK_DELAY = 0.1
+"""A host link's ACK delay, both ways, while its path has lost nothing for
+``LOSS_MEMORY`` (``QuicLink.lazy_acks``): mosh's delayed ack. With 20 ms, every
+echo the relay got was acked in a packet of its own (~18% of the relay's and
+the agent's CPU a key): a mate's next key, the usual carrier, comes later than
+that; at 100 ms it carries the ack whenever the mate types faster than ten
+keys a second. Each end then also allows the other this long before its probe
+timeout, so a packet lost on a quiet path is resent ~80 ms later than with
+20 ms; the first loss (QUIC's loss detection, or a gap in the packet numbers
+received) brings 20 ms back at both ends for a minute."""
 MAX_PTO_BACKOFF = 1
 """Doublings of QUIC's probe timeout after consecutive losses. RFC 9002 doubles
 it without bound, which suits bulk transfers; tether's traffic is a keystroke
@@ -182,6 +193,9 @@ class FloorReno(RenoCongestionControl):
     """When QUIC last found a packet of ours lost, or resent one whose ack was
     overdue (a probe timeout: how a lone lost keystroke or echo is found),
     for ``QuicLink.lost_at``."""
+    declared_loss: float | None = None
+    """When QUIC last declared a packet of ours lost (not a probe timeout, which
+    a lazy ack can cause: ``QuicLink.lazy_acks``)."""
 
     def _floor(self) -> None:
         least = MIN_WINDOW * self._max_datagram_size
@@ -190,7 +204,7 @@ class FloorReno(RenoCongestionControl):
             self.ssthresh = max(self.ssthresh, least)
 
     def on_packets_lost(self, *, now: float, packets: Iterable[QuicSentPacket]) -> None:
-        self.last_loss = now
+        self.last_loss = self.declared_loss = now
         super().on_packets_lost(now=now, packets=packets)
         self._floor()
 
@@ -242,6 +256,8 @@ def _restart_congestion(quic: QuicConnection, now: float) -> bool:
     fresh.bytes_in_flight = cc.bytes_in_flight
     if hasattr(cc, "last_loss"):
         fresh.last_loss = cc.last_loss  # the path's record, not the window's
+    if hasattr(cc, "declared_loss"):
+        fresh.declared_loss = cc.declared_loss
     if hasattr(fresh, "_congestion_recovery_start_time"):
         # the losses still to be found among packets sent in the dark are the
         # outage's, not a sign of congestion on the path that is back
@@ -280,6 +296,10 @@ class QuicLink(QuicConnectionProtocol):
         if hasattr(quic, "_ack_delay"):
             quic._ack_delay = ACK_DELAY
         _cap_probe_backoff(quic)
+        self.lazy_acks = False
+        """Acks wait ``LAZY_ACK_DELAY`` on a quiet path (``enable_lazy_acks``)."""
+        self._gap_at: float | None = None
+        self._peer_ack_delay = 0.025
 
     # --- Link ------------------------------------------------------------------
 
@@ -293,6 +313,28 @@ class QuicLink(QuicConnectionProtocol):
         last_loss``), on ``time.monotonic``'s clock; None: never."""
         loss = getattr(self._quic, "_loss", None)
         return getattr(getattr(loss, "_cc", None), "last_loss", None)
+
+    def enable_lazy_acks(self) -> None:
+        """Delay acks ``LAZY_ACK_DELAY`` while the path loses nothing, and expect
+        the peer to: for links whose both ends do so (a host's, protocol 6)."""
+        loss = getattr(self._quic, "_loss", None)
+        if loss is None or not hasattr(self._quic, "_ack_delay"):
+            return
+        if not self.lazy_acks:
+            self._peer_ack_delay = loss.max_ack_delay  # what the peer's handshake said
+        self.lazy_acks = True
+        self._ack_policy(self._loop.time())
+
+    def _ack_policy(self, now: float) -> None:
+        """Lazy acks on a quiet path, 20 ms (and the peer's own allowance) after
+        a loss either way (``LAZY_ACK_DELAY``)."""
+        loss = self._quic._loss
+        cc = getattr(loss, "_cc", None)
+        last = max(getattr(cc, "declared_loss", None) or -LOSS_MEMORY,
+                   self._gap_at if self._gap_at is not None else -LOSS_MEMORY)
+        quiet = now - last >= LOSS_MEMORY
+        self._quic._ack_delay = LAZY_ACK_DELAY if quiet else ACK_DELAY
+        loss.max_ack_delay = LAZY_ACK_DELAY if quiet else self._peer_ack_delay
 
     @property
     def rtt(self) -> float | None:
@@ -433,6 +475,8 @@ class QuicLink(QuicConnectionProtocol):
         return spaces.get(Epoch.ONE_RTT) if isinstance(spaces, dict) else None
 
     def transmit(self) -> None:
+        if self.lazy_acks:
+            self._ack_policy(self._loop.time())
         if self._piggyback:
             # data leaves now: a pending ACK rides along instead of waiting alone
             self._piggyback = False
@@ -446,8 +490,18 @@ class QuicLink(QuicConnectionProtocol):
         space = self._ack_space()
         waiting = space is not None and getattr(space, "ack_at", None) is not None
         newest = getattr(space, "largest_received_packet", None)
+        if self.lazy_acks:
+            self._ack_policy(now)
         self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
-        if space is not None and getattr(space, "largest_received_packet", None) != newest:
+        largest = getattr(space, "largest_received_packet", None)
+        if space is not None and largest != newest:
+            if (self.lazy_acks and isinstance(newest, int) and newest >= 0
+                    and isinstance(largest, int) and largest > newest + 1):
+                self._gap_at = now  # a packet of the peer's lost (or late)
+                self._ack_policy(now)
+                ack_at = getattr(space, "ack_at", None)
+                if ack_at is not None and ack_at > now + ACK_DELAY:
+                    space.ack_at = now + ACK_DELAY  # type: ignore[attr-defined]
             # a packet of the peer's (authenticated, new): the path works
             if self._heard_at is not None and now - self._heard_at >= RESTART_AFTER:
                 if _restart_congestion(self._quic, now):
