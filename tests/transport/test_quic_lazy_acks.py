@@ -16,6 +16,7 @@ from tether.core.messages import Notice
 from tether.transport import quic as quic_mod
 from tether.transport.quic import (
     ACK_DELAY,
+    LAZY_ACK_ALLOWANCE,
     LAZY_ACK_DELAY,
     QuicLink,
     connect_quic,
@@ -97,9 +98,10 @@ async def test_on_a_quiet_path_the_ack_waits_and_rides_on_data(pair: Pair) -> No
     pair.client.enable_lazy_acks()
     pair.relay.enable_lazy_acks()
     await settled(pair.client, pair.relay)
-    # each end allows the other the lazy delay before its probe timeout
-    assert pair.client._quic._loss.max_ack_delay == LAZY_ACK_DELAY
-    assert pair.relay._quic._loss.max_ack_delay == LAZY_ACK_DELAY
+    # each end allows the other the lazy delay, and a margin, before its probe timeout
+    assert LAZY_ACK_ALLOWANCE > LAZY_ACK_DELAY
+    assert pair.client._quic._loss.max_ack_delay == LAZY_ACK_ALLOWANCE
+    assert pair.relay._quic._loss.max_ack_delay == LAZY_ACK_ALLOWANCE
     sent = count_datagrams(pair.relay)
     await exchange(pair.client, pair.relay, "echo")  # the host's echo reaches the relay
     due = ack_due(pair.relay)
@@ -138,6 +140,23 @@ async def test_a_lost_packet_brings_20_ms_acks_back_at_both_ends(pair: Pair) -> 
         await exchange(pair.relay, pair.client, "key")
     assert pair.client._quic._ack_delay == ACK_DELAY
     assert pair.client._quic._loss.max_ack_delay == pair.client._peer_ack_delay
+
+
+async def test_an_end_that_sees_a_gap_turns_the_other_strict_too(pair: Pair) -> None:
+    # a gap only the relay sees (a late packet, or a loss the host has not
+    # found yet): the relay skips a packet number, which the host sees
+    pair.client.enable_lazy_acks()
+    pair.relay.enable_lazy_acks()
+    pair.client._quic._packet_number += 1  # the relay will miss one
+    await exchange(pair.client, pair.relay, "after a gap")
+    assert pair.relay._quic._ack_delay == ACK_DELAY
+    assert pair.client._quic._ack_delay == LAZY_ACK_DELAY  # nothing seen here yet
+    await exchange(pair.relay, pair.client, "key")
+    assert pair.client._quic._ack_delay == ACK_DELAY
+    assert pair.client._quic._loss.max_ack_delay == pair.client._peer_ack_delay
+    # both strict now: neither skips again, and messages flow
+    await exchange(pair.client, pair.relay, "echo")
+    await exchange(pair.relay, pair.client, "next")
 
 
 async def test_a_minute_without_loss_makes_acks_lazy_again(pair: Pair) -> None:

@@ -70,10 +70,16 @@ LAZY_ACK_DELAY = 0.1
 echo the relay got was acked in a packet of its own (~18% of the relay's and
 the agent's CPU a key): a mate's next key, the usual carrier, comes later than
 that; at 100 ms it carries the ack whenever the mate types faster than ten
-keys a second. Each end then also allows the other this long before its probe
-timeout, so a packet lost on a quiet path is resent ~80 ms later than with
-20 ms; the first loss (QUIC's loss detection, or a gap in the packet numbers
-received) brings 20 ms back at both ends for a minute."""
+keys a second. Each end then also allows the other ``LAZY_ACK_ALLOWANCE``
+before its probe timeout, so a packet lost on a quiet path is resent ~100 ms
+later than with 20 ms. The first loss seen at either end (QUIC's loss
+detection, or a gap in the packet numbers received) brings 20 ms back at that
+end for a minute, and that end skips a packet number, a gap the other end
+sees and follows it on."""
+LAZY_ACK_ALLOWANCE = LAZY_ACK_DELAY + 0.025
+"""What each end allows the other before its probe timeout while acks are lazy:
+the delay and, as with 20 ms against the 25 ms aioquic advertises, a margin for
+timers that fire late (RFC 9000 13.2.1: max_ack_delay includes them)."""
 MAX_PTO_BACKOFF = 1
 """Doublings of QUIC's probe timeout after consecutive losses. RFC 9002 doubles
 it without bound, which suits bulk transfers; tether's traffic is a keystroke
@@ -300,6 +306,7 @@ class QuicLink(QuicConnectionProtocol):
         """Acks wait ``LAZY_ACK_DELAY`` on a quiet path (``enable_lazy_acks``)."""
         self._gap_at: float | None = None
         self._peer_ack_delay = 0.025
+        self._quiet = True
 
     # --- Link ------------------------------------------------------------------
 
@@ -323,18 +330,24 @@ class QuicLink(QuicConnectionProtocol):
         if not self.lazy_acks:
             self._peer_ack_delay = loss.max_ack_delay  # what the peer's handshake said
         self.lazy_acks = True
+        self._quiet = True
         self._ack_policy(self._loop.time())
 
     def _ack_policy(self, now: float) -> None:
-        """Lazy acks on a quiet path, 20 ms (and the peer's own allowance) after
-        a loss either way (``LAZY_ACK_DELAY``)."""
+        """Lazy acks on a quiet path, 20 ms (and the peer's own allowance) for a
+        minute after a loss either end saw (``LAZY_ACK_DELAY``)."""
         loss = self._quic._loss
         cc = getattr(loss, "_cc", None)
         last = max(getattr(cc, "declared_loss", None) or -LOSS_MEMORY,
                    self._gap_at if self._gap_at is not None else -LOSS_MEMORY)
         quiet = now - last >= LOSS_MEMORY
+        if self._quiet and not quiet and hasattr(self._quic, "_packet_number"):
+            # turned strict: a gap in our packet numbers turns the peer strict
+            # too, or it would wait 100 ms to ack while we probe after 25
+            self._quic._packet_number += 1
+        self._quiet = quiet
         self._quic._ack_delay = LAZY_ACK_DELAY if quiet else ACK_DELAY
-        loss.max_ack_delay = LAZY_ACK_DELAY if quiet else self._peer_ack_delay
+        loss.max_ack_delay = LAZY_ACK_ALLOWANCE if quiet else self._peer_ack_delay
 
     @property
     def rtt(self) -> float | None:
