@@ -108,8 +108,8 @@ async def amain(socket: str, session: str, conf: Path | None, authorized: str | 
     )
     mate_keys = tuple(load_public_keys(authorized)) if authorized else ()
     connector = Connector(addr)
-    if early_ssh is not None:
-        connector.prestarted, early_ssh.started = early_ssh.started, None
+    if early_ssh is not None:  # the first SSH attempt takes it (or main ends it)
+        connector.prestarted = early_ssh.started
     early = asyncio.create_task(connector.connect())
     if start is not None and started is None:
         # tmux starts, in a thread, while ssh connects: the handshake is the
@@ -263,10 +263,10 @@ class _EarlySSH:
         self.started = prestart_host(addr) if addr is not None else None
 
     def discard(self) -> None:
-        """End ``ssh`` if the agent never took it (it failed first)."""
-        if self.started is not None:
+        """End ``ssh`` if no SSH attempt took it (the agent failed first)."""
+        if self.started is not None and self.started.fds[0] >= 0:  # not attached
             self.started.discard()
-            self.started = None
+        self.started = None
 
 
 async def _relay_address(
