@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,15 @@ def test_the_installed_tether_command_is_the_plain_launcher() -> None:
     imported = _imports([str(launcher), "-V"])
     assert "tether.cli" in imported
     assert "re" not in imported, "pip's console-script wrapper (import re) is installed"
+
+
+def test_the_command_finds_its_own_tether_where_nothing_else_would(tmp_path: Path) -> None:
+    # a checkout that is not installed, started from its own directory: the
+    # child (-P, and here -S: no site-packages either) still imports it
+    copy = tmp_path / "checkout"
+    shutil.copytree(Path(tether.__file__).parent, copy / "tether",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    argv = [sys.executable, "-P", "-S", str(copy / "tether" / "__main__.py"), "-V"]
+    p = subprocess.run(argv, cwd="/", capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"tether {tether.__version__}"

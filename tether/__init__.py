@@ -13,4 +13,5 @@ def command(*args: str) -> list[str]:
     import os
     import sys
 
-    return [sys.executable, "-P", os.path.join(os.path.dirname(__file__), "__main__.py"), *args]
+    main = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py")
+    return [sys.executable, "-P", main, *args]

@@ -75,7 +75,8 @@ class Session:
         assert self.handle.proc is not None
         for pid in descendants(self.handle.proc.pid):
             argv = cmdline(pid)
-            if argv[:2] == [sys.executable, "-c"] and "tether.relay.worker" in argv[2]:
+            code = argv[argv.index("-c") + 1] if "-c" in argv[:-1] else ""
+            if argv[:1] == [sys.executable] and "tether.relay.worker" in code:
                 return pid
             if argv[:1] == ["tmux"] and "-D" in argv and isinstance(self.handle, DirectReplica):
                 return pid

@@ -148,6 +148,20 @@ class FrontProcess:
             os.close(fd)
 
 
+def _child_env() -> dict[str, str] | None:
+    """The relay's environment, with its own tether on the module path if the
+    relay found it only where -P no longer looks (its working directory, as
+    `python3 -m tether relay` in a checkout does); None: unchanged."""
+    import tether
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tether.__file__)))
+    if root in sys.path[1:]:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def spawn(module: str, children: set[Child]) -> tuple[socket.socket, Child]:
     """A child process of the relay running ``module`` (logging where the relay
     does), and this end of its channel; ``children`` holds it until it is reaped."""
@@ -156,7 +170,7 @@ def spawn(module: str, children: set[Child]) -> tuple[socket.socket, Child]:
         # -P: not the relay's current directory on the module path (-m puts it first)
         popen = subprocess.Popen(
             [sys.executable, "-P", "-m", module, str(there.fileno()), json.dumps(log_config())],
-            pass_fds=[there.fileno()], stdin=subprocess.DEVNULL,
+            pass_fds=[there.fileno()], stdin=subprocess.DEVNULL, env=_child_env(),
         )
     except OSError:
         here.close()

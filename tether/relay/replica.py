@@ -107,6 +107,7 @@ class ReplicaHandle:
         cmd = [
             *self._prefix,
             sys.executable,
+            "-P",
             "-c",
             WORKER_MAIN,
             str(msg_child.fileno()),
