@@ -254,6 +254,10 @@ def test_bad_acks_and_strangers_are_refused() -> None:
         check_join(Ping(1))
     with pytest.raises(RemoteProtocolError, match="upgrade tether"):
         check_join(Join(PROTOCOL_VERSION + 1, "t"))
+    # protocol 6 changed host links only: a join client of 5 is still served
+    assert check_join(Join(5, "t")).version == 5
+    with pytest.raises(RemoteProtocolError, match="upgrade tether"):
+        check_join(Join(4, "t"))
 
 
 @pytest.mark.parametrize(("make", "what"), [

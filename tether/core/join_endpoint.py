@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from .errors import RemoteProtocolError
 from .inputs import InputReceiver
 from .messages import (
+    JOIN_PROTOCOL_VERSIONS,
     PROTOCOL_VERSION,
     Ack,
     Binding,
@@ -490,7 +491,7 @@ def check_join(msg: Message) -> Join:
     """The first frame of a join link, or why not."""
     if not isinstance(msg, Join):
         raise RemoteProtocolError(f"expected Join first, got {type(msg).__name__}")
-    if msg.version != PROTOCOL_VERSION:
+    if msg.version not in JOIN_PROTOCOL_VERSIONS:
         raise RemoteProtocolError(
             f"protocol version {msg.version} is not supported (relay speaks "
             f"{PROTOCOL_VERSION}); upgrade tether"

@@ -32,6 +32,8 @@ datagrams), ``Mates`` and ``Kick`` (presence: who is connected, and the host
 disconnecting one of them).
 6: no new message; a host's QUIC link acks lazily at both ends while its path
 loses nothing, each end expecting the other to (``transport.quic.LAZY_ACK_DELAY``)."""
+JOIN_PROTOCOL_VERSIONS = (5, 6)
+"""What a relay accepts in ``Join``: 6 changed only host links."""
 
 
 class Message(Record):
@@ -430,6 +432,7 @@ def event_size(body: EventBody) -> int:
 
 
 __all__ = [
+    "JOIN_PROTOCOL_VERSIONS",
     "MAX_DATA",
     "PROTOCOL_VERSION",
     "Ack",
