@@ -264,9 +264,9 @@ class _EarlySSH:
 
     def discard(self) -> None:
         """End ``ssh`` if no SSH attempt took it (the agent failed first)."""
-        if self.started is not None and self.started.fds[0] >= 0:  # not attached
+        if self.started is not None:
             self.started.discard()
-        self.started = None
+            self.started = None
 
 
 async def _relay_address(

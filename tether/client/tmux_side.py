@@ -112,19 +112,17 @@ class TmuxSide:
         self.tmux = tmux
         # sent at once and answered in order: one round trip to tmux, not four
         # (this is on the way to a new session's Hello)
-        flags, size, keys, prefix = await asyncio.gather(
+        flags, size, bindings = await asyncio.gather(
             tmux.run("refresh-client -f pause-after=4,ignore-size"),
             tmux.run(f"set -t {quote(self.session_name)} window-size smallest"),
-            tmux.run("list-keys"),
-            tmux.run("show -gv prefix"),
+            self._refresh_bindings(),
             return_exceptions=True,
         )
-        for result in (flags, size, keys, prefix):
-            if isinstance(result, BaseException) and not (
-                    result is size and isinstance(result, TmuxError)):
+        for result in (flags, bindings):
+            if isinstance(result, BaseException):
                 raise result
-        assert isinstance(keys, list) and isinstance(prefix, list)
-        self._take_bindings(keys, prefix)
+        if isinstance(size, BaseException) and not isinstance(size, TmuxError):
+            raise size
 
     async def reattach(self) -> None:
         """A new control client after tmux dropped ours. It gets every pane's output
@@ -413,19 +411,15 @@ class TmuxSide:
         await self.tmux.send(windows_cmd(self.session_name), structure_done)
 
     async def _refresh_bindings(self) -> bool:
-        keys, prefix = await asyncio.gather(
+        keys, shown = await asyncio.gather(
             self.tmux.run("list-keys"), self.tmux.run("show -gv prefix"), return_exceptions=True
         )
-        for result in (keys, prefix):
+        for result in (keys, shown):
             if isinstance(result, BaseException):
                 raise result
-        assert isinstance(keys, list) and isinstance(prefix, list)
-        return self._take_bindings(keys, prefix)
-
-    def _take_bindings(self, keys: list[str], prefix_lines: list[str]) -> bool:
-        """Whether the key bindings (``list-keys``) or the prefix changed."""
+        assert isinstance(keys, list) and isinstance(shown, list)
         bindings = parse_bindings(keys)
-        prefix = (prefix_lines[0].strip() if prefix_lines else "") or "C-b"
+        prefix = (shown[0].strip() if shown else "") or "C-b"
         changed = bindings != self.bindings or prefix != self.prefix
         self.bindings, self.prefix = bindings, prefix
         return changed

@@ -129,7 +129,10 @@ class Started:
         self.fds = (stdin, stdout, stderr)
 
     def discard(self) -> None:
-        """End it unused (blocking for a moment, as a child just killed ends)."""
+        """End it unused (blocking for a moment, as a child just killed ends);
+        nothing once ``attach`` took it, or it was discarded already."""
+        if self.fds == (-1, -1, -1):
+            return
         for fd in self.fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
