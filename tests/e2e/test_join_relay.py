@@ -59,7 +59,10 @@ class Client:
             if isinstance(msg, Event):
                 self.events.append(msg)
                 self.next_seq = msg.seq + 1
-                self.link.send_ack(Ack(msg.seq))
+                # best effort, as tether join's own acks: a relay that refused
+                # this client may have closed the link behind what it sent
+                with contextlib.suppress(LinkClosed):
+                    self.link.send_ack(Ack(msg.seq))
             else:
                 self.others.append(msg)
 
