@@ -168,6 +168,54 @@ async def test_mates_terminals_are_bounded_and_let_go(monkeypatch: object) -> No
         await h.close()
 
 
+async def test_a_server_that_never_reads_runs_out_of_terminals_alone(
+    tmp_path: object, monkeypatch: object
+) -> None:
+    """A compromised replica server that never reads its clients keeps each
+    mate's slave in flight in its socket (``ETOOMANYREFS`` for a non-root
+    relay's user once too many are): its unanswered attaches count against the
+    session's ``MAX_PTYS``, so it runs out of room, and gets it back once the
+    descriptors are let go. Waiting for it to read holds up nothing else."""
+    monkeypatch.setattr(mate_clients, "MAX_PTYS", 2)
+    d = str(tmp_path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.path.join(d, "mute"))
+    server.listen(16)  # connections wait in its backlog with what was sent on them
+    dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    mates = mate_clients.MateClients(lambda n: True)
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def attach(mate: int) -> None:
+        await mates.attach(mate, False, 80, 24, "xterm-256color", dir_fd=dir_fd,
+                           sock_name="mute", cwd=d, gone=gone, timeout=0.3)
+
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.get_running_loop().create_task(tick())
+    try:
+        for mate in (1, 2):
+            mates.check_room()
+            before = ticks
+            with pytest.raises(replica_direct.ReplicaError, match=r"in time|no answer"):
+                await attach(mate)
+            assert ticks - before >= 10, "the relay's loop stood still while nobody read"
+        with pytest.raises(replica_direct.ReplicaError, match="no more"):
+            mates.check_room()
+        server.close()  # what it held unread is let go with it
+        mates.check_room()
+    finally:
+        ticker.cancel()
+        mates.close()
+        server.close()
+        os.close(dir_fd)
+
+
 async def test_a_jail_that_cannot_start_ends_its_session_and_leaves_nothing() -> None:
     """The jail starts behind the host's Welcome, so ``start`` cannot report its
     failure: the replica is gone instead (the relay then ends the session and

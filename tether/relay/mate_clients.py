@@ -6,7 +6,11 @@ server as a client's terminal, over tmux's client protocol
 (``tether.transport.tmux_imsg``). The ptys are the relay's, the machine's
 /dev/pts: a jail that held on to departed mates' slaves must not get more, so
 a copy of each master is kept until the jail has closed the slave too, and one
-session holds at most ``MAX_PTYS``.
+session holds at most ``MAX_PTYS``. A slave sent to a server that never answered
+counts as well: it may sit unread in the server's socket, a descriptor in
+flight charged to the relay's user (a non-root relay's sends fail with
+``ETOOMANYREFS`` once its user has more in flight than its open-file limit), so
+a session whose server stops reading runs out of room, not every session.
 """
 
 from __future__ import annotations
@@ -44,12 +48,16 @@ class MateClients:
         self._ptys: dict[int, int] = {}
         """A copy of each mate pty's master, kept until the jail closed the slave."""
         self._departed: set[int] = set()
+        self._unanswered: list[int] = []
+        """A copy of the master of each attach the server did not answer: its
+        slave may still be in flight to the jail (module docstring)."""
 
     def check_room(self) -> None:
         """Raise ``ReplicaError`` when the jail holds ``MAX_PTYS`` ptys already."""
         self._reap()
-        if len(self._ptys) >= MAX_PTYS:
-            raise ReplicaError(f"the replica holds {len(self._ptys)} mates' terminals; "
+        held = len(self._ptys) + len(self._unanswered)
+        if held >= MAX_PTYS:
+            raise ReplicaError(f"the replica holds {held} mates' terminals; "
                                "no more until it lets some go")
 
     async def attach(self, mate: int, readonly: bool, cols: int, rows: int, term: str, *,
@@ -78,7 +86,7 @@ class MateClients:
                 raise ReplicaError(f"cannot start a client of the replica: {why}")
         except BaseException as exc:
             link.close()
-            os.close(master)
+            self._unanswered.append(master)  # until the slave is let go (_reap)
             if isinstance(exc, TetherError | OSError):
                 raise ReplicaError(f"cannot start a client of the replica: {exc}") from None
             raise
@@ -119,22 +127,31 @@ class MateClients:
         for link in list(self._links.values()):
             link.close()
         self._links.clear()
-        for fd in self._ptys.values():
+        for fd in [*self._ptys.values(), *self._unanswered]:
             os.close(fd)
         self._ptys.clear()
+        self._unanswered.clear()
         self._departed.clear()
 
     def _reap(self) -> None:
-        """Let go of departed mates' ptys whose slave the jail closed (the master
-        then polls as hung up)."""
+        """Let go of departed mates' ptys, and unanswered attaches', whose slave
+        nobody holds any more: not the jail, not a socket it has not read."""
         for mate in list(self._departed):
             fd = self._ptys.get(mate)
             if fd is None:
                 self._departed.discard(mate)
                 continue
-            p = select.poll()
-            p.register(fd, select.POLLIN)
-            if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0)):
+            if _hung_up(fd):
                 os.close(fd)
                 del self._ptys[mate]
                 self._departed.discard(mate)
+        for fd in [fd for fd in self._unanswered if _hung_up(fd)]:
+            os.close(fd)
+            self._unanswered.remove(fd)
+
+
+def _hung_up(master: int) -> bool:
+    """A pty master polls as hung up once every copy of its slave is closed."""
+    p = select.poll()
+    p.register(master, select.POLLIN)
+    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))

@@ -188,6 +188,39 @@ def open_socket_at(dir_fd: int, name: str) -> int:
     return fd
 
 
+async def _send_frame(link: socket.socket, data: bytes, fd: int | None,
+                      deadline: float) -> None:
+    """All of ``data`` (with ``fd`` on its first byte) on the non-blocking
+    ``link``, waiting for room until ``deadline`` (then ``ImsgError``)."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    while view:
+        try:
+            if fd is not None:
+                sent = link.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              struct.pack("=i", fd))])
+                fd = None  # it went with the first byte sent
+            else:
+                sent = link.send(view)
+        except (BlockingIOError, InterruptedError):
+            room: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(link.fileno(), _settle, room)
+            try:
+                await asyncio.wait_for(room, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise ImsgError("its tmux server did not take the client's "
+                                "introduction in time") from None
+            finally:
+                loop.remove_writer(link.fileno())
+            continue
+        view = view[sent:]
+
+
+def _settle(room: asyncio.Future[None]) -> None:
+    if not room.done():
+        room.set_result(None)
+
+
 class ClientLink:
     """A tmux client made over a tmux server's socket.
 
@@ -238,20 +271,14 @@ class ClientLink:
             caps = () if tty is None else capabilities(term)
             # a few KiB into an empty socket, a frame a send as tmux's client
             # does (each descriptor in a sendmsg of its own: tmux's imsg takes one
-            # per read). Sent blocking, but bounded: a server that does not read
-            # stalls the relay at most HANDSHAKE_TIMEOUT. (One send for all the
-            # frames without a descriptor lost a mate's first keys in the e2e
-            # tests, for a reason not yet understood.)
-            link.setblocking(True)
-            link.settimeout(min(timeout, HANDSHAKE_TIMEOUT))
+            # per read). A server that does not read leaves the rest waiting, at
+            # most HANDSHAKE_TIMEOUT, without holding up the relay's other work.
+            # (One send for all the frames without a descriptor lost a mate's
+            # first keys in the e2e tests, for a reason not yet understood.)
+            deadline = loop.time() + min(timeout, HANDSHAKE_TIMEOUT)
             for data, with_fd in identify(flags, term, cwd, pid, ttyname=ttyname, caps=caps):
-                if with_fd:
-                    link.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           struct.pack("=i", fd))])
-                else:
-                    link.sendall(data)
-            link.sendall(command(argv, pid))
-            link.setblocking(False)
+                await _send_frame(link, data, fd if with_fd else None, deadline)
+            await _send_frame(link, command(argv, pid), None, deadline)
         except BaseException:
             link.close()
             if ours is not None:
