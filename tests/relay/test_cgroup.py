@@ -189,3 +189,31 @@ def test_a_live_relay_s_cgroup_is_left_alone() -> None:
         for d in (mine / "session", mine):
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+def test_a_relay_that_exits_ends_what_still_runs_in_its_sessions() -> None:
+    """A relay that exits before its sessions ended (an error, a signal it exits
+    on) kills what still runs in its sessions' cgroups and removes them, rather
+    than leaving each busy one, its jail running without a relay."""
+    left = subprocess.Popen(["sleep", "60"])
+    script = textwrap.dedent(f"""
+        import os
+        from tether.relay import cgroup
+        hierarchies, why = cgroup.relay_cgroups()
+        assert hierarchies, why
+        session = os.path.join(hierarchies[0].path, "session")
+        os.mkdir(session)
+        with open(os.path.join(session, "cgroup.procs"), "w") as f:
+            f.write("{left.pid}")
+        print(hierarchies[0].path, flush=True)
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], check=True, timeout=60,
+                              capture_output=True, text=True)
+        parent = Path(done.stdout.strip())
+        assert parent.name.startswith("tether-relay-"), done.stdout
+        assert left.wait(timeout=10) == -9
+        assert not parent.exists()
+    finally:
+        left.kill()
+        left.wait()

@@ -119,8 +119,21 @@ def _make_parent(base: str) -> str:
                 _remove_tree(os.path.join(base, entry))
     parent = os.path.join(base, f"tether-relay-{os.getpid()}-{_start_time('self')}")
     os.mkdir(parent, 0o755)
-    atexit.register(_remove_tree, parent)
+    atexit.register(_end_tree, parent, os.getpid())
     return parent
+
+
+def _end_tree(path: str, owner: int) -> None:
+    """At the relay's exit: end what still runs in its sessions' cgroups (a relay
+    that exits on an error, or on a signal, before its sessions ended), then
+    remove them. Without the kill, each busy cgroup held the exit up for
+    ``_remove_tree``'s second and stayed, its jail running without its relay.
+    Only in the process that made them: a forked child's exit ends nothing."""
+    if os.getpid() != owner:
+        return
+    if os.path.isdir(path):
+        _kill_tree(path)
+    _remove_tree(path)
 
 
 def _kill_tree(path: str) -> None:
