@@ -12,7 +12,7 @@ import socket
 import struct
 import subprocess
 import termios
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -291,3 +291,59 @@ async def test_a_server_flooding_messages_gets_a_closed_link(
     if link.control is not None:
         link.control.close()
     conn.close()
+
+
+async def test_an_introduction_waits_for_room_without_holding_up_the_loop() -> None:
+    """A frame larger than the socket's buffer goes out as the server reads,
+    the loop serving everything else meanwhile; a server that stops reading
+    ends the wait at the deadline, with the descriptor sent on the first byte."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    big = bytes(range(256)) * 1024  # 256 KiB: many buffers' worth
+    read = bytearray()
+    fds: list[int] = []
+
+    def on_readable() -> None:
+        with contextlib.suppress(BlockingIOError):
+            data, anc, _flags, _addr = theirs.recvmsg(65536, socket.CMSG_SPACE(4))
+            read.extend(data)
+            fds.extend(struct.unpack("=i", d)[0] for lv, kind, d in anc
+                       if lv == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS)
+
+    r, w = os.pipe()
+    try:
+        loop.add_reader(theirs.fileno(), on_readable)
+        await tmux_imsg._send_frame(ours, big, r, loop.time() + 10)
+        await asyncio.wait_for(_until(lambda: len(read) == len(big)), 10)
+        assert bytes(read) == big and len(fds) == 1
+        assert os.fstat(fds[0]).st_ino == os.fstat(r).st_ino
+        loop.remove_reader(theirs.fileno())  # the server stops reading
+
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = loop.create_task(tick())
+        try:
+            with pytest.raises(tmux_imsg.ImsgError, match="in time"):
+                await tmux_imsg._send_frame(ours, big, None, loop.time() + 0.5)
+        finally:
+            ticker.cancel()
+        assert ticks >= 5, "the loop stood still while the frame waited for room"
+    finally:
+        for fd in (r, w, *fds):
+            os.close(fd)
+        ours.close()
+        theirs.close()
+
+
+async def _until(pred: Callable[[], bool]) -> None:
+    while not pred():
+        await asyncio.sleep(0.005)
