@@ -72,7 +72,7 @@ async def _scenario(relay: RelayProcess, tmp_path: Path, mates: list[Mate]) -> l
         shown = await asyncio.to_thread(
             _appears, lambda: line if "0:" in (line := mate.status_line()) else "", 2.0)
         assert not shown, f"the mate was attached before the host's screen: {shown!r}"
-        assert "waiting for the host's screen" in mate.screen()
+        await asyncio.to_thread(mate.wait_text, "waiting for the host's screen", 10)
         mate.type("echo typed-early")  # and what they type meanwhile reaches the host
         layout = tmux_layout(f"80x24,0,0,{PANE}")
         structure = Structure((Window(3, 0, "shell", layout, PANE),), 3)

@@ -224,12 +224,15 @@ class Typist:
 
     def _type(self) -> None:
         i = 0
+        due = time.monotonic()
         while not self._stop.is_set() and i < 2000:
             line = f"line-{i:04d}"
             self.rig.mate.type(line)
             self.typed.append((line, time.monotonic()))
             i += 1
-            self._stop.wait(self.every)
+            # on a schedule: a slow tmux call on a loaded machine does not thin it
+            due += self.every
+            self._stop.wait(max(0.0, due - time.monotonic()))
         self._typed_all.set()
 
     def _watch(self) -> None:

@@ -199,7 +199,7 @@ async def live(link: Any) -> None:
 async def test_quic_wins_and_ssh_is_never_started(
     relay: Relay, identity: Path, spy: Spy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reconnect, "SSH_AFTER", 1.0)
+    monkeypatch.setattr(reconnect, "SSH_AFTER", 5.0)  # room for a loaded machine
     c = make_connector(relay, identity)
     c.quic_failed_at = time.monotonic() - reconnect.UPGRADE_AFTER - 1  # long ago: QUIC again
     before = ssh_children()
@@ -230,7 +230,7 @@ async def test_quic_that_never_answers_falls_back_to_ssh_after_ssh_after(
     took = time.monotonic() - start
     assert link.kind == "ssh"
     assert spy.ssh and spy.ssh[0] >= 0.6, f"ssh started at {spy.ssh}, before SSH_AFTER"
-    assert 0.6 <= took < 0.6 + 3.0
+    assert 0.6 <= took < 0.6 + 10  # plus an OpenSSH start and handshake
     assert len(spy.ssh) == 1
     assert len(spy.quic) >= 3, "QUIC was tried again every PROBE_EVERY meanwhile"
     assert all(q < took for q in spy.quic)
