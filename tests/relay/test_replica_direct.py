@@ -212,6 +212,18 @@ async def test_a_server_that_never_reads_runs_out_of_terminals_alone(
             mates.check_room()
         server.close()  # what it held unread is let go with it
         mates.check_room()
+        # an attach that fails after the replica closed leaves no descriptor behind
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        os.unlink(os.path.join(d, "mute"))
+        server.bind(os.path.join(d, "mute"))
+        server.listen(16)
+        before = len(os.listdir("/proc/self/fd"))
+        late = asyncio.get_running_loop().create_task(attach(3))
+        await asyncio.sleep(0.2)  # introduced, waiting for an answer
+        mates.close()
+        with pytest.raises(replica_direct.ReplicaError):
+            await late
+        assert len(os.listdir("/proc/self/fd")) == before
     finally:
         ticker.cancel()
         mates.close()

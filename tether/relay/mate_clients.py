@@ -48,6 +48,7 @@ class MateClients:
         self._ptys: dict[int, int] = {}
         """A copy of each mate pty's master, kept until the jail closed the slave."""
         self._departed: set[int] = set()
+        self._closed = False
         self._unanswered: list[int] = []
         """A copy of the master of each attach the server did not answer: its
         slave may still be in flight to the jail (module docstring)."""
@@ -86,7 +87,10 @@ class MateClients:
                 raise ReplicaError(f"cannot start a client of the replica: {why}")
         except BaseException as exc:
             link.close()
-            self._unanswered.append(master)  # until the slave is let go (_reap)
+            if self._closed:  # the replica and its jail are gone: nothing holds the slave
+                os.close(master)
+            else:
+                self._unanswered.append(master)  # until the slave is let go (_reap)
             if isinstance(exc, TetherError | OSError):
                 raise ReplicaError(f"cannot start a client of the replica: {exc}") from None
             raise
@@ -124,6 +128,7 @@ class MateClients:
             self._reap()
 
     def close(self) -> None:
+        self._closed = True
         for link in list(self._links.values()):
             link.close()
         self._links.clear()
