@@ -40,11 +40,19 @@ def wait_for(fn: Callable[[], T], timeout: float = 15.0, what: str = "condition"
 
 
 def free_port() -> int:
-    """A loopback TCP port free right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback port free right now for TCP and UDP alike (the OS picks it): a
+    relay listens on both with one number (SSH, QUIC), and the UDP half may be
+    some QUIC client's ephemeral port when the TCP half is free."""
+    for _ in range(100):
+        with socket.socket() as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no loopback port free for both TCP and UDP in 100 tries")
 
 
 @dataclass
