@@ -42,6 +42,23 @@ def serving(relay: RelayProcess) -> set[int]:
     return {int(pid) for pid in re.findall(r"\[front (\d+)\] INFO \[conn=\d+\] Accepted", text)}
 
 
+def admitted(port: int) -> bool:
+    """Whether a new SSH connection from here gets the relay's key exchange
+    (``SSH_MSG_KEXINIT``), not its refusal (``SSH_MSG_DISCONNECT``): the first
+    packet after its version line, in the clear."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"SSH-2.0-probe\r\n")
+        seen = b""
+        while True:
+            line, _, rest = seen.partition(b"\r\n")
+            if _ and len(rest) >= 6 and len(rest) >= 4 + int.from_bytes(rest[:4], "big"):
+                return line.startswith(b"SSH-") and rest[5] == 20  # KEXINIT
+            data = s.recv(4096)
+            if not data:
+                return False
+            seen += data
+
+
 def attach(mates: list[Mate], tmp_path: Path, ssh: str, name: str) -> Mate:
     m = Mate(tmp_path, ssh, (100, 30), name)
     mates.append(m)
@@ -211,6 +228,8 @@ def test_a_connection_flood_leaves_attached_mates_alone(
     finally:
         for s in flood:
             s.close()
-    # the flood's places are given back: a new mate gets in
+    # the flood's places are given back (each front reports its closes to the
+    # relay, which counts the address's connections): a new mate gets in
+    wait_for(lambda: admitted(relay.port), 20, "the address to be let in again")
     again = attach(mates, tmp_path, host.ssh_rw, "after-flood")
     again.wait_text("during-flood-16")
