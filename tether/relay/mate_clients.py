@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import os
 import select
 import struct
@@ -46,19 +47,18 @@ class MateClients:
         self._budget = budget
         self._links: dict[int, ClientLink] = {}
         self._ptys: dict[int, int] = {}
-        """A copy of each mate pty's master, kept until the jail closed the slave."""
+        """A copy of each mate pty's master, kept until the jail closed the slave;
+        an unanswered attach's too (its slave may be in flight: module docstring),
+        under a key of its own that is never a mate's, as if it had departed."""
         self._departed: set[int] = set()
+        self._unanswered = itertools.count(-1, -1)
         self._closed = False
-        self._unanswered: list[int] = []
-        """A copy of the master of each attach the server did not answer: its
-        slave may still be in flight to the jail (module docstring)."""
 
     def check_room(self) -> None:
         """Raise ``ReplicaError`` when the jail holds ``MAX_PTYS`` ptys already."""
         self._reap()
-        held = len(self._ptys) + len(self._unanswered)
-        if held >= MAX_PTYS:
-            raise ReplicaError(f"the replica holds {held} mates' terminals; "
+        if len(self._ptys) >= MAX_PTYS:
+            raise ReplicaError(f"the replica holds {len(self._ptys)} mates' terminals; "
                                "no more until it lets some go")
 
     async def attach(self, mate: int, readonly: bool, cols: int, rows: int, term: str, *,
@@ -89,8 +89,10 @@ class MateClients:
             link.close()
             if self._closed:  # the replica and its jail are gone: nothing holds the slave
                 os.close(master)
-            else:
-                self._unanswered.append(master)  # until the slave is let go (_reap)
+            else:  # until the slave is let go (_reap)
+                key = next(self._unanswered)
+                self._ptys[key] = master
+                self._departed.add(key)
             if isinstance(exc, TetherError | OSError):
                 raise ReplicaError(f"cannot start a client of the replica: {exc}") from None
             raise
@@ -132,31 +134,23 @@ class MateClients:
         for link in list(self._links.values()):
             link.close()
         self._links.clear()
-        for fd in [*self._ptys.values(), *self._unanswered]:
+        for fd in self._ptys.values():
             os.close(fd)
         self._ptys.clear()
-        self._unanswered.clear()
         self._departed.clear()
 
     def _reap(self) -> None:
         """Let go of departed mates' ptys, and unanswered attaches', whose slave
-        nobody holds any more: not the jail, not a socket it has not read."""
+        nobody holds any more, not the jail nor a socket it has not read (the
+        master then polls as hung up)."""
         for mate in list(self._departed):
             fd = self._ptys.get(mate)
             if fd is None:
                 self._departed.discard(mate)
                 continue
-            if _hung_up(fd):
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0)):
                 os.close(fd)
                 del self._ptys[mate]
                 self._departed.discard(mate)
-        for fd in [fd for fd in self._unanswered if _hung_up(fd)]:
-            os.close(fd)
-            self._unanswered.remove(fd)
-
-
-def _hung_up(master: int) -> bool:
-    """A pty master polls as hung up once every copy of its slave is closed."""
-    p = select.poll()
-    p.register(master, select.POLLIN)
-    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
