@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 from pathlib import Path
@@ -26,21 +25,12 @@ from tether.core.messages import (
 )
 from tether.relay.replica import ReplicaHandle
 from tether.relay.replica_direct import DirectReplica
+from tether.testing.procs import until
 
 
 def tmux(sock: str, *args: str) -> str:
     return subprocess.run(["tmux", "-S", sock, *args], capture_output=True, text=True,
                           check=True).stdout
-
-
-async def until(fn: object, timeout: float = 10.0) -> object:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        value = fn()  # type: ignore[operator]
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out: last {fn()!r}")  # type: ignore[operator]
 
 
 class Worker:

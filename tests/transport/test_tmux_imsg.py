@@ -12,11 +12,12 @@ import socket
 import struct
 import subprocess
 import termios
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tether.testing.procs import until
 from tether.transport import tmux_imsg
 from tether.transport.terminfo import TerminfoError, capabilities
 from tether.transport.tmux import TmuxControl
@@ -317,7 +318,7 @@ async def test_an_introduction_waits_for_room_without_holding_up_the_loop() -> N
     try:
         loop.add_reader(theirs.fileno(), on_readable)
         await tmux_imsg._send_frame(ours, big, r, loop.time() + 10)
-        await asyncio.wait_for(_until(lambda: len(read) == len(big)), 10)
+        await until(lambda: len(read) == len(big), 10, "the frame read whole", 0.005)
         assert bytes(read) == big and len(fds) == 1
         assert os.fstat(fds[0]).st_ino == os.fstat(r).st_ino
         loop.remove_reader(theirs.fileno())  # the server stops reading
@@ -342,8 +343,3 @@ async def test_an_introduction_waits_for_room_without_holding_up_the_loop() -> N
             os.close(fd)
         ours.close()
         theirs.close()
-
-
-async def _until(pred: Callable[[], bool]) -> None:
-    while not pred():
-        await asyncio.sleep(0.005)

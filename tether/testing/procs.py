@@ -39,6 +39,22 @@ def wait_for(fn: Callable[[], T], timeout: float = 15.0, what: str = "condition"
         time.sleep(interval)
 
 
+async def until(fn: Callable[[], T], timeout: float = 15.0, what: str = "condition",
+                interval: float = 0.05) -> T:
+    """``wait_for`` in a test's event loop: the loop runs between polls."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        last = fn()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise HarnessError(
+                f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+        await asyncio.sleep(interval)
+
+
 def free_port() -> int:
     """A loopback port free right now for TCP and UDP alike (the OS picks it): a
     relay listens on both with one number (SSH, QUIC), and the UDP half may be
